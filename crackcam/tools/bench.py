@@ -1,0 +1,40 @@
+"""``crack-bench AREA [options]``: the benchmark commands, one per area, each printing its figures side by side
+with the reference measured in the same run.
+
+  crack-bench cam          CAM methods (explicit-gradient heads) vs the grad-cam package, seconds per image
+  crack-bench export       Grad-CAM++ folded ONNX graph vs grad-cam vs plain ONNX forward (448², batch 1 and 8)
+  crack-bench runtime      bare ONNX Runtime FPS vs crack-run end-to-end FPS; post-processing ms per frame
+  crack-bench postprocess  shared OpenCV post-processing vs a scikit-image-only pipeline
+
+Options after AREA go to that benchmark (``crack-bench export --help``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+AREAS = {
+    "cam": "crackcam.tools.bench_cam",
+    "export": "crackcam.tools.bench_export",
+    "runtime": "crackcam.tools.bench_runtime",
+    "postprocess": "crackcam.tools.bench_postprocess",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in AREAS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"crack-bench: unknown area {argv[0]!r}; choose one of {', '.join(AREAS)}")
+            return 2
+        return 0
+    mod = importlib.import_module(AREAS[argv[0]])
+    sys.argv = [f"crack-bench {argv[0]}"] + argv[1:]
+    ret = mod.main()
+    return int(ret or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
