@@ -1,0 +1,169 @@
+"""``crack-run``: crack maps from cameras, videos and image folders with an ONNX model or a TensorRT engine.
+
+    crack-run --model model.onnx --source 0 --out runs/cam          # camera index 0 (same as --camera 0)
+    crack-run --source "survey/*.jpg" --out runs/survey --save masks,overlays --gps track.nmea --mm-per-px 0.8
+    crack-run --model model.engine --source drive.mp4 --out runs/drive --batch 8
+
+Torch-free: nothing here imports torch or crackcam.models/train/export.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .imageio import BadInputError
+from .meta import BackendUnavailable, ModelFileError
+
+app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False)
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "default.onnx"
+
+
+def _err(msg: str, code: int = 2):
+    typer.echo(f"crack-run: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _parse_threshold(s: Optional[str]):
+    if s is None:
+        return None
+    t = s.strip().lower()
+    if t == "otsu" or t.startswith("p"):
+        return t
+    try:
+        v = float(t)
+    except ValueError:
+        _err(f"--threshold {s!r}: give a number in [0, 1], 'otsu' or a percentile like 'p97'")
+    if not 0.0 <= v <= 1.0:
+        _err(f"--threshold {s!r}: a number threshold must lie in [0, 1]")
+    return v
+
+
+def _parse_save(s: str) -> tuple:
+    from .sinks import SAVE_KINDS
+
+    if not s or s.strip().lower() in ("none", ""):
+        return ()
+    if s.strip().lower() == "all":
+        return SAVE_KINDS
+    kinds = tuple(k.strip().lower() for k in s.split(",") if k.strip())
+    bad = [k for k in kinds if k not in SAVE_KINDS]
+    if bad:
+        _err(f"--save {s!r}: unknown kind {bad[0]!r} (choose from {', '.join(SAVE_KINDS)}, all, none)")
+    return kinds
+
+
+@app.command()
+def run(
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model (.onnx) or TensorRT engine "
+                                         "(.engine); default: the model shipped in crackcam/assets/default.onnx"),
+    source: Optional[str] = typer.Option(None, "--source", "-s", help="camera index (0), folder, glob "
+                                         "('dir/*.jpg'), video file, or stream URL (rtsp://…)"),
+    camera: Optional[int] = typer.Option(None, "--camera", help="camera index (short for --source N)"),
+    out: Path = typer.Option(Path("runs/crack-run"), "--out", "-o", help="output folder"),
+    provider: str = typer.Option("auto", help="ONNX Runtime provider: auto (TensorRT → CUDA → CPU), tensorrt, "
+                                 "cuda, cpu"),
+    batch: int = typer.Option(1, min=1, help="frames (or tiles) per inference call"),
+    threshold: Optional[str] = typer.Option(None, help="map threshold: number, 'otsu' or 'pXX' "
+                                            "(default: the model's metadata)"),
+    save: str = typer.Option("", help="images to write: comma list of masks, overlays, skeletons (or all/none)"),
+    show: bool = typer.Option(False, help="show overlays in a window (needs OpenCV with GUI); q quits"),
+    max_frames: Optional[int] = typer.Option(None, min=1, help="stop after this many new frames"),
+    gps: Optional[Path] = typer.Option(None, help="GPS log: CSV time,lat,lon or NMEA ($GPRMC/$GPGGA)"),
+    gps_method: str = typer.Option("linear", help="GPS matching: linear (interpolate) or nearest"),
+    gps_max_gap: float = typer.Option(5.0, help="no position when the nearest GPS fix is further than this (s)"),
+    start_time: Optional[str] = typer.Option(None, help="video files: wall-clock time of frame 0 (epoch s or "
+                                             "ISO 8601), for GPS matching"),
+    mm_per_px: Optional[float] = typer.Option(None, "--mm-per-px", help="pixel size on the road (mm/px): "
+                                              "measures in mm too"),
+    tile: Optional[int] = typer.Option(None, help="tile size in px (default: the model's fixed input size when "
+                                       "the frame is larger; 0 = never tile, resize instead)"),
+    overlap: int = typer.Option(64, min=0, help="tile overlap in px (stitched with a weighted blend)"),
+    max_side: Optional[int] = typer.Option(None, help="dynamic-size models: resize frames whose longer side "
+                                           "exceeds this"),
+    workers: int = typer.Option(2, min=1, help="post-processing threads"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
+    resume: bool = typer.Option(True, help="skip frames already in OUT/results.jsonl"),
+    retries: int = typer.Option(3, min=0, help="camera/stream: reconnect attempts before stopping"),
+    progress: bool = typer.Option(True, help="progress bar"),
+):
+    """Run a crack model on a camera, video, image folder or glob; write results.jsonl, summary.json, images."""
+    from . import geo
+    from .pipeline import Pipeline, RunConfig
+    from .sessions import open_session
+    from .sources import open_source
+
+    if camera is not None and source is not None:
+        _err("give --source or --camera, not both")
+    if camera is not None:
+        source = str(camera)
+    if source is None:
+        _err("no source: give --source (camera index, folder, glob, video, URL) or --camera N")
+    if model is None:
+        if not DEFAULT_MODEL.is_file():
+            _err(f"no --model given and the packaged default model {DEFAULT_MODEL} is not present; "
+                 f"pass --model FILE.onnx (export one with crack-export)")
+        model = DEFAULT_MODEL
+    thr = _parse_threshold(threshold)
+    save_kinds = _parse_save(save)
+    if gps_method not in ("linear", "nearest"):
+        _err(f"--gps-method {gps_method!r}: choose linear or nearest")
+    if mm_per_px is not None and mm_per_px <= 0:
+        _err("--mm-per-px must be positive")
+    t0 = None
+    if start_time is not None:
+        try:
+            t0 = geo._parse_time(start_time)
+        except ValueError:
+            _err(f"--start-time {start_time!r}: give epoch seconds or an ISO 8601 time")
+
+    def log(msg: str):
+        typer.echo(msg, err=True)
+
+    try:
+        track = geo.read_gps(gps) if gps is not None else None
+        sess = open_session(model, provider=provider, log=log, threads=threads)
+        src = open_source(source, log=log, start_time=t0, retries=retries)
+        root = source if Path(source).is_dir() else None
+        cfg = RunConfig(out=out, batch=batch, save=save_kinds, threshold=thr, mm_per_px=mm_per_px, tile=tile,
+                        overlap=overlap, max_side=max_side, max_frames=max_frames, show=show, gps=track,
+                        gps_method=gps_method, gps_max_gap=gps_max_gap, post_workers=workers, resume=resume,
+                        progress=progress and sys.stderr.isatty(), source_root=root)
+        pipe = Pipeline(sess, src, cfg, log=log)
+        summary = pipe.run()
+    except (BadInputError, ModelFileError, BackendUnavailable) as e:
+        _err(str(e))
+    except OSError as e:
+        _err(f"{getattr(e, 'filename', '') or out}: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 - e.g. an inference error inside ONNX Runtime: one line, not a trace
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        _err(f"{model}: run failed ({type(e).__name__}: {first}); summary in {out}/summary.json", 1)
+    typer.echo(format_summary(summary))
+    if summary.get("stopped_reason") and not summary["frames"]:
+        raise typer.Exit(1)
+
+
+def format_summary(s: dict) -> str:
+    line = (f"crack-run: {s['frames']} frames in {s['elapsed_s']:.1f} s ({s['fps']:.1f} FPS, {s['provider']}), "
+            f"cracked {s['cracked']}/{s['frames']} ({100 * s['cracked_fraction']:.1f}%)")
+    if s["frames_total"] != s["frames"]:
+        line += f"; all runs: {s['frames_total']} frames, {100 * s['cracked_fraction_total']:.1f}% cracked"
+    if s.get("unreadable"):
+        line += f"; {s['unreadable']} unreadable skipped"
+    if s.get("interrupted"):
+        line += "; interrupted"
+    if s.get("stopped_reason"):
+        line += f"; stopped: {s['stopped_reason']}"
+    return line + f" → {s['out']}/summary.json"
+
+
+def main():
+    app()
+
+
+if __name__ == "__main__":
+    main()

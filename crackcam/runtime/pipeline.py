@@ -1,0 +1,494 @@
+"""The ``crack-run`` pipeline: reader thread → batched inference → post-processing workers → ordered writer.
+
+* Queues are bounded (``queue_frames`` decoded frames, ``queue_results`` frames in post-processing/writing), so
+  memory stays flat however long the run.
+* Frames are written in source order (post-processing runs in a small thread pool; the writer takes the futures in
+  submission order).
+* Fixed-size models: a frame of the model's size goes in as is; a larger frame (4K line-scan …) is cut into
+  model-size tiles with ``overlap`` px of overlap, and the tile maps are stitched with a weighted blend (linear
+  ramps over the overlap, so seams vanish); a smaller side is padded (reflect) and cropped back.
+  Dynamic-size models: the frame goes in directly, resized down when its longer side exceeds ``max_side``
+  (the map is resized back), or tiled when ``tile`` is given.
+* Ctrl-C (KeyboardInterrupt in the main thread): the reader stops, frames already read are finished and written,
+  the summary is written.  A camera that drops is retried by the source, which then ends the stream cleanly.
+* Resume: records already in ``DIR/results.jsonl`` are read first and their frames skipped.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import queue
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from . import geo, sinks
+from .meta import ModelFileError
+from .postprocess import PostProcessConfig, postprocess
+from .sources import Frame, Source
+
+_END = object()
+
+
+@dataclass
+class RunConfig:
+    out: Path
+    batch: int = 1
+    save: tuple = ()  # subset of sinks.SAVE_KINDS
+    threshold: float | str | None = None  # None → model metadata
+    mm_per_px: float | None = None
+    tile: int | None = None  # None = auto (fixed-size models tile when the frame is larger), 0 = never tile
+    overlap: int = 64  # px of overlap between tiles
+    max_side: int | None = None  # dynamic-size models: resize frames whose longer side is larger
+    max_frames: int | None = None  # new frames to process in this run
+    show: bool = False
+    gps: geo.GpsTrack | None = None
+    gps_method: str = "linear"
+    gps_max_gap: float = 5.0
+    post_workers: int = 2
+    queue_frames: int = 0  # 0 → 2 × batch + 2
+    queue_results: int = 0  # 0 → 2 × batch + 2 × post_workers
+    resume: bool = True
+    progress: bool = True
+    fsync_every: int = 50
+    source_root: str | None = None
+    stop_event: threading.Event | None = None  # set it to stop like Ctrl-C (tests, embedding)
+
+
+@dataclass
+class _Plan:
+    frame: Frame
+    t_read: float
+    tiles: list  # list of uint8 arrays (h, w, 3), same shape
+    coords: list  # [(y, x)] tile origin in the (possibly padded/resized) work image
+    work_shape: tuple  # (H, W) of the work image the coords refer to
+    resized: bool = False
+    probs: list = field(default_factory=list)
+    maps: list = field(default_factory=list)
+    infer_s: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return len(self.maps) == len(self.tiles)
+
+
+def tile_origins(size: int, tile: int, overlap: int) -> list[int]:
+    """Origins along one axis so that tiles of ``tile`` px cover ``size`` px with ≥ ``overlap`` px overlap."""
+    if size <= tile:
+        return [0]
+    step = max(1, tile - max(0, min(overlap, tile - 1)))
+    n = math.ceil((size - tile) / step) + 1
+    if n == 1:
+        return [0]
+    # spread evenly: first at 0, last at size - tile
+    return [int(round(i * (size - tile) / (n - 1))) for i in range(n)]
+
+
+def blend_window(h: int, w: int, overlap: int) -> np.ndarray:
+    """Weights for stitching: 1 in the middle, linear ramps over ``overlap`` px at each edge (never 0)."""
+    def ramp(n):
+        if overlap <= 0:
+            return np.ones(n, np.float32)
+        i = np.arange(n, dtype=np.float32)
+        r = np.minimum(np.minimum((i + 0.5) / overlap, (n - i - 0.5) / overlap), 1.0)
+        return np.maximum(r, 1e-3)
+    return np.outer(ramp(h), ramp(w)).astype(np.float32)
+
+
+def stitch(maps: list[np.ndarray], coords: list[tuple[int, int]], shape: tuple[int, int], overlap: int) -> np.ndarray:
+    """Weighted blend of tile maps into one ``shape`` map."""
+    H, W = shape
+    if len(maps) == 1 and coords[0] == (0, 0) and maps[0].shape == (H, W):
+        return maps[0]
+    acc = np.zeros((H, W), np.float32)
+    wsum = np.zeros((H, W), np.float32)
+    th, tw = maps[0].shape
+    win = blend_window(th, tw, overlap)
+    for m, (y, x) in zip(maps, coords):
+        acc[y:y + th, x:x + tw] += m * win
+        wsum[y:y + th, x:x + tw] += win
+    return acc / np.maximum(wsum, 1e-12)
+
+
+class Pipeline:
+    def __init__(self, session, source: Source, cfg: RunConfig, log: Callable[[str], None] = print):
+        self.session = session
+        self.source = source
+        self.cfg = cfg
+        self.log = log
+        self.meta = session.meta
+        self.pp_cfg = self._post_config()
+        self.stop = cfg.stop_event or threading.Event()
+        self._abort = threading.Event()
+        self._written = threading.Event()  # the writer is done
+        self.error: BaseException | None = None
+        self.interrupted = False
+        fixed = self.meta.fixed_size
+        self.fixed = fixed
+        mb = session.max_batch
+        self.batch = max(1, int(cfg.batch))
+        if mb is not None and self.batch > mb and not (self.meta.batch and self.meta.batch == mb):
+            self.log(f"crack-run: batch {self.batch} is above the engine's maximum {mb}; using {mb}")
+            self.batch = mb
+        self.fixed_batch = self.meta.batch  # the graph only takes exactly this batch → pad
+        if self.fixed_batch and self.batch != self.fixed_batch:
+            self.log(f"crack-run: the model takes batches of exactly {self.fixed_batch}; using that")
+            self.batch = self.fixed_batch
+        qf = cfg.queue_frames or 2 * self.batch + 2
+        qr = cfg.queue_results or 2 * self.batch + 2 * max(1, cfg.post_workers)
+        self.q_frames: queue.Queue = queue.Queue(maxsize=qf)
+        self.q_results: queue.Queue = queue.Queue(maxsize=qr)
+        self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.post_workers), thread_name_prefix="crackpost")
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.out / "results.jsonl"
+        self.stats = {"frames": 0, "cracked": 0, "infer_s": 0.0, "batches": 0}
+        self._show_ok = cfg.show
+
+    # ------------------------------------------------------------------ config
+    def _post_config(self) -> PostProcessConfig:
+        d = dict(self.meta.postprocess or {})
+        if "threshold" not in d and self.meta.threshold is not None:
+            d["threshold"] = self.meta.threshold
+        if self.cfg.threshold is not None:
+            d["threshold"] = self.cfg.threshold
+        try:
+            return PostProcessConfig.from_dict(d)
+        except (ValueError, TypeError) as e:
+            raise ModelFileError(self.session.path, f"crackcam metadata 'postprocess' does not fit this runtime ({e})")
+
+    # ------------------------------------------------------------------ planning (tiling)
+    def plan(self, fr: Frame) -> _Plan:
+        img = fr.image
+        H, W = img.shape[:2]
+        t0 = time.perf_counter()
+        if self.fixed is not None:
+            th, tw = self.fixed
+            if (H, W) == (th, tw):
+                return _Plan(fr, t0, [img], [(0, 0)], (H, W))
+            if self.cfg.tile == 0:  # no tiling: resize to the model input
+                return _Plan(fr, t0, [cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)], [(0, 0)], (th, tw),
+                             resized=True)
+            return self._tiled(fr, img, th, tw, t0)
+        if self.cfg.tile:
+            return self._tiled(fr, img, int(self.cfg.tile), int(self.cfg.tile), t0)
+        ms = self.cfg.max_side
+        if ms and max(H, W) > ms:
+            s = ms / max(H, W)
+            small = cv2.resize(img, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_AREA)
+            return _Plan(fr, t0, [small], [(0, 0)], small.shape[:2], resized=True)
+        return _Plan(fr, t0, [img], [(0, 0)], (H, W))
+
+    def _tiled(self, fr: Frame, img: np.ndarray, th: int, tw: int, t0: float) -> _Plan:
+        H, W = img.shape[:2]
+        ph, pw = max(0, th - H), max(0, tw - W)
+        work = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_REFLECT_101) if (ph or pw) else img
+        WH, WW = work.shape[:2]
+        ov = self._overlap(th, tw)
+        coords = [(y, x) for y in tile_origins(WH, th, ov) for x in tile_origins(WW, tw, ov)]
+        tiles = [work[y:y + th, x:x + tw] for y, x in coords]
+        return _Plan(fr, t0, tiles, coords, (WH, WW))
+
+    def _overlap(self, th: int, tw: int) -> int:
+        """The tile overlap in px, at most half the tile."""
+        return max(0, min(int(self.cfg.overlap), min(th, tw) // 2))
+
+    # ------------------------------------------------------------------ stages
+    def _put(self, q: queue.Queue, item) -> bool:
+        while not self._abort.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _reader(self, skip):
+        n = 0
+        try:
+            for fr in self.source.frames(skip=skip):
+                if self.stop.is_set() or self._abort.is_set():
+                    break
+                if not self._put(self.q_frames, fr):
+                    break
+                n += 1
+                if self.cfg.max_frames is not None and n >= self.cfg.max_frames:
+                    break
+        except BaseException as e:  # noqa: BLE001 - surface in the main thread
+            self._fail(e)
+        finally:
+            self._put(self.q_frames, _END)
+
+    def _fail(self, e: BaseException) -> None:
+        if self.error is None:
+            self.error = e
+        self._abort.set()
+        self.stop.set()
+
+    def _infer(self):
+        pending: list[_Plan] = []  # plans with tiles not yet all inferred (FIFO)
+        buf: list[tuple[_Plan, int]] = []  # tiles waiting for a batch
+
+        def run_chunk(items):
+            arr = np.stack([p.tiles[i] for p, i in items])
+            n = len(items)
+            if self.fixed_batch and n < self.fixed_batch:
+                arr = np.concatenate([arr, np.zeros((self.fixed_batch - n,) + arr.shape[1:], arr.dtype)])
+            t = time.perf_counter()
+            prob, cmap = self.session.run(arr)
+            dt = time.perf_counter() - t
+            self.stats["infer_s"] += dt
+            self.stats["batches"] += 1
+            for k, (p, i) in enumerate(items):
+                p.probs.append(float(prob[k]))
+                p.maps.append(np.array(cmap[k], np.float32, copy=True))
+                p.infer_s += dt / n
+            while pending and pending[0].done:
+                p = pending.pop(0)
+                p.tiles = []  # free the input pixels early
+                fut = self.pool.submit(self._finish, p)
+                if not self._put(self.q_results, fut):
+                    return False
+            return True
+
+        def flush(all_=True):
+            while buf and (all_ or len(buf) >= self.batch):
+                chunk = buf[:self.batch]
+                del buf[:self.batch]
+                if not run_chunk(chunk):
+                    return False
+            return True
+
+        try:
+            while True:
+                try:
+                    item = self.q_frames.get(timeout=0.05)
+                except queue.Empty:
+                    if buf and not flush(True):  # starved: don't hold a partial batch back
+                        break
+                    if self._abort.is_set():
+                        break
+                    continue
+                if item is _END:
+                    break
+                plan = self.plan(item)
+                if buf and buf[-1][0].tiles[0].shape != plan.tiles[0].shape and not flush(True):
+                    break
+                pending.append(plan)
+                buf.extend((plan, i) for i in range(len(plan.tiles)))
+                if not flush(False):
+                    break
+            flush(True)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
+        finally:
+            self._put(self.q_results, _END)
+
+    def _finish(self, p: _Plan) -> dict:
+        """Post-processing worker: stitch, post-process, write the frame's images; returns its JSON record."""
+        t = time.perf_counter()
+        fr = p.frame
+        H, W = fr.image.shape[:2]
+        th, tw = p.maps[0].shape
+        cmap = stitch(p.maps, p.coords, p.work_shape, self._overlap(th, tw))
+        if p.resized:
+            cmap = cv2.resize(cmap, (W, H), interpolation=cv2.INTER_LINEAR)
+        else:
+            cmap = cmap[:H, :W]
+        res = postprocess(cmap, self.pp_cfg, mm_per_px=self.cfg.mm_per_px)
+        m = res.measures
+        prob = max(p.probs) if p.probs else 0.0
+        rec = {"key": fr.key, "source": fr.source, "frame": fr.index, "timestamp": fr.timestamp,
+               "width": W, "height": H, "prob": round(prob, 6), "cracked": bool(res.mask.any()),
+               "threshold": round(float(res.threshold), 6),
+               "length_px": round(float(m.get("length_px", 0.0)), 3), "area_px": int(m.get("area_px", 0)),
+               "mean_width_px": round(float(m.get("mean_width_px", 0.0)), 3),
+               "max_width_px": round(float(m.get("max_width_px", 0.0)), 3), "segments": int(m.get("segments", 0))}
+        if self.cfg.mm_per_px:
+            for k in ("length_mm", "area_mm2", "mean_width_mm", "max_width_mm"):
+                rec[k] = round(float(m.get(k, 0.0)), 3)
+        if self.cfg.gps is not None:
+            loc = self.cfg.gps.locate(fr.timestamp, self.cfg.gps_method, self.cfg.gps_max_gap)
+            rec["lat"], rec["lon"] = (round(loc[0], 8), round(loc[1], 8)) if loc else (None, None)
+        if self.cfg.save:
+            stem = sinks.output_stem(fr.source, fr.index, self.source.kind, self.cfg.source_root)
+            files = {}
+            if "masks" in self.cfg.save:
+                f = self.out / "masks" / f"{stem}.png"
+                sinks.write_png(f, res.mask.astype(np.uint8) * 255)
+                files["mask"] = str(f.relative_to(self.out))
+            if "skeletons" in self.cfg.save:
+                f = self.out / "skeletons" / f"{stem}.png"
+                sk = res.skeleton if res.skeleton is not None else np.zeros((H, W), bool)
+                sinks.write_png(f, sk.astype(np.uint8) * 255)
+                files["skeleton"] = str(f.relative_to(self.out))
+            if "overlays" in self.cfg.save:
+                f = self.out / "overlays" / f"{stem}.png"
+                sinks.write_png(f, sinks.overlay(fr.image, res.mask, res.skeleton))
+                files["overlay"] = str(f.relative_to(self.out))
+            rec["files"] = files
+        post_s = time.perf_counter() - t
+        rec["infer_ms"] = round(p.infer_s * 1000, 3)
+        rec["post_ms"] = round(post_s * 1000, 3)
+        rec["ms"] = round((time.perf_counter() - p.t_read) * 1000, 3)
+        if self._show_ok:
+            rec["_show"] = (fr.image, res.mask, res.skeleton)
+        return rec
+
+    def _writer(self, jw: sinks.JsonlWriter, bar):
+        try:
+            self._write_loop(jw, bar)
+        finally:
+            self._written.set()
+
+    def _write_loop(self, jw: sinks.JsonlWriter, bar):
+        try:
+            while True:
+                try:
+                    item = self.q_results.get(timeout=0.1)
+                except queue.Empty:
+                    if self._abort.is_set():
+                        break
+                    continue
+                if item is _END:
+                    break
+                rec = item.result() if isinstance(item, Future) else item
+                show = rec.pop("_show", None)
+                jw.write(rec)
+                self.stats["frames"] += 1
+                self.stats["cracked"] += int(rec["cracked"])
+                if bar is not None:
+                    bar.update(1)
+                if show is not None and self._show_ok:
+                    self._show(*show)
+        except BaseException as e:  # noqa: BLE001
+            self._fail(e)
+
+    def _show(self, img, mask, sk):
+        try:
+            cv2.imshow("crack-run", sinks.overlay(img, mask, sk))
+            if (cv2.waitKey(1) & 0xFF) in (ord("q"), 27):
+                self.log("crack-run: window closed (q); stopping")
+                self.stop.set()
+        except cv2.error:
+            self.log("crack-run: --show needs an OpenCV build with GUI support (opencv-python); showing disabled")
+            self._show_ok = False
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> dict:
+        cfg = self.cfg
+        done = sinks.read_keys(self.results_path) if cfg.resume else set()
+        if not cfg.resume and self.results_path.exists():
+            self.results_path.unlink()
+        if done and self.source.live:
+            done = set()  # live frames are never the same twice; keep appending
+        if done:
+            self.log(f"crack-run: resuming: {len(done)} frames already in {self.results_path}")
+        skip = (lambda k: k in done) if done else None
+        jw = sinks.JsonlWriter(self.results_path, fsync_every=cfg.fsync_every)
+        total = len(self.source)
+        if total:
+            total = max(0, total - len(done))
+            if cfg.max_frames is not None:
+                total = min(total, cfg.max_frames)
+        bar = None
+        if cfg.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total or None, unit="frame", desc="crack-run", leave=False, dynamic_ncols=True)
+        t_start = time.perf_counter()
+        started = time.time()
+        threads = [threading.Thread(target=self._reader, args=(skip,), name="crackread", daemon=True),
+                   threading.Thread(target=self._infer, name="crackinfer", daemon=True)]
+        wt = threading.Thread(target=self._writer, args=(jw, bar), name="crackwrite", daemon=True)
+        # wait on an Event, not Thread.join: a KeyboardInterrupt inside join() can leave the thread state wrong
+        try:
+            for t in threads + [wt]:
+                t.start()
+            while not self._written.wait(timeout=0.2):
+                pass
+        except KeyboardInterrupt:
+            self.interrupted = True
+            self.log("crack-run: interrupted; finishing the frames in flight (Ctrl-C again to abort)")
+            self.stop.set()
+            try:
+                while not self._written.wait(timeout=0.2):
+                    pass
+            except KeyboardInterrupt:
+                self._abort.set()
+                self._written.wait(timeout=5)
+        finally:
+            elapsed = time.perf_counter() - t_start
+            self.pool.shutdown(wait=True)
+            jw.close()
+            if bar is not None:
+                bar.close()
+            self.source.close()
+            if self._show_ok:
+                try:
+                    cv2.destroyAllWindows()
+                except cv2.error:
+                    pass
+        if self.cfg.stop_event is not None and self.cfg.stop_event.is_set() and self.error is None:
+            self.interrupted = True
+        summary = self._summary(elapsed, started)
+        if self.error is not None:
+            summary["error"] = f"{type(self.error).__name__}: {self.error}"
+        sinks.atomic_write_json(self.out / "summary.json", summary)
+        if self.cfg.gps is not None or self._n_geo:
+            geo.write_geojson(self.out / "cracks.geojson", self._feats)
+        if self.error is not None:
+            raise self.error
+        return summary
+
+    def _summary(self, elapsed: float, started: float) -> dict:
+        # totals over the whole results file (earlier runs included), streamed: nothing per frame is kept in memory
+        n_all = cracked_all = 0
+        self._feats = []
+        for r in sinks.iter_records(self.results_path):
+            n_all += 1
+            if r.get("cracked"):
+                cracked_all += 1
+                if r.get("lat") is not None and r.get("lon") is not None:
+                    self._feats.append(geo.point_feature(r["lat"], r["lon"], _geo_props(r)))
+        self._n_geo = len(self._feats)
+        n = self.stats["frames"]
+        st = self.source.stats
+        return {
+            "model": str(self.session.path), "provider": self.session.provider, "source": self.source.name,
+            "source_kind": self.source.kind, "out": str(self.out),
+            "frames": n, "frames_total": n_all, "skipped_done": st.skipped, "unreadable": len(st.errors),
+            "cracked": self.stats["cracked"], "cracked_fraction": round(self.stats["cracked"] / n, 6) if n else 0.0,
+            "cracked_total": cracked_all, "cracked_fraction_total": round(cracked_all / n_all, 6) if n_all else 0.0,
+            "elapsed_s": round(elapsed, 3), "fps": round(n / elapsed, 3) if elapsed > 0 and n else 0.0,
+            "infer_fps": round(n / self.stats["infer_s"], 3) if self.stats["infer_s"] > 0 else 0.0,
+            "batch": self.batch, "threshold": self.pp_cfg.threshold, "interrupted": self.interrupted,
+            "stopped_reason": self.source.stopped_reason, "errors": st.errors[:100],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "rss_mb_end": round(rss_mb(), 1),
+        }
+
+
+def _geo_props(r: dict) -> dict:
+    keys = ("source", "frame", "timestamp", "prob", "length_px", "area_px", "mean_width_px", "max_width_px",
+            "segments", "length_mm", "area_mm2", "mean_width_mm", "max_width_mm")
+    return {k: r[k] for k in keys if k in r}
+
+
+def rss_mb() -> float:
+    """Resident set size of this process in MiB (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return 0.0

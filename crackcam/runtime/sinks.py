@@ -1,0 +1,150 @@
+"""Outputs of ``crack-run``: per-frame images, ``results.jsonl``, ``summary.json``, ``cracks.geojson``.
+
+* Images are written atomically (temp file + ``os.replace``) under ``DIR/masks``, ``DIR/overlays``,
+  ``DIR/skeletons`` as ``<stem>.png`` (images: the file's stem, made unique by its sub-folder; videos/cameras:
+  ``<name>_<frame:06d>.png``).
+* ``results.jsonl``: one JSON object per frame, appended line by line, flushed after every line and fsync'ed every
+  ``fsync_every`` lines / ``fsync_seconds`` s and at close.  :func:`read_done` reads an existing file for resuming
+  and ignores a truncated last line (which :class:`JsonlWriter` cuts off before appending).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+SAVE_KINDS = ("masks", "overlays", "skeletons")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_png(path: Path, img: np.ndarray) -> None:
+    ok, enc = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    if not ok:  # pragma: no cover - PNG encoding of uint8 never fails
+        raise RuntimeError(f"{path}: PNG encoding failed")
+    atomic_write_bytes(path, enc.tobytes())
+
+
+def overlay(bgr: np.ndarray, mask: np.ndarray, skeleton: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
+    """Cracks tinted red on the frame, skeleton in yellow."""
+    out = bgr.copy()
+    if mask is not None and mask.any():
+        red = np.array([0, 0, 255], np.float32)
+        px = out[mask].astype(np.float32)
+        out[mask] = (px * (1 - alpha) + red * alpha).astype(np.uint8)
+    if skeleton is not None and skeleton.any():
+        out[skeleton] = (0, 255, 255)
+    return out
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def output_stem(frame_source: str, frame_index: int, source_kind: str, root: str | None = None) -> str:
+    """A file-name stem for a frame's images, unique within the run."""
+    if source_kind == "images":
+        p = Path(frame_source)
+        if root:
+            try:
+                rel = p.relative_to(root) if Path(root).is_dir() else Path(p.name)
+            except ValueError:
+                rel = Path(p.name)
+        else:
+            rel = Path(p.name)
+        stem = "__".join(rel.with_suffix("").parts)
+        return _SAFE.sub("_", stem)
+    base = _SAFE.sub("_", Path(str(frame_source)).stem if "://" not in str(frame_source) else str(frame_source))
+    return f"{base.strip('_') or 'frame'}_{frame_index:06d}"
+
+
+def iter_records(path: Path):
+    """Records of ``results.jsonl`` one by one (a truncated or garbled line is ignored)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break  # truncated last line: the interrupted write; redone on resume
+            try:
+                rec = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                continue
+            if isinstance(rec, dict) and "key" in rec:
+                yield rec
+
+
+def read_keys(path: Path) -> set[str]:
+    """Keys of the frames already in ``results.jsonl`` (for resuming)."""
+    return {r["key"] for r in iter_records(path)}
+
+
+class JsonlWriter:
+    """Appends one JSON line per record; flush each line, fsync every ``fsync_every`` lines / ``fsync_seconds``."""
+
+    def __init__(self, path: Path, fsync_every: int = 50, fsync_seconds: float = 2.0):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._cut_partial_tail()
+        self.f = open(self.path, "ab")
+        self.fsync_every = fsync_every
+        self.fsync_seconds = fsync_seconds
+        self._since = 0
+        self._last = time.monotonic()
+
+    def _cut_partial_tail(self) -> None:
+        """Drop an unterminated last line so the next record starts on its own line."""
+        if not self.path.is_file():
+            return
+        size = self.path.stat().st_size
+        if size == 0:
+            return
+        with open(self.path, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) == b"\n":
+                return
+            chunk = 1 << 16
+            pos = size
+            while pos > 0:
+                start = max(0, pos - chunk)
+                f.seek(start)
+                buf = f.read(pos - start)
+                k = buf.rfind(b"\n")
+                if k >= 0:
+                    f.truncate(start + k + 1)
+                    return
+                pos = start
+            f.truncate(0)
+
+    def write(self, rec: dict) -> None:
+        self.f.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+        self.f.flush()
+        self._since += 1
+        now = time.monotonic()
+        if self._since >= self.fsync_every or now - self._last >= self.fsync_seconds:
+            os.fsync(self.f.fileno())
+            self._since = 0
+            self._last = now
+
+    def close(self) -> None:
+        if not self.f.closed:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()

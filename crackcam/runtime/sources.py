@@ -1,0 +1,283 @@
+"""Frame sources: image folders and globs, video files, cameras and network streams (OpenCV decode).
+
+``open_source(spec)`` follows Ultralytics-style ``source=`` semantics: an integer (``0``, ``"1"``) is a camera
+index; ``rtsp://``/``http(s)://``/``udp://`` URLs are streams; a folder or a glob pattern lists images; a file is a
+video (or a single image).  Every source yields :class:`Frame` objects in order and exposes ``kind``,
+``name`` and ``stats`` (frames read, skipped, errors).  A source never raises for one bad frame: unreadable images
+are skipped with one log line.  Cameras and streams retry with backoff when they fail to open or drop mid-run, then
+stop cleanly (``stopped_reason`` says why).
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import cv2
+import numpy as np
+
+from .imageio import IMAGE_SUFFIXES, BadInputError, is_image_file, read_image
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".wmv", ".webm", ".ts", ".mjpeg", ".mjpg",
+                  ".h264", ".h265", ".hevc", ".flv", ".3gp")
+STREAM_PREFIXES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://", "gst:")
+
+
+@dataclass
+class Frame:
+    index: int  # position in the source (0-based)
+    image: np.ndarray  # uint8 H×W×3 BGR
+    source: str  # file path (images), video path or camera spec
+    timestamp: float | None  # seconds (epoch for files/cameras; video: start_time + position, or position)
+    key: str = ""  # resume key: image path, or "<video>#<index>"
+
+
+@dataclass
+class SourceStats:
+    read: int = 0
+    skipped: int = 0
+    errors: list = field(default_factory=list)
+
+
+class Source:
+    kind = "source"
+    live = False  # live sources (cameras) are never resumed
+
+    def __init__(self, log: Callable[[str], None] = print):
+        self.log = log
+        self.stats = SourceStats()
+        self.stopped_reason: str | None = None
+        self.name = ""
+
+    def frames(self, skip: Callable[[str], bool] | None = None) -> Iterator[Frame]:  # pragma: no cover
+        raise NotImplementedError
+
+    def __len__(self) -> int:  # unknown → 0
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def _bgr(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+
+
+class ImageListSource(Source):
+    """A list of image files (folder or glob).  Timestamps are the files' modification times."""
+
+    kind = "images"
+
+    def __init__(self, paths: list[Path], name: str, log: Callable[[str], None] = print):
+        super().__init__(log)
+        self.paths = list(paths)
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def frames(self, skip=None) -> Iterator[Frame]:
+        for i, p in enumerate(self.paths):
+            key = str(p)
+            if skip is not None and skip(key):
+                self.stats.skipped += 1
+                continue
+            try:
+                img = _bgr(read_image(p))
+            except BadInputError as e:
+                self.log(f"crack-run: skipped {e}")
+                self.stats.errors.append(str(e))
+                continue
+            try:
+                ts = p.stat().st_mtime
+            except OSError:
+                ts = None
+            self.stats.read += 1
+            yield Frame(i, img, key, ts, key)
+
+
+class VideoSource(Source):
+    """A video file decoded with OpenCV.  Timestamp = ``start_time`` + the frame's position (s)."""
+
+    kind = "video"
+
+    def __init__(self, path: Path, start_time: float | None = None, log=print, opener=None):
+        super().__init__(log)
+        self.path = Path(path)
+        self.name = str(self.path)
+        self.start_time = start_time
+        self._opener = opener or (lambda p: cv2.VideoCapture(p))
+        self.cap = self._opener(str(self.path))
+        if self.cap is None or not self.cap.isOpened():
+            raise BadInputError(self.path, "cannot open video (not a video file, or no decoder for it)")
+        n = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
+        self._n = max(n, 0)
+        self.fps = float(self.cap.get(cv2.CAP_PROP_FPS) or 0.0) or 25.0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def frames(self, skip=None) -> Iterator[Frame]:
+        i = 0
+        fails = 0
+        while True:
+            key = f"{self.name}#{i}"
+            if skip is not None and skip(key):
+                if not self.cap.grab():  # skip without decoding
+                    break
+                self.stats.skipped += 1
+                i += 1
+                continue
+            ok, img = self.cap.read()
+            if not ok or img is None:
+                # end of file, or a damaged frame before the end: try to step over a few
+                if self._n and i < self._n - 1 and fails < 5:
+                    fails += 1
+                    self.log(f"crack-run: {self.name}: frame {i} unreadable, skipped")
+                    self.stats.errors.append(f"{self.name}: frame {i} unreadable")
+                    i += 1
+                    continue
+                break
+            fails = 0
+            pos = i / self.fps
+            ts = (self.start_time + pos) if self.start_time is not None else pos
+            self.stats.read += 1
+            yield Frame(i, _as_bgr(img), self.name, ts, key)
+            i += 1
+
+    def close(self) -> None:
+        if self.cap is not None:
+            self.cap.release()
+
+
+def _as_bgr(img: np.ndarray) -> np.ndarray:
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2BGR)
+    return img
+
+
+class CameraSource(Source):
+    """A camera index or stream URL.  Fails to open or drops → reopen up to ``retries`` times with exponential
+    backoff (``backoff`` s, doubling, capped at 8 s), then stop cleanly with ``stopped_reason`` set.
+
+    ``opener(spec)`` returns an object with ``isOpened()``, ``read()`` and ``release()`` (default
+    ``cv2.VideoCapture``); tests inject a fake one.  Timestamps are wall-clock (``time.time()``).
+    """
+
+    kind = "camera"
+    live = True
+
+    def __init__(self, spec: int | str, retries: int = 3, backoff: float = 0.5, log=print, opener=None,
+                 sleep: Callable[[float], None] = time.sleep):
+        super().__init__(log)
+        self.spec = spec
+        self.name = f"camera:{spec}" if isinstance(spec, int) else str(spec)
+        self.retries = retries
+        self.backoff = backoff
+        self._opener = opener or (lambda s: cv2.VideoCapture(s))
+        self._sleep = sleep
+        self.cap = None
+        self.reconnects = 0
+
+    def _open(self) -> bool:
+        _quiet_opencv()
+        for attempt in range(self.retries + 1):
+            try:
+                cap = self._opener(self.spec)
+            except Exception as e:  # noqa: BLE001 - a driver error is a failed open
+                cap, err = None, f"{type(e).__name__}: {e}"
+            else:
+                err = "cannot open"
+            if cap is not None and cap.isOpened():
+                self.cap = cap
+                return True
+            if cap is not None:
+                cap.release()
+            if attempt < self.retries:
+                wait = min(self.backoff * (2 ** attempt), 8.0)
+                self.log(f"crack-run: {self.name}: {err}; retry {attempt + 1}/{self.retries} in {wait:.1f} s")
+                self._sleep(wait)
+        return False
+
+    def frames(self, skip=None) -> Iterator[Frame]:
+        if not self._open():
+            self.stopped_reason = f"{self.name}: cannot open after {self.retries + 1} attempts"
+            self.log(f"crack-run: {self.stopped_reason}")
+            return
+        i = 0
+        while True:
+            try:
+                ok, img = self.cap.read()
+            except Exception:  # noqa: BLE001 - a driver error is a drop
+                ok, img = False, None
+            if ok and img is not None:
+                self.stats.read += 1
+                yield Frame(i, _as_bgr(img), self.name, time.time(), f"{self.name}#{i}")
+                i += 1
+                continue
+            self.cap.release()
+            self.cap = None
+            self.log(f"crack-run: {self.name}: frame read failed (camera dropped); reconnecting")
+            if not self._open():
+                self.stopped_reason = f"{self.name}: lost after frame {i} and not back after {self.retries + 1} attempts"
+                self.log(f"crack-run: {self.stopped_reason}; stopping")
+                return
+            self.reconnects += 1
+
+    def close(self) -> None:
+        if self.cap is not None:
+            self.cap.release()
+            self.cap = None
+
+
+def _quiet_opencv() -> None:
+    """OpenCV's own WARN lines for unopenable cameras would duplicate ours."""
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:  # pragma: no cover - very old OpenCV builds
+        pass
+
+
+def _is_glob(s: str) -> bool:
+    return any(c in s for c in "*?[")
+
+
+def open_source(spec, log: Callable[[str], None] = print, start_time: float | None = None, retries: int = 3,
+                backoff: float = 0.5) -> Source:
+    """Source for ``spec`` (Ultralytics ``source=`` semantics); a bad spec → BadInputError (one line)."""
+    if isinstance(spec, Source):
+        return spec
+    if isinstance(spec, int):
+        return CameraSource(spec, retries=retries, backoff=backoff, log=log)
+    s = str(spec).strip()
+    if s.lstrip("-").isdigit():
+        return CameraSource(int(s), retries=retries, backoff=backoff, log=log)
+    if s.lower().startswith(STREAM_PREFIXES):
+        return CameraSource(s, retries=retries, backoff=backoff, log=log)
+    if s.startswith("/dev/video"):
+        return CameraSource(s, retries=retries, backoff=backoff, log=log)
+    p = Path(s).expanduser()
+    if p.is_dir():
+        paths = sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
+        if not paths:
+            raise BadInputError(p, f"no images in folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+        return ImageListSource(paths, str(p), log=log)
+    if _is_glob(s) and not p.exists():
+        paths = sorted(Path(q) for q in _glob.glob(os.path.expanduser(s), recursive=True)
+                       if os.path.isfile(q) and is_image_file(q))
+        if not paths:
+            raise BadInputError(s, "glob pattern matches no image files")
+        return ImageListSource(paths, s, log=log)
+    if not p.exists():
+        raise BadInputError(p, "source not found (give a camera index, folder, glob, video file or stream URL)")
+    if is_image_file(p):
+        return ImageListSource([p], str(p), log=log)
+    if p.suffix.lower() in VIDEO_SUFFIXES or p.is_file():
+        return VideoSource(p, start_time=start_time, log=log)
+    raise BadInputError(p, "not a folder, image, video or stream")
