@@ -1,0 +1,281 @@
+"""The crack-map method registry of ``crack-eval``.
+
+A *method* turns one RGB uint8 image into a crack map (float32 H×W on [0, 1]) plus, for classifier-based
+methods, the crack probability.  Built in:
+
+* ``blackhat``, ``ridge``, ``bh+ridge`` — learning-free pixel cues (``crackcam.runtime.cues``), no checkpoint;
+* every CAM method of ``crackcam.models.cam`` (``gradcam``, ``gradcam++``, ``xgradcam``, ``layercam``,
+  ``hirescam`` and their ``-fusion`` two-layer variants) — need ``--checkpoint``;
+* ``refine-<cam method>`` — the CAM as region prior × a pixel cue as boundary (``crackcam.runtime.cues.refine``).
+
+Adding a method (e.g. helper code for UP-CrackNet ``restoration`` or a fusion):  create a module
+``crackcam/tools/methods_<anything>.py`` (discovered automatically) with::
+
+    from crackcam.tools.methods import register_method, MethodContext
+
+    @register_method("restoration", needs_checkpoint=True, help="UP-CrackNet restoration difference map")
+    def _restoration(ctx: MethodContext):
+        gen = load_my_generator(ctx.checkpoint)          # once per run
+        def fn(image):                                   # RGB uint8 H×W×3 → (map float32 H×W on [0,1], prob|None)
+            return my_map(gen, image), None
+        return fn
+
+``ctx`` carries the checkpoint folder, its config, the parsed options (layers, mode, tile, flips, gate, refine
+config) and a lazily loaded classifier (``ctx.classifier()``).  The factory runs once per evaluation; the
+returned function runs once per image.  Names are matched exactly; :func:`resolve` also accepts dynamic names
+through registered *families* (``register_family(prefix, factory_maker)``), used for ``refine-<cam>``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from crackcam.runtime import cues as C
+
+MapFn = Callable[[np.ndarray], "tuple[np.ndarray, float | None]"]
+Factory = Callable[["MethodContext"], MapFn]
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    factory: Factory
+    needs_checkpoint: bool
+    help: str = ""
+    learned: bool = True  # uses a trained model (the default recipe is the best learned method)
+
+
+@dataclass
+class MethodContext:
+    checkpoint: Path | None = None
+    config: dict = field(default_factory=dict)
+    layers: list[str] | None = None
+    mode: str = "whole"  # whole | sliding
+    tile: int | None = None
+    flips: bool = False
+    gate: float = 0.5
+    refine: C.RefineConfig = field(default_factory=C.RefineConfig)
+    options: dict = field(default_factory=dict)
+    _model: Any = None
+    _cache: dict = field(default_factory=dict)
+
+    def classifier(self):
+        """(model.eval(), config) of ``checkpoint`` (loaded once)."""
+        if self._model is None:
+            if self.checkpoint is None:
+                raise ValueError("this method needs --checkpoint DIR (a crack-train run folder)")
+            from crackcam.models.checkpoint import load_classifier
+
+            self._model, self.config = load_classifier(self.checkpoint)
+        return self._model, self.config
+
+
+_METHODS: dict[str, MethodSpec] = {}
+_FAMILIES: list[tuple[str, Callable[[str], MethodSpec | None]]] = []
+_PLUGINS_LOADED = False
+
+
+def register_method(name: str, *, needs_checkpoint: bool, help: str = "", learned: bool | None = None):
+    """Decorator registering ``factory(ctx) -> fn(image) -> (map, prob | None)`` under ``name``."""
+
+    def deco(factory: Factory) -> Factory:
+        if name in _METHODS:
+            raise ValueError(f"crack-eval method {name!r} is registered twice")
+        _METHODS[name] = MethodSpec(name, factory, needs_checkpoint, help,
+                                    needs_checkpoint if learned is None else learned)
+        return factory
+
+    return deco
+
+
+def register_family(prefix: str, make: Callable[[str], MethodSpec | None]) -> None:
+    """Dynamic names ``<prefix><rest>``: ``make(full_name)`` returns a MethodSpec or None (unknown)."""
+    _FAMILIES.append((prefix, make))
+
+
+def _load_plugins() -> None:
+    global _PLUGINS_LOADED
+    if _PLUGINS_LOADED:
+        return
+    _PLUGINS_LOADED = True
+    pkg = Path(__file__).parent
+    for m in pkgutil.iter_modules([str(pkg)]):
+        if m.name.startswith("methods_"):
+            importlib.import_module(f"crackcam.tools.{m.name}")
+
+
+def cam_method_names() -> list[str]:
+    try:
+        from crackcam.models.cam import list_methods
+    except ImportError:  # torch-free install
+        return []
+    return list_methods()
+
+
+def list_method_names() -> list[str]:
+    _load_plugins()
+    names = list(_METHODS)
+    cams = cam_method_names()
+    names += [n for n in cams if n not in names]
+    names += ["refine-" + n for n in cams]
+    return names
+
+
+def resolve(name: str) -> MethodSpec:
+    _load_plugins()
+    if name in _METHODS:
+        return _METHODS[name]
+    for prefix, make in sorted(_FAMILIES, key=lambda f: -len(f[0])):
+        if name.startswith(prefix):
+            spec = make(name)
+            if spec is not None:
+                return spec
+    raise ValueError(f"unknown method {name!r}; choose one of: {', '.join(list_method_names())}")
+
+
+# ----------------------------------------------------------------------------------------------- built-ins
+for _cue in C.CUES:
+    def _make(cue_name):
+        def factory(ctx: MethodContext) -> MapFn:
+            return lambda image: (C.cue(image, cue_name), None)
+
+        return factory
+
+    register_method(_cue, needs_checkpoint=False, learned=False,
+                    help=f"learning-free pixel cue '{_cue}' (crackcam.runtime.cues)")(_make(_cue))
+
+
+class CamPredictor:
+    """Runs the checkpoint's classifier and returns per-image CAM maps for one or several methods from a single
+    forward + explicit-backward pass (all methods share the target layers' activations and gradients)."""
+
+    def __init__(self, ctx: MethodContext, methods: list[str]):
+        import torch
+
+        from crackcam.models.cam import CamHead, CamModel, parse_method
+
+        self.torch = torch
+        model, config = ctx.classifier()
+        self.ctx = ctx
+        self.mean = torch.tensor(config.get("mean", model.spec.mean), dtype=torch.float32).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.get("std", model.spec.std), dtype=torch.float32).view(1, 3, 1, 1)
+        self.cams: dict[str, Any] = {}
+        heads: dict[tuple, Any] = {}
+        for m in methods:
+            base, fusion = parse_method(m)
+            cm = CamModel(model, m, layers=ctx.layers, normalize=True, gate=0.0)
+            key = tuple(cm.layers)
+            if key not in heads:
+                heads[key] = _cached_head(cm.head)
+            cm.head = heads[key]
+            self.cams[m] = cm
+        self.use_infer = ctx.mode != "whole" or ctx.flips
+
+    def tensor(self, image: np.ndarray):
+        t = self.torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        return (t - self.mean) / self.std
+
+    def __call__(self, image: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
+        torch = self.torch
+        out = {}
+        if self.use_infer:
+            from crackcam.models import infer
+
+            for m, cm in self.cams.items():
+                out[m] = infer_map(infer, cm, image, self.ctx)
+            return out
+        with torch.no_grad():
+            x = self.tensor(image)
+            for m, cm in self.cams.items():
+                prob, cam = cm(x)
+                out[m] = (cam[0].numpy().astype(np.float32), float(prob[0]))
+        return out
+
+
+def infer_map(infer, cm, image, ctx):
+    """Sliding-window / flip inference through ``crackcam.models.infer.predict_map`` (helper B's module)."""
+    res = infer.predict_map(cm, image, mode=ctx.mode, tile=ctx.tile, flips=ctx.flips,
+                            mean=ctx.config.get("mean"), std=ctx.config.get("std"))
+    m, prob = res if isinstance(res, tuple) else (res, None)
+    return np.asarray(m, np.float32), (None if prob is None else float(prob))
+
+
+_CACHED_HEAD = None
+
+
+def _cached_head(head):
+    """Wrap a CamHead (an nn.Module) so that several CamModels on the same input reuse one forward pass."""
+    global _CACHED_HEAD
+    if _CACHED_HEAD is None:
+        from torch import nn
+
+        class CachedHead(nn.Module):
+            def __init__(self, head):
+                super().__init__()
+                self.inner = head
+                self.layers = head.layers
+                self._x = None
+                self._out = None
+
+            @property
+            def model(self):
+                return self.inner.model
+
+            def forward(self, x):
+                if self._x is not x:
+                    self._out = self.inner(x)
+                    self._x = x
+                return self._out
+
+        _CACHED_HEAD = CachedHead
+    return _CACHED_HEAD(head)
+
+
+def _gate(m: np.ndarray, prob: float | None, gate: float) -> np.ndarray:
+    if prob is not None and gate > 0 and prob < gate:
+        return np.zeros_like(m)
+    return m
+
+
+def _cam_spec(name: str) -> MethodSpec | None:
+    if name not in cam_method_names():
+        return None
+
+    def factory(ctx: MethodContext) -> MapFn:
+        pred = CamPredictor(ctx, [name])
+
+        def fn(image):
+            m, prob = pred(image)[name]
+            return _gate(m, prob, ctx.gate), prob
+
+        return fn
+
+    return MethodSpec(name, factory, True, f"CAM method {name} of crackcam.models.cam")
+
+
+def _refine_spec(name: str) -> MethodSpec | None:
+    base = name[len("refine-"):]
+    if base not in cam_method_names():
+        return None
+
+    def factory(ctx: MethodContext) -> MapFn:
+        pred = CamPredictor(ctx, [base])
+
+        def fn(image):
+            m, prob = pred(image)[base]
+            m = _gate(m, prob, ctx.gate)
+            return C.refine(image, m, ctx.refine), prob
+
+        return fn
+
+    return MethodSpec(name, factory, True, f"{base} CAM refined with a pixel cue (crackcam.runtime.cues.refine)")
+
+
+register_family("", _cam_spec)
+register_family("refine-", _refine_spec)

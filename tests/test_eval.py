@@ -1,0 +1,98 @@
+"""crack-eval round trips on a tiny synthetic flat data set (blackhat, CAM, refinement, calibrate, bad input)."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from crackcam.train.synth import write_synthetic_dataset
+from crackcam.tools.evaluate import app
+
+runner = CliRunner()
+
+
+def _last_json(output: str) -> dict:
+    lines = [ln for ln in output.strip().splitlines() if ln.strip()]
+    return json.loads(lines[-1])
+
+
+@pytest.fixture(scope="module")
+def flat(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("flat"), n_crack=10, size=(96, 128), layout="flat", seed=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    torch = pytest.importorskip("torch")
+    from crackcam.models import create_model, get_spec
+
+    d = tmp_path_factory.mktemp("ckpt")
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", widths=(4, 8, 8, 8))
+    torch.save(model.state_dict(), d / "best.pt")
+    spec = get_spec("simple_cnn")
+    (d / "config.json").write_text(json.dumps({
+        "model": "simple_cnn", "model_kwargs": {"widths": [4, 8, 8, 8]}, "tile": 64, "mean": list(spec.mean),
+        "std": list(spec.std), "target_layers": list(spec.target_layers),
+        "train_config": {"val_fraction": 0.25, "split_seed": 0}}))
+    return d
+
+
+def test_blackhat_round_trip(flat, tmp_path):
+    out = tmp_path / "bh"
+    r = runner.invoke(app, ["--method", "blackhat", "--data", str(flat), "--split", "all", "--out", str(out),
+                            "--threshold", "0.3", "--min-area", "10"])
+    assert r.exit_code == 0, r.output
+    s = _last_json(r.output)
+    assert s["method"] == "blackhat" and s["n_images"] == 10 and s["threshold"] == 0.3
+    assert s["threshold_source"] == "--threshold" and s["postprocess"]["min_area"] == 10
+    for k in ("precision", "recall", "f1", "iou"):
+        assert 0 <= s[k] <= 1
+    assert s["f1"] > 0.3  # dark synthetic cracks on texture: black-hat finds them
+    assert s["t2"]["f1"] >= s["t0"]["f1"]  # tolerance can only help
+    assert s["ods"]["t0"]["f1"] >= s["t0"]["f1"] - 0.02 and s["ois"]["t0"] >= s["ods"]["t0"]["f1"] - 1e-9
+    assert json.loads((out / "metrics.json").read_text()) == s
+    for f in ("per_image.csv", "pr_curve.png", "overlays.png"):
+        assert (out / f).stat().st_size > 100
+    assert len((out / "per_image.csv").read_text().strip().splitlines()) == 11
+    # a re-run resumes from the saved state and gives the same figures
+    r2 = runner.invoke(app, ["--method", "blackhat", "--data", str(flat), "--split", "all", "--out", str(out),
+                             "--threshold", "0.3", "--min-area", "10"])
+    assert r2.exit_code == 0 and "resuming" in r2.output and _last_json(r2.output)["f1"] == s["f1"]
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, flat):
+    r = runner.invoke(app, ["--method", "blackhat", "--data", str(tmp_path / "nope")])
+    assert r.exit_code == 2 and "nope" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["--method", "no-such-method", "--data", str(flat), "--split", "all"])
+    assert r.exit_code == 2 and "unknown method" in r.output
+    r = runner.invoke(app, ["--method", "gradcam", "--data", str(flat), "--split", "all"])
+    assert r.exit_code == 2 and "--checkpoint" in r.output
+
+
+def test_cam_refine_and_calibrated_recipe(flat, tiny_ckpt, tmp_path):
+    r = runner.invoke(app, ["--checkpoint", str(tiny_ckpt), "--method", "gradcam++", "--data", str(flat),
+                            "--split", "all", "--gate", "0", "--out", str(tmp_path / "cam"), "--limit", "4"])
+    assert r.exit_code == 0, r.output
+    s = _last_json(r.output)
+    assert s["method"] == "gradcam++" and s["n_images"] == 4 and s["learned"] and s["mean_prob"] is not None
+    r = runner.invoke(app, ["--checkpoint", str(tiny_ckpt), "--method", "refine-gradcam", "--data", str(flat),
+                            "--split", "all", "--gate", "0", "--out", str(tmp_path / "ref"), "--limit", "4",
+                            "--cue", "ridge", "--dilate", "6"])
+    assert r.exit_code == 0, r.output
+    s = _last_json(r.output)
+    assert s["refine"]["cue"] == "ridge" and s["refine"]["dilate"] == 6
+    # calibrate on the val split (25 % of the 7 train images by name order = 2 images), then the recipe is default
+    r = runner.invoke(app, ["calibrate", "--checkpoint", str(tiny_ckpt), "--data", str(flat),
+                            "--methods", "gradcam,layercam", "--gate", "0"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tiny_ckpt / "recipe.json").read_text())
+    assert rec["method"] in ("gradcam", "layercam", "refine-gradcam", "refine-layercam")
+    assert set(rec["candidates"]) >= {"blackhat", "gradcam", "refine-layercam"}
+    assert rec["candidates"]["blackhat"]["learned"] is False and "validation" in rec["chosen_on"]
+    r = runner.invoke(app, ["--checkpoint", str(tiny_ckpt), "--data", str(flat), "--split", "test",
+                            "--out", str(tmp_path / "rec")])
+    assert r.exit_code == 0, r.output
+    s = _last_json(r.output)
+    assert s["method"] == rec["method"] and s["threshold"] == rec["threshold"]
+    assert s["threshold_source"].startswith("recipe")
