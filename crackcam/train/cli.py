@@ -1,0 +1,111 @@
+"""``crack-train``: train a crack classifier on one bit per tile (or per image), validate every epoch, save a
+run folder (see docs/training.md).  ``--model upcracknet`` hands over to :mod:`crackcam.train.upcracknet`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, help=__doc__)
+
+
+def _fail(msg: str, code: int = 2):
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def train_cmd(
+    data: Optional[Path] = typer.Option(None, "--data", help="data folder: images/ + masks/ (flat) or "
+                                        "train|test/images + masks (Kaggle layout). Default: a tiny synthetic set "
+                                        "drawn into OUT/synthetic_data"),
+    model: str = typer.Option("simple_cnn", "--model", help="a name from crackcam.models.list_models(), or upcracknet"),
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
+    epochs: int = typer.Option(0, "--epochs", help="0 = auto (about 40k tile presentations, 6..40 epochs)"),
+    batch: int = typer.Option(64, "--batch"),
+    lr: float = typer.Option(0.0, "--lr", help="peak learning rate (OneCycle); 0 = 3e-3 from scratch, 1e-3 pretrained"),
+    tile: int = typer.Option(128, "--tile", help="tile size in px"),
+    stride: int = typer.Option(0, "--stride", help="val/test tile step; 0 = tile"),
+    train_stride: int = typer.Option(0, "--train-stride", help="training tile step; 0 = tile/2"),
+    min_crack_px: int = typer.Option(40, "--min-crack-px", help="N: crack px needed inside the tile"),
+    border: int = typer.Option(8, "--border", help="B: those crack px lie at least B px from the tile border"),
+    margin: int = typer.Option(16, "--margin", help="M: crack-free only if no crack px within the tile grown by M"),
+    label_rule: str = typer.Option("auto", "--label-rule", help="auto | tiles | name (name: Kaggle noncrack* files)"),
+    val_fraction: float = typer.Option(0.2, "--val-fraction", help="share of training IMAGES used for validation"),
+    seed: int = typer.Option(0, "--seed"),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
+                                              help="ImageNet weights (default: where the model has them)"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="initial weights (a state dict file)"),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="random rot90 + flips each epoch"),
+    double: bool = typer.Option(False, "--double", help="double the training set with rotated/flipped copies"),
+    max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="cap on training tiles (seeded sample)"),
+    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
+    resume: bool = typer.Option(False, "--resume", help="continue the run in OUT after its last finished epoch"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished/old run in OUT"),
+    test: bool = typer.Option(True, "--test/--no-test", help="score best.pt on the test split at the end (report only)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True,
+                                             help="stop (as after Ctrl-C) after this many epochs of this call"),
+):
+    """Train a crack classifier (see docs/training.md)."""
+    from crackcam.runtime.imageio import BadInputError
+
+    if model == "upcracknet":
+        from crackcam.train import upcracknet
+
+        kw = {}
+        if max_tiles:
+            kw["max_tiles"] = max_tiles
+        if threads:
+            kw["threads"] = threads
+        try:
+            if hasattr(upcracknet, "main_from_cli"):
+                upcracknet.main_from_cli(data=data, out=out, epochs=epochs or None, batch=batch, lr=lr or None,
+                                         tile=tile, seed=seed, resume=resume, **kw)
+            else:
+                upcracknet.train_upcracknet(data, out, epochs or None, batch, lr or None, tile, seed, resume, **kw)
+        except KeyboardInterrupt:
+            typer.echo(f"interrupted; finished epochs are saved in {out}; continue with --resume", err=True)
+            raise typer.Exit(130)
+        except (BadInputError, ValueError, FileNotFoundError) as exc:
+            _fail(str(exc))
+        return
+
+    import crackcam.models as M
+    from crackcam.train.loop import TrainConfig, TrainingInterrupted, train
+
+    if model not in M.list_models():
+        _fail(f"unknown model {model!r}; choose one of: {', '.join(M.list_models() + ['upcracknet'])}")
+    if label_rule not in ("auto", "tiles", "name"):
+        _fail(f"--label-rule must be auto, tiles or name (got {label_rule!r})")
+    if tile < 16:
+        _fail(f"--tile must be at least 16 px (got {tile})")
+    cfg = TrainConfig(
+        data=str(data) if data is not None else None, out=str(out), model=model, epochs=epochs, batch=batch, lr=lr,
+        tile=tile, stride=stride, train_stride=train_stride, min_crack_px=min_crack_px, border=border,
+        margin=margin, label_rule=label_rule, val_fraction=val_fraction, seed=seed, pretrained=pretrained,
+        weights=str(weights) if weights else None, augment=augment, double=double, max_tiles=max_tiles,
+        workers=workers, device=device, threads=threads, resume=resume, overwrite=overwrite, test=test,
+        progress=progress)
+    try:
+        train(cfg, stop_after=stop_after, log=lambda s: typer.echo(s))
+    except TrainingInterrupted as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(130)
+    except BadInputError as exc:
+        _fail(str(exc))
+    except (FileNotFoundError, ValueError) as exc:  # e.g. a --weights file that does not fit the model
+        _fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+
+def main(argv=None) -> None:
+    app(argv, prog_name="crack-train")
+
+
+if __name__ == "__main__":
+    main()

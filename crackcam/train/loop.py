@@ -1,0 +1,411 @@
+"""The training loop behind ``crack-train``: tiles in memory → classifier, validation every epoch, best/last
+checkpoints, metrics.json / curves.png / config.json / data card, resumable after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from crackcam.models import create_model, get_spec
+from crackcam.models.checkpoint import atomic_torch_save, atomic_write_bytes, save_state_dict, write_json
+from crackcam.runtime.imageio import BadInputError
+
+from . import data as D
+from .metrics import binary_metrics
+
+
+class TrainingInterrupted(Exception):
+    """Raised after Ctrl-C (or a ``stop_after`` hook) once everything finished so far is saved."""
+
+    def __init__(self, msg: str, epochs_done: int):
+        super().__init__(msg)
+        self.epochs_done = epochs_done
+
+
+@dataclass
+class TrainConfig:
+    data: str | None  # None → the embedded synthetic set, drawn into OUT/synthetic_data
+    out: str
+    model: str = "simple_cnn"
+    epochs: int = 0  # 0 → auto: about AUTO_TILE_STEPS tile presentations, clamped to [AUTO_MIN, AUTO_MAX]
+    batch: int = 64
+    lr: float = 0.0  # 0 → 3e-3 from scratch, 1e-3 with pretrained weights
+    weight_decay: float = 1e-4
+    tile: int = 128
+    stride: int = 0  # 0 → tile (val/test tiles never overlap)
+    train_stride: int = 0  # 0 → tile // 2 (training tiles overlap by half)
+    min_crack_px: int = 40
+    border: int = 8
+    margin: int = 16
+    label_rule: str = "auto"  # auto | tiles | name
+    val_fraction: float = 0.2
+    split_seed: int = 0
+    seed: int = 0
+    pretrained: bool | None = None  # None → True where the model has weights
+    weights: str | None = None
+    augment: bool = True
+    double: bool = False
+    max_tiles: int | None = None
+    workers: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    test: bool = True
+    progress: bool = True
+    model_kwargs: dict = field(default_factory=dict)
+
+
+AUTO_TILE_STEPS = 24_000
+AUTO_MIN, AUTO_MAX = 4, 40
+SYNTH_PER_CLASS = 250  # the embedded default set (no --data): 250 crack + 250 crack-free images
+SYNTH_EPOCHS = 8
+
+# values in a resumed run that must match the saved ones
+_RESUME_KEYS = ("model", "tile", "stride", "train_stride", "min_crack_px", "border", "margin", "label_rule",
+                "val_fraction", "split_seed", "seed", "batch", "augment", "double", "max_tiles")
+
+
+class TileDataset(Dataset):
+    """(tile uint8 H×W×3 tensor, bit float) pairs; optional random rot90 + flips, deterministic per (seed, epoch, i)."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False, seed: int = 0):
+        self.images, self.labels, self.augment, self.seed, self.epoch = images, labels, augment, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        t = self.images[i]
+        if self.augment:
+            t = D.augment_tile(t, np.random.default_rng([self.seed, self.epoch, int(i)]))
+        return torch.from_numpy(np.ascontiguousarray(t)), torch.tensor(float(self.labels[i]))
+
+
+def to_input(batch_u8: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, device, channels_last: bool):
+    """uint8 N×H×W×3 RGB → normalised float N×3×H×W on ``device``."""
+    x = batch_u8.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    x = (x - mean) / std
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError("--device", f"{name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict:
+    st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].copy(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+    random.setstate(st["python"])
+
+
+def auto_epochs(n_train: int) -> int:
+    return int(min(AUTO_MAX, max(AUTO_MIN, round(AUTO_TILE_STEPS / max(1, n_train)))))
+
+
+@torch.no_grad()
+def predict(model, images: np.ndarray, mean, std, device, channels_last, batch: int = 128) -> np.ndarray:
+    model.eval()
+    out = []
+    for s in range(0, len(images), batch):
+        x = to_input(torch.from_numpy(images[s:s + batch]), mean, std, device, channels_last)
+        out.append(torch.sigmoid(model(x).float()).squeeze(1).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def _loss_of(prob: np.ndarray, y: np.ndarray, pos_weight: float) -> float:
+    p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
+    y = y.astype(np.float64)
+    return float(np.mean(-(pos_weight * y * np.log(p) + (1 - y) * np.log(1 - p)))) if len(y) else float("nan")
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(1, 3, figsize=(13, 3.6))
+    ax[0].plot(ep, [h["train_loss"] for h in history], "o-", label="train loss")
+    ax[0].plot(ep, [h["val"]["loss"] for h in history], "o-", label="val loss")
+    ax[0].set_xlabel("epoch"); ax[0].legend(); ax[0].set_title("loss (pos-weighted BCE)")
+    for k in ("accuracy", "precision", "recall", "f1", "auc"):
+        ax[1].plot(ep, [np.nan if h["val"][k] is None else h["val"][k] for h in history], "o-", label=k)
+    ax[1].set_xlabel("epoch"); ax[1].legend(fontsize=8); ax[1].set_title("validation (tile labels)")
+    ax[1].set_ylim(max(0.0, min([0.5] + [h["val"]["f1"] for h in history]) - 0.05), 1.0)
+    ax[2].plot(ep, [h["lr"] for h in history], "o-")
+    ax[2].set_xlabel("epoch"); ax[2].set_title("learning rate (end of epoch)")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _pretrained_arg(cfg: TrainConfig):
+    if cfg.weights:
+        if not Path(cfg.weights).is_file():
+            raise BadInputError(cfg.weights, "weights file not found")
+        return str(cfg.weights)
+    return True if cfg.pretrained is None else bool(cfg.pretrained)
+
+
+def prepare_data(cfg: TrainConfig, out: Path, log=print):
+    """Read the data set, make tiles/bits for train/val/test, write the data card.  Returns (sets, card, sha, info)."""
+    if cfg.data is None:
+        from .synth import write_synthetic_dataset
+
+        root = out / "synthetic_data"
+        if not (root / "train" / "images").is_dir():
+            log(f"no --data given: drawing the embedded synthetic crack set into {root}")
+            write_synthetic_dataset(root, n_crack=SYNTH_PER_CLASS, n_free=SYNTH_PER_CLASS, size=(cfg.tile, cfg.tile),
+                                    layout="kaggle", seed=1234)
+    else:
+        root = Path(cfg.data)
+    layout = D.detect_layout(root)
+    items = D.list_items(root, "all", val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, layout=layout)
+    rule_name = cfg.label_rule if cfg.label_rule != "auto" else ("name" if layout == "kaggle" else "tiles")
+    if rule_name == "name" and layout != "kaggle":
+        raise BadInputError(root, "label rule 'name' needs the Kaggle layout (noncrack* file names)")
+    stride = cfg.stride or cfg.tile
+    train_stride = cfg.train_stride or (cfg.tile // 2 if rule_name == "tiles" else cfg.tile)
+    base = dict(tile=cfg.tile, min_crack_px=cfg.min_crack_px, border=cfg.border, margin=cfg.margin)
+    rule_eval = D.TileRule(stride=stride, **base)
+    rule_train = D.TileRule(stride=train_stride, **base)
+    if rule_name == "tiles":
+        label_rule = rule_eval.as_dict()
+        label_rule["train_stride"] = train_stride
+        label_rule["text"] += f" (training tiles step {train_stride}px)"
+    else:
+        label_rule = D.name_rule_dict(cfg.tile)
+    skipped: list[str] = []
+    sets = {}
+    for split in ("train", "val", "test"):
+        if split == "test" and not cfg.test:
+            continue
+        rule = rule_train if split == "train" else rule_eval
+        sets[split] = D.load_split(items, split, rule_name, rule, max_tiles=cfg.max_tiles if split == "train" else None,
+                                   seed=cfg.seed, skipped=skipped, progress=cfg.progress)
+    n_good = sum(ts.n_images for ts in sets.values())
+    if n_good == 0:
+        raise BadInputError(root, "no readable images (every file was skipped)")
+    if len(sets["train"]) == 0:
+        raise BadInputError(root, "no training tiles (no readable training images, or every tile was dropped)")
+    if len(set(sets["train"].labels.tolist())) < 2:
+        raise BadInputError(root, "training tiles hold only one class; adjust --tile/--min-crack-px/--margin")
+    if len(sets["val"]) == 0:
+        raise BadInputError(root, "no validation tiles (too few training images to carve a validation split)")
+    split_info = D.split_rule_dict(layout, items, cfg.val_fraction, cfg.split_seed)
+    card = D.build_card(root, layout, label_rule, sets, skipped, split_info)
+    if cfg.max_tiles:
+        card["max_train_tiles"] = cfg.max_tiles
+    sha = D.card_sha256(card)
+    atomic_write_bytes(out / "data_card.json", D.card_bytes(card))
+    D.write_card_png(out / "data_card.png", sets["train"], seed=cfg.seed)
+    info = {"root": str(root), "layout": layout, "label_rule": label_rule, "rule_name": rule_name,
+            "splits": {k: sorted({it.image.name for it in items if it.split == k}) for k in ("train", "val", "test")}}
+    return sets, card, sha, info
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
+    """Run (or resume) a training.  Returns the metrics dict.  Raises TrainingInterrupted on Ctrl-C / stop hook,
+    BadInputError for bad data (nothing already written is lost)."""
+    out = Path(cfg.out)
+    spec = get_spec(cfg.model)  # unknown model → ValueError before anything is written
+    state_path = out / "train_state.pt"
+    if cfg.resume:
+        if not state_path.is_file():
+            raise BadInputError(state_path, "nothing to resume (no train_state.pt in the output folder)")
+        saved = json.loads((out / "config.json").read_text())["train_config"]
+        for k in _RESUME_KEYS:
+            if k in saved and saved[k] != getattr(cfg, k):
+                log(f"resume: using the saved {k}={saved[k]!r} (not {getattr(cfg, k)!r})")
+                setattr(cfg, k, saved[k])
+        for k in ("epochs", "lr", "data", "weight_decay", "model_kwargs"):
+            setattr(cfg, k, saved[k])
+    elif (out / "metrics.json").exists() or state_path.exists():
+        if not cfg.overwrite:
+            raise BadInputError(out, "already holds a training run; pass --resume to continue it or "
+                                     "--overwrite to start again (or choose another --out)")
+        for name in ("best.pt", "last.pt", "train_state.pt", "metrics.json", "curves.png", "config.json"):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+
+    t0 = time.time()
+    sets, card, sha, info = prepare_data(cfg, out, log)
+    log(D.format_card(card))
+    log(f"label rule: {info['label_rule']['name']} — {info['label_rule']['text']}")
+    tr, va = sets["train"], sets["val"]
+    if cfg.double:
+        tr = D.double_with_augmented(tr, cfg.seed)
+        log(f"--double: training set doubled with rotated/flipped copies → {len(tr)} tiles")
+    n_pos, n_neg = int((tr.labels == 1).sum()), int((tr.labels == 0).sum())
+    pos_weight = n_neg / max(1, n_pos)
+    epochs = cfg.epochs or (SYNTH_EPOCHS if cfg.data is None else auto_epochs(len(tr)))
+    cfg.epochs = epochs
+
+    pre = _pretrained_arg(cfg)
+    model = create_model(cfg.model, pretrained=pre, **cfg.model_kwargs)
+    pretrained_source = getattr(model, "pretrained_source", None)
+    lr = cfg.lr or (1e-3 if pretrained_source else 3e-3)
+    cfg.lr = lr
+    channels_last = device.type == "cpu"
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
+
+    ds = TileDataset(tr.images, tr.labels, augment=cfg.augment, seed=cfg.seed)
+    steps_per_epoch = (len(ds) + cfg.batch - 1) // cfg.batch
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
+                                                pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
+    crit = nn.BCEWithLogitsLoss(pos_weight=torch.tensor([pos_weight], device=device))
+
+    history: list[dict] = []
+    best = {"epoch": 0, "f1": -1.0}
+    start_epoch = 1
+    if cfg.resume:
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        _set_rng_state(st["rng"])
+        history, best = st["history"], st["best"]
+        start_epoch = st["epoch"] + 1
+        log(f"resuming {out} after epoch {st['epoch']} of {epochs}")
+
+    tc = asdict(cfg)
+    config = {
+        "model": cfg.model, "model_kwargs": cfg.model_kwargs, "tile": cfg.tile, "stride": cfg.stride or cfg.tile,
+        "mean": list(spec.mean), "std": list(spec.std), "target_layers": list(spec.target_layers),
+        "label_rule": info["label_rule"], "data": str(Path(info["root"]).resolve()), "layout": info["layout"],
+        "splits": {"rule": card["split_rule"], **{k: v.counts() for k, v in sets.items()}},
+        "val_images": info["splits"]["val"],
+        "seed": cfg.seed, "epochs": epochs, "batch": cfg.batch, "lr": lr, "optimizer": "AdamW + OneCycleLR",
+        "pos_weight": pos_weight, "augment": "rot90 + hflip + vflip" if cfg.augment else "none",
+        "double": cfg.double, "data_card_sha256": sha, "pretrained_source": pretrained_source,
+        "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
+        "class_names": ["crack_free", "crack"], "train_config": tc,
+    }
+    write_json(out / "config.json", config)
+    write_json(out / "splits.json", info["splits"])
+    log(f"model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, pretrained: "
+        f"{pretrained_source or 'none'}), {len(tr)} train tiles ({n_pos} crack / {n_neg} crack-free, pos_weight "
+        f"{pos_weight:.2f}), {len(va)} val tiles, {epochs} epochs, batch {cfg.batch}, lr {lr:g}, device {device}")
+
+    def save_epoch_state(epoch: int) -> None:
+        atomic_torch_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                           "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history, "best": best},
+                          state_path)
+
+    def write_metrics(extra: dict | None = None) -> dict:
+        m = {"model": cfg.model, "epochs": epochs, "best_epoch": best["epoch"], "best_val_f1": best["f1"],
+             "best_val": next((h["val"] for h in history if h["epoch"] == best["epoch"]), None),
+             "label_rule": info["label_rule"]["name"], "history": history, **(extra or {})}
+        write_json(out / "metrics.json", m)
+        return m
+
+    from tqdm import tqdm
+
+    epoch = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, epochs + 1):
+            te = time.time()
+            model.train()
+            ds.set_epoch(epoch)
+            g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+            loader = DataLoader(ds, batch_size=cfg.batch, shuffle=True, generator=g, num_workers=cfg.workers,
+                                drop_last=len(ds) > cfg.batch, pin_memory=device.type == "cuda")
+            tot, n = 0.0, 0
+            bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=not cfg.progress,
+                       file=sys.stderr)
+            for xb, yb in bar:
+                x = to_input(xb, mean, std, device, channels_last)
+                y = yb.to(device).view(-1, 1)
+                loss = crit(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                if sched.last_epoch < sched.total_steps - 1:
+                    sched.step()
+                tot += float(loss.detach()) * len(y)
+                n += len(y)
+                bar.set_postfix(loss=f"{tot / n:.4f}")
+            bar.close()
+            prob = predict(model, va.images, mean, std, device, channels_last)
+            vm = binary_metrics(va.labels, prob)
+            vm["loss"] = _loss_of(prob, va.labels, pos_weight)
+            rec = {"epoch": epoch, "train_loss": tot / max(1, n), "val": vm, "lr": opt.param_groups[0]["lr"],
+                   "seconds": round(time.time() - te, 2)}
+            history.append(rec)
+            is_best = vm["f1"] > best["f1"]
+            if is_best:
+                best = {"epoch": epoch, "f1": vm["f1"]}
+                save_state_dict(model, out / "best.pt")
+            save_state_dict(model, out / "last.pt")
+            save_epoch_state(epoch)
+            write_metrics()
+            plot_curves(history, out / "curves.png")
+            auc = "-" if vm["auc"] is None else f"{vm['auc']:.4f}"
+            log(f"epoch {epoch}/{epochs}  loss {rec['train_loss']:.4f}  val loss {vm['loss']:.4f}  acc "
+                f"{vm['accuracy']:.4f}  P {vm['precision']:.4f}  R {vm['recall']:.4f}  F1 {vm['f1']:.4f}  AUC {auc}"
+                f"  {rec['seconds']:.0f}s{'  *best' if is_best else ''}")
+            if stop_after is not None and epoch - start_epoch + 1 >= stop_after and epoch < epochs:
+                raise TrainingInterrupted(f"stopped after epoch {epoch} (stop hook); finished epochs are saved in "
+                                          f"{out}; continue with --resume", epoch)
+    except KeyboardInterrupt:
+        done = history[-1]["epoch"] if history else 0
+        raise TrainingInterrupted(f"interrupted during epoch {epoch}; epochs 1..{done} are saved in {out}; "
+                                  f"continue with: crack-train --out {out} --resume", done) from None
+
+    extra = {"train_seconds": round(sum(h["seconds"] for h in history), 1)}
+    if "test" in sets and len(sets["test"]):
+        model.load_state_dict(torch.load(out / "best.pt", map_location=device, weights_only=True))
+        prob = predict(model, sets["test"].images, mean, std, device, channels_last)
+        extra["test"] = binary_metrics(sets["test"].labels, prob)
+        extra["test"]["note"] = "best.pt on the test split (reported only; nothing is chosen on it)"
+    m = write_metrics(extra)
+    log(f"best epoch {best['epoch']}: val F1 {best['f1']:.4f}" +
+        (f"; test F1 {extra['test']['f1']:.4f} AUC {extra['test']['auc'] or float('nan'):.4f}" if "test" in extra else "") +
+        f"; wall {time.time() - t0:.0f}s this call; outputs in {out}")
+    return m
