@@ -72,7 +72,7 @@ class OrtSession(Session):
     """ONNX Runtime session with the provider chain of :func:`choose_providers`."""
 
     def __init__(self, path, provider: str = "auto", log: Callable[[str], None] = print,
-                 threads: int | None = None, trt_cache: str | None = None):
+                 threads: int | None = None, trt_cache: str | None = None, spin: bool | None = None):
         import onnxruntime as ort
 
         self.path = Path(path)
@@ -84,6 +84,8 @@ class OrtSession(Session):
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
+        if spin is not None:  # ORT's idle threads busy-wait by default; in a pipeline that steals decode/post CPU
+            so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts = []
         for p in chain:
             if p == "TensorrtExecutionProvider":
@@ -235,9 +237,9 @@ class TrtSession(Session):
 
 
 def open_session(path, provider: str = "auto", log: Callable[[str], None] = print,
-                 threads: int | None = None) -> Session:
+                 threads: int | None = None, spin: bool | None = None) -> Session:
     """``.engine``/``.plan``/``.trt`` → :class:`TrtSession`; anything else → :class:`OrtSession`."""
     p = Path(path)
     if p.suffix.lower() in (".engine", ".plan", ".trt"):
         return TrtSession(p, log=log)
-    return OrtSession(p, provider=provider, log=log, threads=threads)
+    return OrtSession(p, provider=provider, log=log, threads=threads, spin=spin)

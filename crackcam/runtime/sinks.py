@@ -4,8 +4,9 @@
   ``DIR/skeletons`` as ``<stem>.png`` (images: the file's stem, made unique by its sub-folder; videos/cameras:
   ``<name>_<frame:06d>.png``).
 * ``results.jsonl``: one JSON object per frame, appended line by line, flushed after every line and fsync'ed every
-  ``fsync_every`` lines / ``fsync_seconds`` s and at close.  :func:`read_done` reads an existing file for resuming
-  and ignores a truncated last line (which :class:`JsonlWriter` cuts off before appending).
+  ``fsync_every`` lines / ``fsync_seconds`` s and at close.  :func:`read_keys` / :func:`iter_records` read an
+  existing file for resuming and ignore a truncated last line (which :class:`JsonlWriter` cuts off before
+  appending).
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@
 
 * ``convs=0`` — a pixel-wise "darkness" map: ``map = clip((1 − gray/255 − offset) · gain, 0, 1)``, ``prob = max(map)``;
   dark thin lines light up, so it finds the synthetic cracks of ``crackcam.train.synth``.
-* ``convs=k`` — the same map times a small random CNN response (k stride-2 3×3 convolutions, ``width`` channels,
-  resized back to H×W): a stand-in with a real model's compute shape for benchmarks.
+* ``convs=k`` — a CAM-like map: local darkness contrast pooled to stride 16, times the response of a small random
+  CNN (k stride-2 3×3 convolutions, ``channels`` wide), bilinearly upsampled to H×W: a stand-in with a real
+  model's compute and map shape, for benchmarks (frame sides should be multiples of 16).
 
 Needs the ``onnx`` package (the ``train`` extra), imported only when called: the runtime itself does not need it.
 """
@@ -74,18 +75,33 @@ def make_toy_model(path, height: int | None = None, width: int | None = None, ba
             cin, cur = channels, f"r{i}"
         wl = (rng.normal(0, 0.1, (1, cin, 1, 1))).astype(np.float32)
         inits += [numpy_helper.from_array(wl, "wl"), numpy_helper.from_array(np.array([2.0], np.float32), "bl"),
+                  numpy_helper.from_array(np.array(0.07, np.float32), "loc_off"),
+                  numpy_helper.from_array(np.array(8.0, np.float32), "loc_gain"),
                   numpy_helper.from_array(np.array([0], np.int64), "i0"),
                   numpy_helper.from_array(np.array([1], np.int64), "i1"),
                   numpy_helper.from_array(np.array([3], np.int64), "i3")]
+        # CAM-like map: local darkness contrast at stride 4, max-pooled to stride 16, times the CNN's response,
+        # bilinearly upsampled to H×W (smooth blobs along the cracks, as a class activation map looks)
         nodes += [helper.make_node("Conv", [cur, "wl", "bl"], ["logit"], kernel_shape=[1, 1]),
                   helper.make_node("Sigmoid", ["logit"], ["sig"]),
+                  helper.make_node("Unsqueeze", ["dark", "i1"], ["dark1"]),
+                  helper.make_node("AveragePool", ["dark1"], ["d4"], kernel_shape=[4, 4], strides=[4, 4]),
+                  helper.make_node("AveragePool", ["d4"], ["d4mean"], kernel_shape=[9, 9], pads=[4, 4, 4, 4],
+                                   count_include_pad=0),
+                  helper.make_node("Sub", ["d4", "d4mean"], ["loc"]),
+                  helper.make_node("Sub", ["loc", "loc_off"], ["loc0"]),
+                  helper.make_node("Mul", ["loc0", "loc_gain"], ["loc1"]),
+                  helper.make_node("Clip", ["loc1", "zero", "one"], ["loc2"]),
+                  helper.make_node("MaxPool", ["loc2"], ["loc16"], kernel_shape=[4, 4], strides=[4, 4]),
+                  helper.make_node("Shape", ["loc16"], ["sizes16"]),
+                  helper.make_node("Resize", ["sig", "", "", "sizes16"], ["sig16"], mode="linear"),
+                  helper.make_node("Mul", ["loc16", "sig16"], ["coarse"]),
                   helper.make_node("Shape", ["image"], ["ishape"]),
                   helper.make_node("Slice", ["ishape", "i0", "i1"], ["dim_n"]),
                   helper.make_node("Slice", ["ishape", "i1", "i3"], ["dim_hw"]),
                   helper.make_node("Concat", ["dim_n", "i1", "dim_hw"], ["sizes"], axis=0),
-                  helper.make_node("Resize", ["sig", "", "", "sizes"], ["up"], mode="linear"),
-                  helper.make_node("Squeeze", ["up", "i1"], ["resp"]),
-                  helper.make_node("Mul", ["raw", "resp"], ["rawc"])]
+                  helper.make_node("Resize", ["coarse", "", "", "sizes"], ["up"], mode="linear"),
+                  helper.make_node("Squeeze", ["up", "i1"], ["rawc"])]
         last = "rawc"
     nodes += [helper.make_node("ReduceMax", [last], ["prob"], axes=[1, 2], keepdims=0)]
     if gate > 0:
