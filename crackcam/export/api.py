@@ -1,0 +1,124 @@
+"""``export_checkpoint``: a crack-train run folder → a verified ONNX graph (and optionally a TensorRT engine).
+
+Used by ``crack-export`` and the export benchmark.  Defaults come from the run: the method, target layers,
+threshold, gate and post-processing from ``DIR/recipe.json`` when calibration wrote one, else Grad-CAM++ on the
+model's default target layer, threshold 0.5 and gate 0.5.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from . import metadata as md
+from .onnx_export import DEFAULT_OPSET, CamExportGraph, ExportError, write_verified_onnx
+
+DEFAULT_METHOD = "gradcam++"
+DEFAULT_RUNS = Path("runs")
+
+
+def find_latest_run(root: Path = DEFAULT_RUNS) -> Path | None:
+    """The newest run folder under ``root`` (``root/*/`` or ``root/*/*/`` holding config.json and best.pt)."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    cands = [p.parent for pat in ("*/config.json", "*/*/config.json") for p in root.glob(pat)
+             if (p.parent / "best.pt").is_file()]
+    if not cands:
+        return None
+    return max(cands, key=lambda d: (d / "best.pt").stat().st_mtime)
+
+
+def read_recipe(run_dir: Path) -> dict:
+    p = Path(run_dir) / "recipe.json"
+    if not p.is_file():
+        return {}
+    try:
+        r = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(r, dict):
+        raise ValueError(f"{p}: not a JSON object")
+    return r
+
+
+@dataclass
+class ExportSettings:
+    method: str | None = None  # None: recipe.json's, else gradcam++
+    layers: Sequence[str] | None = None  # None: recipe.json's, else the model's default target layer
+    outputs: Sequence[str] = ("prob", "map")
+    batch: int | None = None  # None = dynamic
+    height: int | None = None
+    width: int | None = None
+    opset: int = DEFAULT_OPSET
+    exporter: str = "auto"
+    gate: float | None = None  # None: recipe.json's, else 0.5
+    threshold: float | str | None = None
+    which: str = "best"
+    verify: bool = True
+    tol_map: float = 1e-4
+    tol_prob: float = 1e-5
+
+
+def build_cam_graph(model, config: dict, settings: ExportSettings, recipe: dict | None = None,
+                    extra_methods: Sequence[str] = ()):
+    """The CamExportGraph and the metadata for a loaded classifier."""
+    from crackcam.models.cam import CamModel
+
+    recipe = recipe or {}
+    method = settings.method or recipe.get("method") or DEFAULT_METHOD
+    layers = settings.layers or recipe.get("layers") or None
+    if isinstance(layers, str):
+        layers = [layers]
+    gate = settings.gate if settings.gate is not None else recipe.get("gate", md.DEFAULT_GATE)
+    spec = getattr(model, "spec", None)
+    mean = config.get("mean") or (spec.mean if spec else None)
+    std = config.get("std") or (spec.std if spec else None)
+    if mean is None or std is None:
+        raise ExportError("the run's config.json has no mean/std and the model has no spec")
+    try:
+        cams = [CamModel(model, m, layers=layers, normalize=True, gate=float(gate))
+                for m in [method, *extra_methods]]
+    except (KeyError, ValueError) as exc:
+        raise ExportError(str(exc).strip("'\"")) from None
+    graph = CamExportGraph(cams, mean, std, settings.outputs)
+    used_layers = list(getattr(cams[0], "layers", None) or layers or (config.get("target_layers") or
+                                                                       (spec.target_layers if spec else []))[:1])
+    pp = dict(recipe.get("postprocess") or {})
+    threshold = settings.threshold if settings.threshold is not None else recipe.get("threshold",
+                                                                                     pp.get("threshold"))
+    meta = md.build_metadata(kind="cam", model=config.get("model", getattr(spec, "name", "?")), method=method,
+                             target_layers=used_layers, mean=mean, std=std, outputs=graph.output_names,
+                             height=settings.height, width=settings.width, batch=settings.batch,
+                             threshold=threshold, gate=float(gate), postprocess=pp,
+                             data_card_sha256=config.get("data_card_sha256"))
+    return graph, meta
+
+
+def default_out(run_dir: Path, meta: dict, fmt: str) -> Path:
+    m = str(meta.get("method") or meta["kind"]).replace("+", "pp")
+    return Path(run_dir) / "export" / f"{meta['model']}_{m}.{'engine' if fmt == 'trt' else 'onnx'}"
+
+
+def export_checkpoint(run_dir, out=None, settings: ExportSettings | None = None, log=print):
+    """Load the run's classifier (or UP-CrackNet generator), export, verify, write; returns an ExportResult."""
+    from crackcam.models.checkpoint import load_classifier, read_config
+
+    settings = settings or ExportSettings()
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    recipe = read_recipe(run_dir)
+    tile = int(config.get("tile") or 224)
+    if str(config.get("model", "")).lower().startswith("upcracknet"):
+        from .restoration import build_restoration_graph
+
+        graph, meta, tile = build_restoration_graph(run_dir, config, recipe, settings)
+    else:
+        model, config = load_classifier(run_dir, which=settings.which)
+        graph, meta = build_cam_graph(model, config, settings, recipe)
+    out = Path(out) if out else default_out(run_dir, meta, "onnx")
+    return write_verified_onnx(graph, out, meta, exporter=settings.exporter, opset=settings.opset,
+                               batch=settings.batch, height=settings.height, width=settings.width, tile=tile,
+                               verify=settings.verify, tol_map=settings.tol_map, tol_prob=settings.tol_prob, log=log)

@@ -1,0 +1,341 @@
+"""crack-export: folded CAM graphs in ONNX Runtime against the PyTorch CamModel, metadata, refusal, CLI, TensorRT."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from crackcam.export import metadata as md
+from crackcam.export.onnx_export import CamExportGraph, ExportError, preprocess_numpy, write_verified_onnx
+from crackcam.export.verify import VerificationError
+from crackcam.models import create_model, get_spec
+from crackcam.models.cam import CamHead, CamModel
+from crackcam.train.synth import draw_crack_image
+
+METHODS = ["gradcam", "gradcam++", "xgradcam", "layercam", "hirescam"]
+MODELS = ["simple_cnn", "vgg16", "resnet50", "efficientnet_lite0"]
+
+
+def _session(path):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _images(rng, b, h, w):
+    """uint8 NHWC BGR: noise images plus one synthetic crack image."""
+    imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(b - 1)]
+    crack, _ = draw_crack_image(rng, h, w, n_cracks=2)
+    imgs.append(crack[..., ::-1])
+    return np.ascontiguousarray(np.stack(imgs))
+
+
+def _model(name):
+    torch.manual_seed(0)
+    return create_model(name).eval()
+
+
+# ------------------------------------------------------------------------------------------------ equivalence
+@pytest.mark.parametrize("name", MODELS)
+def test_every_method_map_matches_pytorch(tmp_path, name):
+    """One dynamic export per model holding every method's map (and the raw CAM terms); ONNX Runtime vs a fresh
+    PyTorch CamModel per method at two input sizes and batch 1 and 4."""
+    model = _model(name)
+    spec = get_spec(name)
+    cams = [CamModel(model, m, gate=0.0) for m in METHODS]
+    graph = CamExportGraph(cams, spec.mean, spec.std, ["prob", "map", "logits", "activations", "gradients"])
+    meta = md.build_metadata(model=name, method=METHODS[0], target_layers=cams[0].layers, mean=spec.mean,
+                             std=spec.std, outputs=graph.output_names)
+    path = tmp_path / f"{name}.onnx"
+    res = write_verified_onnx(graph, path, meta, tile=64, verify=False)
+    assert res.exporter == "legacy"
+    sess = _session(path)
+    names = [o.name for o in sess.get_outputs()]
+    assert names == ["prob", "map", "logits", "activations_0", "gradients_0"] + [f"map_{m}" for m in METHODS[1:]]
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    shape = sess.get_inputs()[0].shape
+    assert [isinstance(d, str) for d in shape[:3]] == [True, True, True] and shape[3] == 3
+
+    refs = {m: CamModel(model, m, gate=0.0) for m in METHODS}
+    head = CamHead(model, cams[0].layers)
+    rng = np.random.default_rng(1)
+    live = []  # whether every map of a comparison spans [0, 1] (random weights can give all-zero ReLU maps)
+    for b, h, w in [(1, 64, 64), (4, 64, 64), (1, 96, 80), (4, 96, 80)]:
+        imgs = _images(rng, b, h, w)
+        got = dict(zip(names, sess.run(names, {"image": imgs})))
+        x = torch.from_numpy(preprocess_numpy(imgs, spec.mean, spec.std))
+        with torch.no_grad():
+            for m in METHODS:
+                prob, cmap = refs[m](x)
+                key = "map" if m == METHODS[0] else f"map_{m}"
+                assert got[key].shape == (b, h, w)
+                d = np.abs(got[key] - cmap.numpy()).max()
+                assert d <= 1e-4, f"{name} {m} {b}x{h}x{w}: map differs by {d:.2e}"
+                live.append(float(cmap.numpy().reshape(b, -1).max(1).min()) > 0.5)
+            assert np.abs(got["prob"] - prob.numpy()).max() <= 1e-5
+            logit, a, g = head(x)
+            assert np.abs(got["logits"][:, 0] - logit.numpy()).max() <= 1e-4 * max(1.0, float(logit.abs().max()))
+            for k, ref in (("activations_0", a), ("gradients_0", g)):
+                scale = max(float(ref.abs().max()), 1e-12)
+                assert np.abs(got[k] - ref.numpy()).max() / scale <= 1e-4, k
+    assert np.mean(live) >= 0.5, f"too few non-degenerate maps were compared: {live}"
+
+
+def test_gate_and_preprocessing_in_graph(tmp_path):
+    """The map is zero where prob < gate; the graph takes BGR uint8 (RGB input gives other logits)."""
+    model = _model("simple_cnn")
+    spec = get_spec("simple_cnn")
+    cam = CamModel(model, "gradcam++", gate=0.5)
+    graph = CamExportGraph(cam, spec.mean, spec.std, ["prob", "map", "logits"])
+    meta = md.build_metadata(model="simple_cnn", method="gradcam++", target_layers=cam.layers, mean=spec.mean,
+                             std=spec.std, outputs=graph.output_names)
+    path = tmp_path / "g.onnx"
+    imgs = _images(np.random.default_rng(2), 2, 64, 64)
+    with torch.no_grad():
+        model.fc.weight.mul_(1e4)  # logits sensitive to the input colours
+    for bias, gated in ((-500.0, True), (500.0, False)):
+        with torch.no_grad():
+            model.fc.bias.fill_(bias)
+        write_verified_onnx(graph, path, meta, tile=64, log=lambda s: None)
+        sess = _session(path)
+        prob, cmap, logits = sess.run(["prob", "map", "logits"], {"image": imgs})
+        assert (prob < 0.5).all() == gated
+        assert (cmap.reshape(2, -1).max(1) == 0).all() == gated
+        assert gated or (cmap.reshape(2, -1).max(1) > 0.99).all()
+    x = torch.from_numpy(preprocess_numpy(imgs, spec.mean, spec.std))
+    with torch.no_grad():
+        ref = model(x)[:, 0].numpy()
+    swapped = sess.run(["logits"], {"image": np.ascontiguousarray(imgs[..., ::-1])})[0][:, 0]
+    tol = 1e-3  # logits ≈ ±500 (float32 step 3e-5); a colour swap moves them by ≈ 0.1–1
+    assert np.abs(logits[:, 0] - ref).max() <= tol
+    assert np.abs(swapped - ref).max() > 100 * tol
+
+
+def test_dynamo_exporter_single_file(tmp_path):
+    model = _model("simple_cnn")
+    spec = get_spec("simple_cnn")
+    cam = CamModel(model, "hirescam", gate=0.0)
+    graph = CamExportGraph(cam, spec.mean, spec.std)
+    meta = md.build_metadata(model="simple_cnn", method="hirescam", target_layers=cam.layers, mean=spec.mean,
+                             std=spec.std, outputs=graph.output_names)
+    path = tmp_path / "d.onnx"
+    lines = []
+    res = write_verified_onnx(graph, path, meta, exporter="dynamo", tile=48, log=lines.append)
+    assert res.exporter == "dynamo" and res.report.ok
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx"]  # no .onnx.data, no temp files
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    dims = [d.dim_param for d in proto.graph.input[0].type.tensor_type.shape.dim[:3]]
+    assert dims == ["batch", "height", "width"]
+    assert "verification passed" in lines[0]
+
+
+# ------------------------------------------------------------------------------------------------ refusal
+def test_refuses_to_write_when_verification_fails(tmp_path, monkeypatch):
+    from crackcam.export import verify as vf
+
+    model = _model("simple_cnn")
+    spec = get_spec("simple_cnn")
+    cam = CamModel(model, "gradcam", gate=0.0)
+    graph = CamExportGraph(cam, spec.mean, spec.std)
+    meta = md.build_metadata(model="simple_cnn", method="gradcam", target_layers=cam.layers, mean=spec.mean,
+                             std=spec.std, outputs=graph.output_names)
+    real = vf.reference
+
+    def perturbed(g, images):
+        out = real(g, images)
+        out["map"] = out["map"] + 2e-4  # just beyond the 1e-4 tolerance
+        return out
+
+    monkeypatch.setattr(vf, "reference", perturbed)
+    out = tmp_path / "m.onnx"
+    with pytest.raises(VerificationError, match="not written"):
+        write_verified_onnx(graph, out, meta, tile=48, log=lambda s: None)
+    assert list(tmp_path.iterdir()) == []  # neither the file nor a temp file
+    monkeypatch.setattr(vf, "reference", real)
+    res = write_verified_onnx(graph, out, meta, tile=48, log=lambda s: None)
+    assert out.is_file() and res.report.max_diff["map"] <= 1e-4
+
+
+def test_unknown_output_rejected():
+    model = _model("simple_cnn")
+    with pytest.raises(ExportError, match="unknown output"):
+        CamExportGraph(CamModel(model, "gradcam"), (0.5,) * 3, (0.5,) * 3, ["prob", "map", "heatmap"])
+
+
+# ------------------------------------------------------------------------------------------------ CLI + metadata
+def _make_run(root: Path, name="simple_cnn", recipe=None, seed=0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = create_model(name).eval()
+    with torch.no_grad():
+        model.fc.bias.fill_(5.0)  # confident "crack": maps are not gated off
+    torch.save(model.state_dict(), root / "best.pt")
+    spec = get_spec(name)
+    (root / "config.json").write_text(json.dumps({
+        "model": name, "tile": 64, "mean": list(spec.mean), "std": list(spec.std),
+        "target_layers": list(spec.target_layers), "data_card_sha256": "ab" * 32}))
+    if recipe is not None:
+        (root / "recipe.json").write_text(json.dumps(recipe))
+    return root
+
+
+def _cli(args):
+    from typer.testing import CliRunner
+
+    from crackcam.export.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_round_trip_and_metadata(tmp_path):
+    recipe = {"method": "xgradcam", "layers": ["body.19"], "threshold": 0.3, "gate": 0.4,
+              "postprocess": {"min_area": 5, "close_radius": 1}}
+    run = _make_run(tmp_path / "run", recipe=recipe)
+    r = _cli(["--checkpoint", run, "--format", "onnx"])
+    assert r.exit_code == 0, r.output
+    path = run / "export" / "simple_cnn_xgradcam.onnx"
+    assert path.is_file() and "verification passed" in r.output and "wrote" in r.output
+
+    meta = md.get_metadata(path)
+    assert list(meta) == list(md.SCHEMA_KEYS)
+    assert meta["format"] == 1 and meta["kind"] == "cam" and meta["model"] == "simple_cnn"
+    import crackcam
+
+    assert meta["version"] == crackcam.__version__
+    assert meta["method"] == "xgradcam" and meta["target_layers"] == ["body.19"]
+    assert meta["input"] == {"name": "image", "layout": "NHWC", "color": "BGR", "dtype": "uint8",
+                             "height": None, "width": None, "batch": None}
+    spec = get_spec("simple_cnn")
+    assert meta["normalization"] == {"mean": list(spec.mean), "std": list(spec.std)}
+    assert meta["threshold"] == 0.3 and meta["gate"] == 0.4
+    assert meta["postprocess"]["min_area"] == 5 and meta["postprocess"]["close_radius"] == 1
+    assert meta["postprocess"]["threshold"] == 0.3
+    assert meta["class_names"] == ["background", "crack"] and meta["data_card_sha256"] == "ab" * 32
+    assert meta["outputs"] == ["prob", "map"]
+
+    # the runtime's torch-free reader accepts it, and so does its post-processing config
+    from crackcam.runtime.meta import check_io, meta_from_map
+    from crackcam.runtime.postprocess import PostProcessConfig
+
+    sess = _session(path)
+    rm = meta_from_map(sess.get_modelmeta().custom_metadata_map, path)
+    check_io(rm, [(i.name, i.type, i.shape) for i in sess.get_inputs()], [o.name for o in sess.get_outputs()], path)
+    assert rm.gate == 0.4 and rm.method == "xgradcam"
+    PostProcessConfig.from_dict(meta["postprocess"])
+
+    # the graph computes what PyTorch computes with the recipe's settings
+    from crackcam.models.checkpoint import load_classifier
+
+    model, _ = load_classifier(run)
+    rgb, _ = draw_crack_image(np.random.default_rng(5), 80, 72)
+    bgr = np.ascontiguousarray(rgb[None, ..., ::-1])
+    prob, cmap = sess.run(["prob", "map"], {"image": bgr})
+    with torch.no_grad():
+        p_ref, m_ref = CamModel(model, "xgradcam", layers=["body.19"], gate=0.4)(
+            torch.from_numpy(preprocess_numpy(bgr, spec.mean, spec.std)))
+    assert prob[0] > 0.4 and np.abs(cmap - m_ref.numpy()).max() <= 1e-4 and abs(prob[0] - p_ref.item()) <= 1e-5
+
+    # fixed shape, explicit method and outputs
+    out = tmp_path / "fixed.onnx"
+    r = _cli(["--checkpoint", run, "--method", "gradcam++", "--out", out, "--batch", "2", "--height", "64",
+              "--width", "96", "--outputs", "map,prob,logits"])
+    assert r.exit_code == 0, r.output
+    meta = md.get_metadata(out)
+    assert meta["method"] == "gradcam++" and meta["outputs"] == ["prob", "map", "logits"]
+    assert (meta["input"]["batch"], meta["input"]["height"], meta["input"]["width"]) == (2, 64, 96)
+    assert _session(out).get_inputs()[0].shape == [2, 64, 96, 3]
+
+
+def test_cli_default_checkpoint_and_bad_input(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    r = _cli(["--method", "gradcam"])
+    assert r.exit_code == 2 and "no run folder found under ./runs" in r.output and "Traceback" not in r.output
+    _make_run(tmp_path / "runs" / "old")
+    time.sleep(0.05)
+    newest = _make_run(tmp_path / "runs" / "new", seed=1)
+    os.utime(newest / "best.pt", (time.time() + 10, time.time() + 10))
+    r = _cli(["--method", "layercam", "--no-verify"])
+    assert r.exit_code == 0, r.output
+    assert (newest / "export" / "simple_cnn_layercam.onnx").is_file()
+    assert not (tmp_path / "runs" / "old" / "export").exists()
+
+    r = _cli(["--checkpoint", newest, "--method", "nosuchcam"])
+    assert r.exit_code == 2 and "unknown CAM method" in r.output and "Traceback" not in r.output
+    r = _cli(["--checkpoint", tmp_path / "missing"])
+    assert r.exit_code == 2 and "missing" in r.output
+    (newest / "best.pt").write_bytes(b"not a state dict")
+    r = _cli(["--checkpoint", newest])
+    assert r.exit_code == 2 and "best.pt" in r.output and "Traceback" not in r.output
+    r = _cli(["--checkpoint", newest, "--height", "abc"])
+    assert r.exit_code == 2 and "--height" in r.output
+
+
+# ------------------------------------------------------------------------------------------------ TensorRT
+def _trt_usable() -> str | None:
+    from crackcam.export.tensorrt import TensorRTUnavailable, check_available
+
+    try:
+        check_available()
+    except TensorRTUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def test_tensorrt_absence_is_one_clear_line(tmp_path):
+    why = _trt_usable()
+    if why is None:
+        pytest.skip("TensorRT and a GPU are present here; the absence path cannot be exercised")
+    run = _make_run(tmp_path / "run")
+    r = _cli(["--checkpoint", run, "--method", "gradcam++", "--format", "trt"])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in r.output
+    assert "pip install 'crackcam[trt]'" in lines[0] and ("TensorRT" in lines[0] or "GPU" in lines[0])
+    assert not (run / "export").exists()  # nothing half-written
+
+
+def test_tensorrt_cache_key_and_profile():
+    from crackcam.export.tensorrt import Profile, cache_key, make_profile
+
+    gpu = {"name": "NVIDIA H100", "compute_capability": "9.0"}
+    p = make_profile({"batch": None, "height": None, "width": None}, opt_hw=(448, 448), max_batch=8)
+    assert p == Profile((1, 64, 64), (1, 448, 448), (8, 1024, 1024))
+    assert make_profile({"batch": 2, "height": 96, "width": 128}).shapes() == ((2, 96, 128, 3),) * 3
+    base = dict(gpu=gpu, trt_version="10.3.0", onnx_sha256="0" * 64, fp16=False, int8=False, profile=p,
+                workspace_gb=4.0)
+    k = cache_key(**base)
+    assert k == cache_key(**base)
+    for change in ({"fp16": True}, {"trt_version": "10.4.0"}, {"onnx_sha256": "1" * 64},
+                   {"gpu": {"name": "NVIDIA H100", "compute_capability": "8.9"}},
+                   {"gpu": {"name": "NVIDIA A100", "compute_capability": "9.0"}}):
+        assert cache_key(**{**base, **change}) != k, change
+
+
+def test_tensorrt_engine_build(tmp_path):
+    why = _trt_usable()
+    if why is not None:
+        pytest.skip(f"needs TensorRT 10 and an NVIDIA GPU: {why}")
+    from crackcam.export.tensorrt import build_engine, make_profile, verify_engine
+
+    run = _make_run(tmp_path / "run")
+    r = _cli(["--checkpoint", run, "--method", "gradcam++", "--format", "onnx", "--out", tmp_path / "m.onnx"])
+    assert r.exit_code == 0, r.output
+    meta = md.get_metadata(tmp_path / "m.onnx")
+    prof = make_profile(meta["input"], opt_hw=(128, 128), min_hw=(64, 64), max_hw=(256, 256), max_batch=4)
+    eng = build_engine(tmp_path / "m.onnx", tmp_path / "m.engine", meta, profile=prof, cache_dir=tmp_path / "cache")
+    assert eng.path.is_file() and not eng.from_cache and (tmp_path / "m.engine.json").is_file()
+    again = build_engine(tmp_path / "m.onnx", tmp_path / "m2.engine", meta, profile=prof, cache_dir=tmp_path / "cache")
+    assert again.from_cache and again.key == eng.key
+    imgs = [_images(np.random.default_rng(0), 2, 128, 128)]
+    diff = verify_engine(eng.path, tmp_path / "m.onnx", imgs)
+    assert diff["prob"] < 1e-2 and diff["map"] < 5e-2
