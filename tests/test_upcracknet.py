@@ -1,0 +1,255 @@
+"""UP-CrackNet: checkerboard masks, networks, losses, training with resume, the test-time map, fusion."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from crackcam.models import upcracknet as up
+from crackcam.train.synth import draw_crack_image, write_synthetic_dataset
+
+
+# --------------------------------------------------------------------------------------------- masks
+def test_six_checkerboard_masks_hide_half_and_pair_up():
+    m = up.checkerboard_masks(64)
+    assert m.shape == (6, 64, 64) and m.dtype == bool
+    assert (m.reshape(6, -1).sum(1) == 64 * 64 // 2).all()  # exactly 50 % kept / hidden
+    for k in range(3):
+        a, b = m[2 * k], m[2 * k + 1]
+        assert not (a & b).any() and (a | b).all()  # complementary: every pixel hidden exactly once per pair
+    # cell sides 32, 16, 8 (1/2, 1/4, 1/8 of the side): the first row flips every `cell` px
+    for k, cell in enumerate((32, 16, 8)):
+        row = m[2 * k, 0].astype(int)
+        flips = np.flatnonzero(np.diff(row)) + 1
+        assert list(flips) == list(range(cell, 64, cell))
+        assert (m[2 * k, :cell, :cell]).all() and not m[2 * k, cell:2 * cell, :cell].any()
+    # all six are different; over the six masks every pixel is hidden exactly three times
+    assert len({mm.tobytes() for mm in m}) == 6
+    assert ((~m).sum(0) == 3).all()
+
+
+def test_apply_mask_sets_hidden_pixels_black():
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    keep = torch.from_numpy(up.checkerboard_masks(16))[:2]
+    y = up.apply_mask(x, keep)
+    assert torch.equal(y[keep[:, None].expand_as(y)], x[keep[:, None].expand_as(x)])
+    assert (y[~keep[:, None].expand_as(y)] == up.HIDDEN_VALUE).all()
+
+
+# ---------------------------------------------------------------------------------------------- networks
+@pytest.mark.parametrize("size", [64, 128])
+def test_generator_and_discriminator_shapes(size):
+    levels = up.levels_for(size)
+    assert levels == {64: 6, 128: 7}[size]
+    g = up.UNetGenerator(width=8, levels=levels)
+    d = up.PatchDiscriminator(width=8)
+    x = torch.rand(2, 3, size, size) * 2 - 1
+    y = g(x)
+    assert y.shape == x.shape and y.abs().max() <= 1  # tanh output
+    p = d(x, y)
+    assert p.shape == (2, 1, size // 8 - 2, size // 8 - 2)  # 3 stride-2 convs, two 4×4 stride-1 convs
+    # the innermost level is a 1×1 bottleneck at the training size, dropout in the first three decoder blocks
+    acts = []
+    h = g.downs[-1].register_forward_hook(lambda m, i, o: acts.append(o.shape))
+    g(x)
+    h.remove()
+    assert acts[0][-2:] == (1, 1)
+    assert sum(isinstance(u.drop, nn.Dropout) for u in g.ups) == 3
+
+
+def test_restore_pads_any_size_and_levels_check():
+    g = up.UNetGenerator(width=4, levels=5).eval()
+    x = torch.rand(1, 3, 70, 100) * 2 - 1
+    assert up.restore(g, x).shape == x.shape
+    with pytest.raises(ValueError):
+        up.levels_for(100)
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_ssim_known_values():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert float(up.ssim(x, x)) == pytest.approx(1.0, abs=1e-5)
+    assert float(up.ssim_loss(x, x)) == pytest.approx(0.0, abs=1e-5)
+    y = torch.rand(2, 3, 32, 32) * 2 - 1
+    s = float(up.ssim(x, y))
+    assert s == pytest.approx(float(up.ssim(y, x)), abs=1e-6) and s < 0.2  # independent noise: ~0
+    # more noise → lower SSIM
+    n = torch.randn_like(x)
+    vals = [float(up.ssim(x, x + a * n)) for a in (0.0, 0.05, 0.2, 0.8)]
+    assert vals == sorted(vals, reverse=True) and vals[0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_l1_msgms_and_gradient_magnitude_known_values():
+    ramp = torch.arange(16, dtype=torch.float32).repeat(16, 1)[None, None] * 0.05  # slope 0.05 along x
+    gm = up.gradient_magnitude(ramp)
+    assert torch.allclose(gm[..., 1:-1, 1:-1], torch.full_like(gm[..., 1:-1, 1:-1], 2 * 0.05), atol=1e-5)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert float(up.msgms_loss(x, x)) == pytest.approx(0.0, abs=1e-6)
+    assert float(up.msgms_loss(x, x + 0.3)) == pytest.approx(0.0, abs=1e-5)  # brightness shift: same gradients
+    assert float(up.msgms_loss(x, torch.flip(x, [-1]))) > 0.1
+    # GMS of flat images is (0 + c)/(0 + c) = 1 → loss 0; a flat vs a textured image → loss > 0
+    assert float(up.msgms_loss(torch.zeros(1, 3, 16, 16), torch.ones(1, 3, 16, 16))) == pytest.approx(0.0)
+    style_off = up.StyleLoss(None)
+    t = __import__("crackcam.train.upcracknet", fromlist=["x"]).reconstruction_terms(
+        torch.full((1, 3, 16, 16), 0.5), torch.zeros(1, 3, 16, 16), style_off)
+    assert float(t["l1"]) == pytest.approx(0.5)
+    assert float(t["msgms"]) == pytest.approx(0.0)
+    assert float(t["style"]) == 0.0
+    assert float(t["rec"]) == pytest.approx(float(t["l1"] + t["ssim"]))
+
+
+def test_gram_matrix_and_style_loss():
+    f = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # N=1, C=2, H=1, W=2
+    g = up.gram_matrix(f)
+    assert torch.allclose(g, torch.tensor([[[5.0, 11.0], [11.0, 25.0]]]) / 4)
+
+    class Ident(nn.Module):  # a stand-in feature extractor: the image itself is the "feature map"
+        def forward(self, x):
+            return {"img": x}
+
+    sl = up.StyleLoss(Ident())
+    a, b = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8)
+    assert sl.enabled and float(sl(a, a)) == 0.0
+    assert float(sl(a, b)) == pytest.approx(float(F.l1_loss(up.gram_matrix(a), up.gram_matrix(b))))
+
+
+def test_style_loss_off_without_vgg_weights(monkeypatch):
+    monkeypatch.setattr(up, "find_vgg19_weights", lambda: None)
+    lines = []
+    sl = up.make_style_loss(True, log=lines.append)
+    assert not sl.enabled and len(lines) == 1 and "style loss off" in lines[0] and "vgg19" in lines[0]
+    x = torch.rand(1, 3, 8, 8, requires_grad=True)
+    assert float(sl(x, x * 0)) == 0.0
+    assert not up.make_style_loss(False, log=lines.append).enabled and len(lines) == 1
+
+
+# ---------------------------------------------------------------------------------------------- training
+def test_two_step_training_with_interrupt_and_resume(tmp_path, monkeypatch):
+    from crackcam.models.upcracknet import load_restoration
+    from crackcam.train import upcracknet as tu
+
+    data = write_synthetic_dataset(tmp_path / "data", n_crack=4, n_free=6, size=(64, 64), seed=1)
+    out = tmp_path / "run"
+    lines = []
+    kw = dict(tile=64, width=4, batch=4, progress=False, log=lines.append, max_val=4)
+    # Ctrl-C during the validation of epoch 2: epoch 1 stays saved
+    real_validate = tu.validate
+    calls = {"n": 0}
+
+    def flaky_validate(*a):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_validate(*a)
+
+    monkeypatch.setattr(tu, "validate", flaky_validate)
+    m1 = tu.train_upcracknet(data, out, epochs=2, seed=0, **kw)
+    assert m1["interrupted"] and m1["epochs_done"] == 1 and not m1["complete"]
+    frag = [ln for ln in lines if ln.startswith("UP-CrackNet fragments")]
+    assert frag, lines
+    card = json.loads((out / "data_card.json").read_text())
+    n_free = card["splits"]["train"]["crack_free"]
+    assert card["upcracknet_fragments"]["train"] == n_free > 0
+    assert f"train {n_free} " in frag[0]
+    monkeypatch.setattr(tu, "validate", real_validate)
+    m2 = tu.train_upcracknet(data, out, epochs=2, seed=0, resume=True, **kw)
+    assert m2["epochs_done"] == 2 and m2["complete"] and not m2["interrupted"]
+    assert m2["history"][0] == m1["history"][0]  # the first epoch is kept, not redone
+    assert any("resuming" in ln for ln in lines)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "upcracknet" and cfg["tile"] == 64 and cfg["levels"] == 6
+    for name in ("best.pt", "last.pt"):
+        sd = torch.load(out / name, weights_only=True)
+        assert all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert (out / "samples" / "epoch_001.png").is_file() and (out / "samples" / "epoch_002.png").is_file()
+    assert (out / "curves.png").is_file()
+    g, cfg2 = load_restoration(out)
+    assert not g.training and cfg2["width"] == 4
+    # the generator was trained: its weights differ from a fresh initialisation with the same seed
+    torch.manual_seed(0)
+    fresh = up.UNetGenerator(width=4, levels=6)
+    assert not torch.equal(fresh.state_dict()["downs.0.conv.weight"], g.state_dict()["downs.0.conv.weight"])
+
+
+# -------------------------------------------------------------------------------------------- test-time map
+class BackgroundRestorer(nn.Module):
+    """A stand-in generator that reproduces the background and not thin structures: a normalised Gaussian
+    convolution over the visible pixels (hidden pixels carry the value -1 and are ignored)."""
+
+    multiple = 1
+
+    def __init__(self, sigma=3.0):
+        super().__init__()
+        r = int(3 * sigma)
+        k = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sigma ** 2))
+        self.register_buffer("k", (k / k.sum()))
+        self.r = r
+        self.p = nn.Parameter(torch.zeros(()))  # restoration_map reads the device from a parameter
+
+    def _blur(self, x):
+        c = x.shape[1]
+        kx = self.k.view(1, 1, 1, -1).repeat(c, 1, 1, 1)
+        ky = self.k.view(1, 1, -1, 1).repeat(c, 1, 1, 1)
+        x = F.conv2d(F.pad(x, (self.r, self.r, 0, 0), mode="reflect"), kx, groups=c)
+        return F.conv2d(F.pad(x, (0, 0, self.r, self.r), mode="reflect"), ky, groups=c)
+
+    def forward(self, x):
+        vis = (x > up.HIDDEN_VALUE + 1e-4).any(1, keepdim=True).float()
+        norm = self._blur(vis).clamp(min=1e-6)
+        mean = self._blur(x * vis) / norm  # local mean of the visible pixels
+        # robust background: dark outliers (thin dark lines) replaced by the local mean, blurred again
+        x2 = torch.where(x < mean - 0.2, mean, x)
+        return (self._blur(x2 * vis) / norm).clamp(-1, 1)
+
+
+@pytest.mark.parametrize("variant", ["full", "masked"])
+def test_restoration_map_is_high_on_the_crack(variant):
+    rng = np.random.default_rng(3)
+    img, mask = draw_crack_image(rng, 128, 128, n_cracks=1)
+    g = BackgroundRestorer()
+    m = up.restoration_map(g, img, variant, tile=64)
+    assert m.shape == (128, 128) and m.dtype == np.float32 and 0 <= m.min() and m.max() <= 1
+    on, off = m[mask].mean(), m[~mask].mean()
+    assert on > 2.5 * off, (on, off)
+    # most crack pixels lie above the Otsu threshold, few background ones do
+    t = up.otsu_threshold(m)
+    assert (m[mask] > t).mean() > 0.8 and (m[~mask] > t).mean() < 0.25
+    # without the bilateral filter the contrast is there too (the filter is not what makes it)
+    raw = up.restoration_map(g, img, variant, tile=64, smooth=False)
+    assert raw[mask].mean() > 2.5 * raw[~mask].mean()
+
+
+def test_restoration_map_identity_and_real_generator():
+    class Identity(nn.Module):
+        multiple = 1
+
+        def __init__(self):
+            super().__init__()
+            self.p = nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return x
+
+    img, _ = draw_crack_image(np.random.default_rng(0), 40, 56)
+    assert not up.restoration_map(Identity(), img, "full").any()  # perfect restoration: no error anywhere
+    g = up.UNetGenerator(width=4, levels=5)
+    g.train()
+    for v in ("full", "masked"):
+        m, rest = up.restoration_map(g, img, v, return_restored=True)
+        assert m.shape == (40, 56) and rest.shape == (40, 56, 3) and rest.dtype == np.uint8
+    assert g.training  # the caller's mode is restored
+    with pytest.raises(ValueError):
+        up.restoration_map(g, img, "bogus")
+
+
+def test_fuse_maps_known_values():
+    cam = np.array([[1.0, 0.25, 0.0]], np.float32)
+    rest = np.array([[0.25, 1.0, 1.0]], np.float32)
+    assert np.allclose(up.fuse_maps(cam, rest, "product"), [[0.5, 0.5, 0.0]])
+    assert np.allclose(up.fuse_maps(cam, rest, "gated", gate=0.5), [[0.625, 0.0, 0.0]])
+    assert not up.fuse_maps(cam, rest, "product", prob=0.2, gate=0.5).any()  # classifier says crack-free
+    with pytest.raises(ValueError):
+        up.fuse_maps(cam, rest[:, :2])
