@@ -86,7 +86,7 @@ def _cbr(cin: int, cout: int) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
-SIMPLE_WIDTHS = (16, 32, 64, 128)
+SIMPLE_WIDTHS = (8, 16, 32, 64)
 
 
 def simple_body(widths=SIMPLE_WIDTHS) -> nn.Sequential:
