@@ -41,14 +41,14 @@ def tiny_ckpt(tmp_path_factory):
 def test_blackhat_round_trip(flat, tmp_path):
     out = tmp_path / "bh"
     r = runner.invoke(app, ["--method", "blackhat", "--data", str(flat), "--split", "all", "--out", str(out),
-                            "--threshold", "0.3", "--min-area", "10"])
+                            "--threshold", "0.5", "--min-area", "10"])
     assert r.exit_code == 0, r.output
     s = _last_json(r.output)
-    assert s["method"] == "blackhat" and s["n_images"] == 10 and s["threshold"] == 0.3
+    assert s["method"] == "blackhat" and s["n_images"] == 10 and s["threshold"] == 0.5
     assert s["threshold_source"] == "--threshold" and s["postprocess"]["min_area"] == 10
     for k in ("precision", "recall", "f1", "iou"):
         assert 0 <= s[k] <= 1
-    assert s["f1"] > 0.3  # dark synthetic cracks on texture: black-hat finds them
+    assert s["f1"] > 0.4  # dark synthetic cracks on texture: black-hat finds them
     assert s["t2"]["f1"] >= s["t0"]["f1"]  # tolerance can only help
     assert s["ods"]["t0"]["f1"] >= s["t0"]["f1"] - 0.02 and s["ois"]["t0"] >= s["ods"]["t0"]["f1"] - 1e-9
     assert json.loads((out / "metrics.json").read_text()) == s
@@ -57,7 +57,7 @@ def test_blackhat_round_trip(flat, tmp_path):
     assert len((out / "per_image.csv").read_text().strip().splitlines()) == 11
     # a re-run resumes from the saved state and gives the same figures
     r2 = runner.invoke(app, ["--method", "blackhat", "--data", str(flat), "--split", "all", "--out", str(out),
-                             "--threshold", "0.3", "--min-area", "10"])
+                             "--threshold", "0.5", "--min-area", "10"])
     assert r2.exit_code == 0 and "resuming" in r2.output and _last_json(r2.output)["f1"] == s["f1"]
 
 
@@ -76,6 +76,15 @@ def test_cam_refine_and_calibrated_recipe(flat, tiny_ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     s = _last_json(r.output)
     assert s["method"] == "gradcam++" and s["n_images"] == 4 and s["learned"] and s["mean_prob"] is not None
+    # several methods in one pass (shared forward) give the same figures as one at a time
+    r = runner.invoke(app, ["--checkpoint", str(tiny_ckpt), "--method", "gradcam++,blackhat,layercam", "--data",
+                            str(flat), "--split", "all", "--gate", "0", "--out", str(tmp_path / "multi"),
+                            "--limit", "4"])
+    assert r.exit_code == 0, r.output
+    multi = {d["method"]: d for d in _last_json(r.output)["results"]}
+    assert set(multi) == {"gradcam++", "blackhat", "layercam"}
+    assert multi["gradcam++"]["ods_f1"] == s["ods_f1"] and multi["gradcam++"]["f1"] == s["f1"]
+    assert (tmp_path / "multi" / "layercam" / "metrics.json").is_file()
     r = runner.invoke(app, ["--checkpoint", str(tiny_ckpt), "--method", "refine-gradcam", "--data", str(flat),
                             "--split", "all", "--gate", "0", "--out", str(tmp_path / "ref"), "--limit", "4",
                             "--cue", "ridge", "--dilate", "6"])

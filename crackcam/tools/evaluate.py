@@ -118,24 +118,20 @@ def _default_out(checkpoint: Path | None, method: str, data: Path, split: str) -
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def evaluate(*, method: str | None, data: Path | None, split: str = "test", checkpoint: Path | None = None,
-             threshold=None, layers: str | None = None, mode: str = "whole", tile: int | None = None,
-             flips: bool = False, tolerance: int = 2, out: Path | None = None, limit: int | None = None,
-             gate: float | None = None, refine: dict | None = None, postprocess_cfg: dict | None = None,
-             recipe_path: Path | None = None, n_bins: int = 100, n_overlays: int = 8, log=print) -> dict:
-    """Score ``method`` on ``data``/``split``; returns the summary dict (also written to ``out/metrics.json``)."""
-    recipe = read_recipe(checkpoint, recipe_path)
+class _Job:
+    """One method's settings and running state inside a (possibly multi-method) evaluation."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, gate, refine, postprocess_cfg,
+         data, split, tols, n_bins, limit, out, log) -> _Job:
     source = None
     rec_entry: dict = {}
-    if method is None:
-        if recipe is None:
-            raise EvalError("no --method and no recipe: run `crack-eval calibrate --checkpoint DIR` first, "
-                            "or pass --method")
-        method = recipe["method"]
-        rec_entry = recipe
-    elif recipe is not None:
-        rec_entry = recipe.get("candidates", {}).get(method) or (recipe if recipe.get("method") == method else {})
-    spec = M.resolve(method) if method else None
+    if recipe is not None:
+        rec_entry = recipe if recipe.get("method") == method else (recipe.get("candidates", {}).get(method) or {})
+    spec = M.resolve(method)
     if spec.needs_checkpoint and checkpoint is None:
         raise EvalError(f"method {method!r} needs --checkpoint DIR")
     thr = parse_threshold(threshold)
@@ -156,15 +152,7 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     if layers is None and rec_entry.get("layers"):
         layers = ",".join(rec_entry["layers"])
     ctx = _context(checkpoint, layers, mode, tile, flips, gate_v, rcfg)
-    if data is None:
-        if not ctx.config.get("data"):
-            raise EvalError("--data PATH is required (no checkpoint config to take it from)")
-        data = Path(ctx.config["data"])
-    items = _list(data, split, ctx.config, limit)
-    out = out or _default_out(checkpoint, method, data, split)
     out.mkdir(parents=True, exist_ok=True)
-    tols = (0,) if tolerance == 0 else (0, int(tolerance))
-
     key = {"method": method, "data": str(Path(data).resolve()), "split": split, "checkpoint": str(checkpoint),
            "threshold": thr, "pp": pcfg.to_dict(), "refine": rcfg.to_dict(), "gate": gate_v, "layers": layers,
            "mode": mode, "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit}
@@ -180,54 +168,101 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     if state is None:
         state = {"key": key, "scorer": MapScorer(n_bins, tols), "binary": BinaryScorer(tols), "rows": [],
                  "thumbs": [], "done": set(), "skipped": [], "seconds": []}
-    else:
-        log(f"resuming: {len(state['done'])} of {len(items)} images already scored in {out}")
-    scorer, bins = state["scorer"], state["binary"]
-    overlay_every = max(1, len(items) // max(1, n_overlays))
+    elif state["done"]:
+        log(f"resuming {method}: {len(state['done'])} images already scored in {out}")
+    return _Job(method=method, spec=spec, ctx=ctx, thr=thr, source=source, pcfg=pcfg, gate=gate_v, out=out,
+                state=state, state_path=state_path, fn=None)
 
-    fn = spec.factory(ctx)
-    log(f"crack-eval: {method} on {data} [{split}] — {len(items)} images, threshold {thr} ({source}), "
-        f"post-processing {pcfg.to_dict()}, out {out}")
+
+def evaluate(*, method: str | None, data: Path | None, split: str = "test", checkpoint: Path | None = None,
+             threshold=None, layers: str | None = None, mode: str = "whole", tile: int | None = None,
+             flips: bool = False, tolerance: int = 2, out: Path | None = None, limit: int | None = None,
+             gate: float | None = None, refine: dict | None = None, postprocess_cfg: dict | None = None,
+             recipe_path: Path | None = None, n_bins: int = 100, n_overlays: int = 8, log=print):
+    """Score ``method`` (or a comma-separated list of methods, scored in one pass over the images; CAM methods
+    then share one forward/backward per image) on ``data``/``split``.  Returns the summary dict (a list of them
+    for several methods), also written to ``out/metrics.json`` (``out/<method>/metrics.json`` for several)."""
+    recipe = read_recipe(checkpoint, recipe_path)
+    if method is None:
+        if recipe is None:
+            raise EvalError("no --method and no recipe: run `crack-eval calibrate --checkpoint DIR` first, "
+                            "or pass --method")
+        method = recipe["method"]
+    methods = [m.strip() for m in method.split(",") if m.strip()]
+    for m in methods:
+        M.resolve(m)
+    cfg = {}
+    if checkpoint is not None:
+        cfg = _context(checkpoint, None, "whole", None, False, 0.5, C.RefineConfig()).config
+    if data is None:
+        if not cfg.get("data"):
+            raise EvalError("--data PATH is required (no checkpoint config to take it from)")
+        data = Path(cfg["data"])
+    items = _list(data, split, cfg, limit)
+    out = out or _default_out(checkpoint, method if len(methods) == 1 else "multi", data, split)
+    tols = (0,) if tolerance == 0 else (0, int(tolerance))
+    jobs = [_job(m, checkpoint=checkpoint, recipe=recipe, threshold=threshold, layers=layers, mode=mode, tile=tile,
+                 flips=flips, gate=gate, refine=refine, postprocess_cfg=postprocess_cfg, data=data, split=split,
+                 tols=tols, n_bins=n_bins, limit=limit, out=out if len(methods) == 1 else out / _safe(m), log=log)
+            for m in methods]
+    overlay_every = max(1, len(items) // max(1, n_overlays))
+    for j in jobs:
+        j.fn = j.spec.factory(j.ctx)
+        log(f"crack-eval: {j.method} on {data} [{split}] — {len(items)} images, threshold {j.thr} ({j.source}), "
+            f"post-processing {j.pcfg.to_dict()}, out {j.out}")
     from tqdm import tqdm
 
+    from crackcam.tools.figures import overlay_row
+
     last_save = time.time()
-    for i, it in enumerate(tqdm(items, desc=f"{method}", unit="img", file=sys.stderr)):
+    for i, it in enumerate(tqdm(items, desc=",".join(methods)[:40], unit="img", file=sys.stderr)):
         name = it.image.name
-        if name in state["done"]:
+        todo = [j for j in jobs if name not in j.state["done"]]
+        if not todo:
             continue
         try:
             img = read_image(it.image)
             gt = read_mask(it.mask, img.shape[:2])
         except BadInputError as exc:
             tqdm.write(f"skipped {exc}", file=sys.stderr)
-            state["skipped"].append(str(exc))
-            state["done"].add(name)
+            for j in todo:
+                j.state["skipped"].append(str(exc))
+                j.state["done"].add(name)
             continue
-        t0 = time.perf_counter()
-        m, prob = fn(img)
-        dt = time.perf_counter() - t0
-        m = np.asarray(m, np.float32)
-        scorer.add(m, gt, name)
-        res = postprocess(m, pcfg)
-        row = bins.add(res.mask, gt, name)
-        row.update(prob=prob, threshold=res.threshold, seconds=dt)
-        state["rows"].append(row)
-        state["seconds"].append(dt)
-        if i % overlay_every == 0 and len(state["thumbs"]) < n_overlays:
-            from crackcam.tools.figures import overlay_row
-
-            state["thumbs"].append((name, overlay_row(img, m, res.mask, gt)))
-        state["done"].add(name)
+        for j in todo:
+            st = j.state
+            t0 = time.perf_counter()
+            m, prob = j.fn(img)
+            dt = time.perf_counter() - t0
+            m = np.asarray(m, np.float32)
+            st["scorer"].add(m, gt, name)
+            res = postprocess(m, j.pcfg)
+            row = st["binary"].add(res.mask, gt, name)
+            row.update(prob=prob, threshold=res.threshold, seconds=dt)
+            st["rows"].append(row)
+            st["seconds"].append(dt)
+            if i % overlay_every == 0 and len(st["thumbs"]) < n_overlays:
+                st["thumbs"].append((name, overlay_row(img, m, res.mask, gt)))
+            st["done"].add(name)
         if time.time() - last_save > 20:
-            _atomic_write(state_path, pickle.dumps(state))
+            for j in jobs:
+                _atomic_write(j.state_path, pickle.dumps(j.state))
             last_save = time.time()
-    _atomic_write(state_path, pickle.dumps(state))
-    if not state["rows"]:
-        raise EvalError(f"{data}: no image could be scored")
+    summaries = []
+    for j in jobs:
+        _atomic_write(j.state_path, pickle.dumps(j.state))
+        if not j.state["rows"]:
+            raise EvalError(f"{data}: no image could be scored")
+        s = _summary(j.method, j.spec, j.ctx, data, split, j.thr, j.source, j.pcfg, j.gate, j.state, tols, recipe)
+        if len(jobs) > 1:
+            s["seconds_note"] = "CAM methods of one layer group share a forward pass: the first one carries its cost"
+        _write_outputs(j.out, s, j.state, j.state["scorer"], tols, j.method)
+        summaries.append(s)
+    return summaries[0] if len(summaries) == 1 else summaries
 
-    summary = _summary(method, spec, ctx, data, split, thr, source, pcfg, gate_v, state, tols, recipe)
-    _write_outputs(out, summary, state, scorer, tols, method)
-    return summary
+
+def _safe(name: str) -> str:
+    return name.replace("+", "pp").replace("/", "_")
 
 
 def _summary(method, spec, ctx, data, split, thr, source, pcfg, gate_v, state, tols, recipe) -> dict:
@@ -289,7 +324,8 @@ def _write_outputs(out: Path, summary: dict, state: dict, scorer: MapScorer, tol
 # ----------------------------------------------------------------------------------------------- calibration
 PP_GRID = {"min_area": (0, 20, 50, 100), "close_radius": (0, 1)}
 THR_FACTORS = (0.6, 0.75, 0.9, 1.0, 1.1, 1.25, 1.45)
-REFINE_GRID = [{"cue": cue, "dilate": d, "mode": "product"} for cue in ("blackhat", "bh+ridge") for d in (4, 12)]
+REFINE_GRID = [{"cue": cue, "dilate": d, "mode": "product", "prior_power": pw}
+               for cue in ("blackhat", "bh+ridge") for d in (4, 16) for pw in (0.5, 1.0)]
 
 
 def _grid_search(maps, gts, base_thr: float) -> dict:
@@ -489,6 +525,13 @@ def cli(ctx: typer.Context,
                    gate=gate, refine=refine,
                    postprocess_cfg={"min_area": min_area, "close_radius": close_radius, "open_radius": open_radius},
                    recipe_path=recipe)
+    if isinstance(summary, list):
+        for t in summary:
+            typer.echo(f"{t['method']:<24} P {t['precision']:.3f} R {t['recall']:.3f} F1 {t['f1']:.3f} "
+                       f"IoU {t['iou']:.3f} (t=0) | F1 t={tolerance} {t.get(f'f1_t{tolerance}', t['f1']):.3f} | "
+                       f"ODS {t['ods_f1']:.3f} OIS {t['ois_f1']:.3f} | threshold {t['threshold']}", err=True)
+        typer.echo(json.dumps({"results": summary}))
+        return
     t = summary
     typer.echo(f"{t['method']}: P {t['precision']:.3f} R {t['recall']:.3f} F1 {t['f1']:.3f} IoU {t['iou']:.3f} "
                f"(t=0) | F1 t={tolerance} {t.get(f'f1_t{tolerance}', t['f1']):.3f} | ODS {t['ods_f1']:.3f} "

@@ -243,15 +243,47 @@ def _gate(m: np.ndarray, prob: float | None, gate: float) -> np.ndarray:
     return m
 
 
+_SHARED: dict = {}
+
+
+class _Memo:
+    """Remembers the last image's results (all CAM methods of one layer group from one pass)."""
+
+    def __init__(self, pred: CamPredictor):
+        self.pred = pred
+        self._img = None
+        self._res = None
+
+    def __call__(self, image):
+        if self._img is not image:
+            self._res = self.pred(image)
+            self._img = image
+        return self._res
+
+
+def shared_cam(ctx: MethodContext, name: str) -> Callable[[np.ndarray], tuple[np.ndarray, float]]:
+    """image → (ungated CAM, prob) of CAM method ``name``; every method of the same target-layer group and run
+    options shares one forward + explicit-backward pass per image (several methods scored in one run)."""
+    from crackcam.models.cam import parse_method
+
+    _, fusion = parse_method(name)
+    group = [m for m in cam_method_names() if parse_method(m)[1] == fusion]
+    key = (str(ctx.checkpoint), tuple(ctx.layers or ()), fusion, ctx.mode, ctx.tile, ctx.flips)
+    if key not in _SHARED:
+        _SHARED[key] = _Memo(CamPredictor(ctx, group))
+    memo = _SHARED[key]
+    return lambda image: memo(image)[name]
+
+
 def _cam_spec(name: str) -> MethodSpec | None:
     if name not in cam_method_names():
         return None
 
     def factory(ctx: MethodContext) -> MapFn:
-        pred = CamPredictor(ctx, [name])
+        pred = shared_cam(ctx, name)
 
         def fn(image):
-            m, prob = pred(image)[name]
+            m, prob = pred(image)
             return _gate(m, prob, ctx.gate), prob
 
         return fn
@@ -265,10 +297,10 @@ def _refine_spec(name: str) -> MethodSpec | None:
         return None
 
     def factory(ctx: MethodContext) -> MapFn:
-        pred = CamPredictor(ctx, [base])
+        pred = shared_cam(ctx, base)
 
         def fn(image):
-            m, prob = pred(image)[base]
+            m, prob = pred(image)
             m = _gate(m, prob, ctx.gate)
             return C.refine(image, m, ctx.refine), prob
 
