@@ -253,3 +253,57 @@ def test_fuse_maps_known_values():
     assert not up.fuse_maps(cam, rest, "product", prob=0.2, gate=0.5).any()  # classifier says crack-free
     with pytest.raises(ValueError):
         up.fuse_maps(cam, rest[:, :2])
+
+
+# --------------------------------------------------------------------------------- CLI and crack-eval methods
+def test_crack_train_cli_and_crack_eval_methods(tmp_path):
+    """crack-train --model upcracknet (preset batch, explicit tile), bad data → exit 2, then the crack-eval
+    methods restoration / restoration-masked-dark on that run equal restoration_map called directly."""
+    from typer.testing import CliRunner
+
+    from crackcam.runtime.imageio import read_image
+    from crackcam.tools import methods as M
+    from crackcam.train.cli import app
+
+    data = write_synthetic_dataset(tmp_path / "data", n_crack=3, n_free=4, size=(64, 64), seed=2)
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["--model", "upcracknet", "--data", str(data), "--out", str(out), "--epochs", "1",
+                                 "--tile", "64", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"] == "upcracknet" and cfg["tile"] == 64 and cfg["batch"] == 8 and cfg["preset"] == "cpu"
+    r = CliRunner().invoke(app, ["--model", "upcracknet", "--data", str(tmp_path / "missing"), "--out",
+                                 str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "data folder not found" in r.output and "Traceback" not in r.output
+
+    img = read_image(sorted((data / "test" / "images").glob("crack_*"))[0])
+    gen, _ = up.load_restoration(out)
+    for name, opts in (("restoration", {"variant": "full"}),
+                       ("restoration-masked-dark", {"variant": "masked", "polarity": "dark"})):
+        fn = M.resolve(name).factory(M.MethodContext(checkpoint=out))
+        m, prob = fn(img)
+        assert prob is None and m.shape == img.shape[:2]
+        assert np.allclose(m, up.restoration_map(gen, img, tile=64, **opts))
+    with pytest.raises(ValueError):
+        M.resolve("restoration-bogus")
+    # fusion without a restoration run folder: one clear error
+    ctx = M.MethodContext(checkpoint=out)
+    with pytest.raises(ValueError, match="restoration-checkpoint"):
+        M.resolve("fusion").factory(ctx)
+    # fusion with a (random-weight) classifier run folder: sqrt(CAM · restoration map), zero below the gate
+    import crackcam.models as CM
+
+    cls_dir = tmp_path / "cls"
+    cls_dir.mkdir()
+    model = CM.create_model("simple_cnn")
+    torch.save(model.state_dict(), cls_dir / "best.pt")
+    spec = CM.get_spec("simple_cnn")
+    (cls_dir / "config.json").write_text(json.dumps({"model": "simple_cnn", "mean": list(spec.mean),
+                                                      "std": list(spec.std), "tile": 64}))
+    ctx = M.MethodContext(checkpoint=cls_dir, gate=0.0, options={"restoration_checkpoint": str(out)})
+    fused, prob = M.resolve("fusion").factory(ctx)(img)
+    cam, prob2 = M.CamPredictor(M.MethodContext(checkpoint=cls_dir, gate=0.0), ["gradcam"])(img)["gradcam"]
+    rest = up.restoration_map(gen, img, "masked", tile=64, polarity="dark")
+    assert prob == pytest.approx(prob2) and np.allclose(fused, np.sqrt(cam * rest), atol=1e-6)
+    ctx_hi = M.MethodContext(checkpoint=cls_dir, gate=1.01, options={"restoration_checkpoint": str(out)})
+    assert not M.resolve("fusion").factory(ctx_hi)(img)[0].any()
