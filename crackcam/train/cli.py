@@ -49,6 +49,7 @@ def train_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished/old run in OUT"),
     test: bool = typer.Option(True, "--test/--no-test", help="score best.pt on the test split at the end (report only)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="upcracknet only: cpu (default) | official"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True,
                                              help="stop (as after Ctrl-C) after this many epochs of this call"),
 ):
