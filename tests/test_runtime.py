@@ -449,6 +449,47 @@ def test_stop_event_and_show_without_gui(tmp_path, models):
         assert len([ln for ln in logs if "--show needs an OpenCV build with GUI" in ln]) == 1
 
 
+class FailingSession:
+    """Wraps a session; the ``fail_at``-th inference call raises (a driver/runtime error mid-run)."""
+
+    def __init__(self, inner, fail_at: int):
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+        self.meta, self.path, self.provider, self.max_batch = inner.meta, inner.path, "fake", inner.max_batch
+
+    def run(self, batch):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("CUDA error: device lost")
+        return self.inner.run(batch)
+
+
+def test_inference_error_mid_run_keeps_written_frames_and_summary(tmp_path, models, monkeypatch):
+    synth_images(tmp_path / "imgs", 6)
+    sess = FailingSession(open_session(models["dyn"]), fail_at=3)
+    pipe = Pipeline(sess, open_source(tmp_path / "imgs"), RunConfig(out=tmp_path / "o", batch=1, progress=False,
+                                                                     post_workers=1), log=lambda m: None)
+    with pytest.raises(RuntimeError, match="device lost"):
+        pipe.run()
+    recs = records(tmp_path / "o")
+    assert [x["frame"] for x in recs] == [0, 1]  # what was done before the failure stays written
+    s = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert s["frames"] == 2 and "device lost" in s["error"]
+    # the CLI turns it into one line, exit 1
+    import crackcam.runtime.sessions as sessions_mod
+
+    real = sessions_mod.open_session
+    monkeypatch.setattr(sessions_mod, "open_session", lambda *a, **k: FailingSession(real(*a, **k), fail_at=2))
+    r = run_cli("--model", models["dyn"], "--source", tmp_path / "imgs", "--out", tmp_path / "o", "--workers", "1")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 2 and "resuming: 2 frames" in lines[0] and "device lost" in lines[1]
+    assert len(records(tmp_path / "o")) == 3
+    monkeypatch.undo()
+    # a re-run resumes after the frames written
+    r = run_cli("--model", models["dyn"], "--source", tmp_path / "imgs", "--out", tmp_path / "o")
+    assert r.exit_code == 0 and len(records(tmp_path / "o")) == 6
+
+
 # ------------------------------------------------------------------------------------------------ tiling
 def test_tile_origins_cover_and_blend_is_a_partition():
     for size, tile, ov in [(300, 64, 16), (64, 64, 16), (65, 64, 32), (4096, 448, 64), (50, 64, 8)]:
