@@ -157,7 +157,7 @@ def test_refuses_to_write_when_verification_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(vf, "reference", perturbed)
     out = tmp_path / "m.onnx"
     with pytest.raises(VerificationError, match="not written"):
-        write_verified_onnx(graph, out, meta, tile=48, log=lambda s: None)
+        write_verified_onnx(graph, out, meta, exporter="legacy", tile=48, log=lambda s: None)
     assert list(tmp_path.iterdir()) == []  # neither the file nor a temp file
     monkeypatch.setattr(vf, "reference", real)
     res = write_verified_onnx(graph, out, meta, tile=48, log=lambda s: None)
@@ -339,3 +339,30 @@ def test_tensorrt_engine_build(tmp_path):
     imgs = [_images(np.random.default_rng(0), 2, 128, 128)]
     diff = verify_engine(eng.path, tmp_path / "m.onnx", imgs)
     assert diff["prob"] < 1e-2 and diff["map"] < 5e-2
+
+
+# ------------------------------------------------------------------------------------------------ UP-CrackNet
+def test_upcracknet_restoration_graph(tmp_path):
+    from crackcam.models.upcracknet import build_generator, restoration_map
+
+    run = tmp_path / "up"
+    run.mkdir()
+    cfg = {"model": "upcracknet", "tile": 32, "width": 8, "data_card_sha256": "cd" * 32}
+    torch.manual_seed(0)
+    gen = build_generator(cfg).eval()
+    torch.save(gen.state_dict(), run / "best.pt")
+    (run / "config.json").write_text(json.dumps(cfg))
+    (run / "recipe.json").write_text(json.dumps({"polarity": "dark", "threshold": "otsu"}))
+    r = _cli(["--checkpoint", run, "--out", tmp_path / "up.onnx"])
+    assert r.exit_code == 0, r.output
+    meta = md.get_metadata(tmp_path / "up.onnx")
+    assert meta["kind"] == "restoration" and meta["outputs"] == ["restored", "map"]
+    assert meta["threshold"] == "otsu" and meta["normalization"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta["input"]["height"] is None  # any size: the graph pads to a multiple of 2**levels itself
+    sess = _session(tmp_path / "up.onnx")
+    rgb, _ = draw_crack_image(np.random.default_rng(3), 40, 56)  # not a multiple of 32
+    restored, cmap = sess.run(["restored", "map"], {"image": np.ascontiguousarray(rgb[None, ..., ::-1])})
+    ref_map, ref_rest = restoration_map(gen, rgb, "full", smooth=False, polarity="dark", return_restored=True)
+    assert np.abs(cmap[0] - ref_map).max() <= 1e-4
+    assert restored.dtype == np.uint8 and restored.shape == (1, 40, 56, 3)
+    assert np.abs(restored[0, ..., ::-1].astype(int) - ref_rest.astype(int)).max() <= 1

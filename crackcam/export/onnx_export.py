@@ -300,8 +300,37 @@ def write_verified_onnx(graph: CamExportGraph, out: Path, meta: dict, *, exporte
 
     t0 = time.perf_counter()
     out = Path(out)
-    proto, used, notes = export_graph(graph, exporter=exporter, opset=opset, batch=batch, height=height,
-                                      width=width, tile=tile)
+    if exporter not in EXPORTERS:
+        raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}")
+    order = ["legacy", "dynamo"] if exporter == "auto" else [exporter]
+    notes: list[str] = []
+    for k, name in enumerate(order):
+        last = k == len(order) - 1
+        try:
+            proto, used, more = export_graph(graph, exporter=name, opset=opset, batch=batch, height=height,
+                                             width=width, tile=tile)
+        except ExportError as exc:
+            notes.append(str(exc))
+            if last:
+                raise ExportError("; ".join(notes)) from None
+            continue
+        notes += more
+        try:
+            report, meta_out = _write_checked(proto, graph, out, meta, verify=verify, tol_map=tol_map,
+                                              tol_prob=tol_prob, images=verify_images, tile=tile, log=log)
+        except vf.VerificationError as exc:
+            if last:
+                raise
+            notes.append(f"{used} export failed verification ({exc}); trying the next exporter")
+            log(notes[-1])
+            continue
+        return ExportResult(out, used, meta_out, report, notes, time.perf_counter() - t0)
+    raise AssertionError("unreachable")
+
+
+def _write_checked(proto, graph, out: Path, meta: dict, *, verify, tol_map, tol_prob, images, tile, log):
+    from . import verify as vf
+
     ib, ih, iw = input_dims(proto)
     meta = dict(meta)
     meta["outputs"] = [o.name for o in proto.graph.output]
@@ -316,7 +345,7 @@ def write_verified_onnx(graph: CamExportGraph, out: Path, meta: dict, *, exporte
             fh.write(data)
         report = None
         if verify:
-            report = vf.verify_onnx(tmp, graph, tol_map=tol_map, tol_prob=tol_prob, images=verify_images,
+            report = vf.verify_onnx(tmp, graph, tol_map=tol_map, tol_prob=tol_prob, images=images,
                                     tile=tile, batch=ib, height=ih, width=iw)
             log(report.summary())
             if not report.ok:
@@ -326,4 +355,4 @@ def write_verified_onnx(graph: CamExportGraph, out: Path, meta: dict, *, exporte
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return ExportResult(out, used, meta, report, notes, time.perf_counter() - t0)
+    return report, meta
