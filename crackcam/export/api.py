@@ -54,6 +54,7 @@ class ExportSettings:
     width: int | None = None
     opset: int = DEFAULT_OPSET
     exporter: str = "auto"
+    prefer_dynamo: bool = False  # auto: try dynamo first (cleaner graphs for TensorRT: no If nodes)
     gate: float | None = None  # None: recipe.json's, else 0.5
     threshold: float | str | None = None
     which: str = "best"
@@ -121,4 +122,5 @@ def export_checkpoint(run_dir, out=None, settings: ExportSettings | None = None,
     out = Path(out) if out else default_out(run_dir, meta, "onnx")
     return write_verified_onnx(graph, out, meta, exporter=settings.exporter, opset=settings.opset,
                                batch=settings.batch, height=settings.height, width=settings.width, tile=tile,
-                               verify=settings.verify, tol_map=settings.tol_map, tol_prob=settings.tol_prob, log=log)
+                               verify=settings.verify, tol_map=settings.tol_map, tol_prob=settings.tol_prob,
+                               prefer_dynamo=settings.prefer_dynamo, log=log)

@@ -49,7 +49,8 @@ def export(
     out: Optional[Path] = typer.Option(None, "--out", "-o",
                                        help="output file (default: DIR/export/<model>_<method>.onnx|.engine)"),
     opset: int = typer.Option(18, help="ONNX opset"),
-    exporter: str = typer.Option("auto", help="auto (legacy, then dynamo), legacy or dynamo"),
+    exporter: str = typer.Option("auto", help="auto (legacy then dynamo; for trt dynamo then legacy), legacy or "
+                                              "dynamo"),
     batch: str = typer.Option("dynamic", help="batch size N or 'dynamic'"),
     height: str = typer.Option("dynamic", help="input height H or 'dynamic'"),
     width: str = typer.Option("dynamic", help="input width W or 'dynamic'"),
@@ -113,8 +114,8 @@ def export(
             pass
     settings = ExportSettings(method=method, layers=_csv(layers) or None, outputs=outs, batch=_dim(batch, "batch"),
                               height=_dim(height, "height"), width=_dim(width, "width"), opset=opset,
-                              exporter=exporter, gate=gate, threshold=thr, which=which, verify=verify,
-                              tol_map=tol_map, tol_prob=tol_prob)
+                              exporter=exporter, prefer_dynamo=fmt == "trt", gate=gate, threshold=thr, which=which,
+                              verify=verify, tol_map=tol_map, tol_prob=tol_prob)
     onnx_out = out
     if fmt == "trt" and out is not None:
         onnx_out = out.with_suffix(".onnx")

@@ -3,7 +3,7 @@
 The graph (see docs/export.md):
 
     image uint8 [N,H,W,3] BGR ──cast, BGR→RGB, /255, (x−mean)/std──▶ CamModel ──▶ prob [N], map [N,H,W]
-                                                                          └──▶ logits [N,1], activations_<i>, gradients_<i>
+                                                              └──▶ logits [N,1], activations_<i>, gradients_<i>
 
 Pre-processing lives inside the graph so every consumer (ONNX Runtime, TensorRT, a C++ program) feeds exactly what
 OpenCV decodes and cannot get the colour order or the normalisation wrong.  The CAM is computed by explicit forward
@@ -290,11 +290,13 @@ class ExportResult:
 
 def write_verified_onnx(graph: CamExportGraph, out: Path, meta: dict, *, exporter="auto", opset=DEFAULT_OPSET,
                         batch=None, height=None, width=None, tile=224, verify=True, tol_map=1e-4, tol_prob=1e-5,
-                        verify_images=None, log=print) -> ExportResult:
+                        verify_images=None, prefer_dynamo=False, log=print) -> ExportResult:
     """Export ``graph``, add the metadata, verify it in ONNX Runtime against PyTorch, then write ``out``.
 
-    The model goes to a temp file beside ``out`` first; ``out`` appears (``os.replace``) only when the verification
-    passes, otherwise the temp file is deleted and :class:`crackcam.export.verify.VerificationError` is raised.
+    ``exporter="auto"`` tries legacy then dynamo (``prefer_dynamo``: the other way round), moving on when an
+    exporter fails or its graph fails the verification.  The model goes to a temp file beside ``out`` first;
+    ``out`` appears (``os.replace``) only when the verification passes, otherwise the temp file is deleted and
+    :class:`crackcam.export.verify.VerificationError` is raised.
     """
     from . import verify as vf
 
@@ -302,7 +304,7 @@ def write_verified_onnx(graph: CamExportGraph, out: Path, meta: dict, *, exporte
     out = Path(out)
     if exporter not in EXPORTERS:
         raise ExportError(f"exporter must be one of {', '.join(EXPORTERS)}")
-    order = ["legacy", "dynamo"] if exporter == "auto" else [exporter]
+    order = (["dynamo", "legacy"] if prefer_dynamo else ["legacy", "dynamo"]) if exporter == "auto" else [exporter]
     notes: list[str] = []
     for k, name in enumerate(order):
         last = k == len(order) - 1

@@ -86,7 +86,8 @@ def build_restoration_graph(run_dir, config: dict, recipe: dict, settings):
     threshold = settings.threshold if settings.threshold is not None else recipe.get("threshold",
                                                                                      pp.get("threshold", "otsu"))
     gate = settings.gate if settings.gate is not None else recipe.get("gate", 0.0)
-    meta = md.build_metadata(kind="restoration", model="upcracknet", method=f"upcracknet-full-{graph.polarity}", target_layers=[],
+    meta = md.build_metadata(kind="restoration", model="upcracknet", method=f"upcracknet-full-{graph.polarity}",
+                             target_layers=[],
                              mean=list(graph.mean.flatten().tolist()), std=list(graph.std.flatten().tolist()),
                              outputs=graph.output_names, height=settings.height, width=settings.width,
                              batch=settings.batch, threshold=threshold, gate=float(gate), postprocess=pp,
