@@ -8,6 +8,15 @@ import torch
 import crackcam.models as M
 from crackcam.models.efficientnet_lite import LITE_MEAN, LITE_STD, lite_key_map, package_weights_file
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny inputs: intra-op threads only add overhead (and stall badly on a loaded 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 SIZES = {"vgg16": (64, 96), "resnet50": (64, 96)}
 
 
