@@ -86,6 +86,30 @@ def test_explicit_gradients_match_autograd(name):
         assert rel <= 1e-5, f"{name} {n}: max|dG|/max|G| = {rel:.2e}"
 
 
+def test_generic_rules_basicblock_and_target_inside_a_branch():
+    """An unregistered architecture built from supported modules (torchvision ResNet-18 BasicBlocks) works
+    without new code, also with a target layer inside a residual branch."""
+    from collections import OrderedDict
+
+    from crackcam.models._torchvision import import_torchvision
+    from crackcam.models.nets import RESNET_STAGES
+
+    tv = import_torchvision()
+    torch.manual_seed(8)
+    net = tv.models.resnet18(weights=None)
+    model = CrackClassifier(nn.Sequential(OrderedDict((n, getattr(net, n)) for n in RESNET_STAGES)), 512)
+    model = model.double().eval()
+    _randomise_bn(model, 4)
+    layers = ["body.layer4", "body.layer3.1.conv2", "body.layer3.0.downsample"]
+    x = torch.randn(2, 3, 48, 40, dtype=torch.float64)
+    _, ref_a, ref_g = autograd_reference(model, x, layers)
+    with torch.no_grad():
+        _, acts, grads = logit_and_grads(model, x, layers)
+    for n in layers:
+        assert torch.equal(acts[n], ref_a[n])
+        assert (grads[n] - ref_g[n]).abs().max() <= 1e-10 * ref_g[n].abs().max(), n
+
+
 def test_camhead_outputs_and_single_target_order():
     model = make_model("simple_cnn")
     head = CamHead(model, ["body.19", "body.26"])

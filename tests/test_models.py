@@ -87,7 +87,8 @@ def test_efficientnet_lite0_pretrained_matches_reference_package():
     ref.load_state_dict(state)
     ref.eval()
     torch.manual_seed(0)
-    x = (torch.rand(2, 3, 128, 128) - torch.tensor(LITE_MEAN).view(1, 3, 1, 1)) / torch.tensor(LITE_STD).view(1, 3, 1, 1)
+    mean, std = torch.tensor(LITE_MEAN).view(1, 3, 1, 1), torch.tensor(LITE_STD).view(1, 3, 1, 1)
+    x = (torch.rand(2, 3, 128, 128) - mean) / std
     with torch.no_grad():
         f_ours, f_ref = model.body(x), ref.extract_features(x)
         l_ours, l_ref = model(x), ref(x)

@@ -175,8 +175,8 @@ def _mbconv(m: MBConv, x, rec):
 
 
 def _register_torchvision() -> None:
-    tv = import_torchvision()
-    from torchvision.models.resnet import BasicBlock, Bottleneck  # noqa: F401  (tv imported above)
+    import_torchvision()  # registers the op schemas a CPU-only torch lacks
+    from torchvision.models.resnet import BasicBlock, Bottleneck
 
     @register_rule(Bottleneck)
     def _bottleneck(m, x, rec):
@@ -186,8 +186,6 @@ def _register_torchvision() -> None:
     @register_rule(BasicBlock)
     def _basic(m, x, rec):
         return _residual(x, rec, [m.conv1, m.bn1, m.relu, m.conv2, m.bn2], m.downsample, True, post_relu=True)
-
-    del tv
 
 
 _register_torchvision()

@@ -29,18 +29,21 @@ import torch.nn.functional as F
 
 from .cam import CamModel, minmax
 
-_STRIDES: dict[int, int] = {}
-
-
 def output_stride(model: torch.nn.Module) -> int:
-    """Total down-sampling of ``model.body`` (probed once on a 64×64 input; cached per model)."""
-    key = id(model)
-    if key not in _STRIDES:
+    """Total down-sampling of ``model.body`` (probed once on a 64×64 input in eval mode; cached on the model)."""
+    stride = getattr(model, "_crackcam_output_stride", None)
+    if stride is None:
         p = next(model.parameters())
-        with torch.no_grad():
-            out = model.body(torch.zeros(1, 3, 64, 64, dtype=p.dtype, device=p.device))
-        _STRIDES[key] = max(1, int(round(64 / out.shape[-1])))
-    return _STRIDES[key]
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model.body(torch.zeros(1, 3, 64, 64, dtype=p.dtype, device=p.device))
+        finally:
+            model.train(was_training)
+        stride = max(1, int(round(64 / out.shape[-1])))
+        model._crackcam_output_stride = stride
+    return stride
 
 
 def to_tensor(image: np.ndarray, mean, std, device, dtype=torch.float32) -> torch.Tensor:
