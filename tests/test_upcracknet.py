@@ -307,3 +307,32 @@ def test_crack_train_cli_and_crack_eval_methods(tmp_path):
     assert prob == pytest.approx(prob2) and np.allclose(fused, np.sqrt(cam * rest), atol=1e-6)
     ctx_hi = M.MethodContext(checkpoint=cls_dir, gate=1.01, options={"restoration_checkpoint": str(out)})
     assert not M.resolve("fusion").factory(ctx_hi)(img)[0].any()
+
+
+def test_scoring_run_on_known_maps(tmp_path):
+    """upcracknet_eval.score_set: a map equal to the mask scores F1 1 (ODS, Otsu, at a given threshold); its
+    complement scores 0."""
+    import cv2
+
+    from crackcam.tools.upcracknet_eval import score_set
+
+    rng = np.random.default_rng(0)
+    pairs, masks = [], {}
+    for i in range(3):
+        img, mask = draw_crack_image(rng, 48, 64)
+        ip, mp = tmp_path / f"{i}.png", tmp_path / f"{i}_m.png"
+        cv2.imwrite(str(ip), img[..., ::-1])
+        cv2.imwrite(str(mp), mask.astype(np.uint8) * 255)
+        pairs.append((ip, mp))
+        masks[img.tobytes()] = mask
+
+    def maps(img):
+        m = masks[img.tobytes()].astype(np.float32)
+        return {"perfect": m, "inverse": 1 - m}
+
+    res, scorers, ex = score_set(maps, pairs, thresholds={"perfect": 0.5, "inverse": 0.5}, progress=False)
+    p = res["perfect"]["t0"]
+    assert p["ods"]["f1"] == pytest.approx(1.0) and p["otsu"]["f1"] == pytest.approx(1.0)
+    assert p["at_val_threshold"]["f1"] == pytest.approx(1.0) and res["perfect"]["images"] == 3
+    assert res["inverse"]["t0"]["at_val_threshold"]["f1"] == pytest.approx(0.0)
+    assert len(ex["perfect"]) == 3

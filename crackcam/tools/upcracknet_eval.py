@@ -67,19 +67,29 @@ CONFIGS = {
 class MultiMap:
     """All :data:`CONFIGS` maps of one image from one set of generator passes."""
 
-    def __init__(self, run_dir, which: str = "best", configs=tuple(CONFIGS)):
+    def __init__(self, run_dir, which: str = "best", configs=tuple(CONFIGS), cam_fn=None,
+                 fuse_with=("full-dark", "masked-dark"), gate: float = 0.5):
         from crackcam.models.upcracknet import load_restoration
 
         self.generator, self.config = load_restoration(run_dir, which)
         self.configs = {k: CONFIGS[k] for k in configs}
         self.tile = int(self.config["tile"])
+        self.cam_fn = cam_fn
+        self.fuse_with = [k for k in fuse_with if k in self.configs] if cam_fn else []
+        self.gate = gate
 
     def __call__(self, image_rgb):
-        from crackcam.models.upcracknet import map_from_errors, restoration_errors
+        from crackcam.models.upcracknet import fuse_maps, map_from_errors, restoration_errors
 
         variants = sorted({c["variant"] for c in self.configs.values()})
         errs = restoration_errors(self.generator, image_rgb, variants, tile=self.tile)
-        return {k: map_from_errors(errs, **c) for k, c in self.configs.items()}
+        maps = {k: map_from_errors(errs, **c) for k, c in self.configs.items()}
+        if self.cam_fn is not None:
+            prob, cam = self.cam_fn(image_rgb)
+            maps["cam"] = cam if prob >= self.gate else np.zeros_like(cam)
+            for k in self.fuse_with:
+                maps[f"fusion-{k}"] = fuse_maps(cam, maps[k], "product", prob=prob, gate=self.gate)
+        return maps
 
 
 class FusionMethod:
@@ -248,7 +258,9 @@ def main(argv=None) -> None:
             test: list[str] = typer.Option(["deepcrack=../shared/datasets/deepcrack:test",
                                             "cfd=../shared/datasets/cfd:all"], help="NAME=PATH:SPLIT"),
             max_images: int = typer.Option(None, help="cap per set (smoke runs)"),
-            threads: int = typer.Option(1), which: str = typer.Option("best")):
+            threads: int = typer.Option(1), which: str = typer.Option("best"),
+            classifier: Path = typer.Option(None, help="classifier run folder: adds its CAM and the fusion maps"),
+            cam_method: str = typer.Option("gradcam", help="CAM method of the classifier (crackcam.models.cam)")):
         import torch
 
         torch.set_num_threads(threads)
@@ -274,11 +286,15 @@ def main(argv=None) -> None:
         except BadInputError as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2)
-        mm = MultiMap(run_dir, which, configs)
+        cam_fn = cam_function(classifier, cam_method) if classifier else None
+        mm = MultiMap(run_dir, which, configs, cam_fn=cam_fn)
+        if classifier:
+            results["classifier"] = {"run": str(classifier), "cam_method": cam_method, "gate": mm.gate,
+                                     "fusion": "sqrt(CAM x restoration map), zero where prob < gate"}
         val_res, val_sc, _ = score_set(mm, val_pairs, desc="val")
         thr = {k: v["t0"]["ods"]["threshold"] for k, v in val_res.items()}
         best = max(val_res, key=lambda k: val_res[k]["t0"]["ods"]["f1"])
-        results.update({"configs": {k: CONFIGS[k] for k in configs}, "val": val_res, "val_thresholds": thr,
+        results.update({"configs": {k: CONFIGS.get(k, k) for k in val_res}, "val": val_res, "val_thresholds": thr,
                         "selected_on_val": best, "train_config": mm.config})
         typer.echo(f"validation ODS F1: " + ", ".join(f"{k} {v['t0']['ods']['f1']:.3f}" for k, v in val_res.items())
                    + f" -> selected {best}")
