@@ -120,7 +120,7 @@ def test_refine_keeps_gating_and_sharpens():
     img = np.clip(img - 60 * line[..., None], 0, 255).astype(np.uint8)
     coarse = cv2.resize(cv2.resize(line.astype(np.float32), (12, 12), interpolation=cv2.INTER_AREA), (96, 96))
     coarse /= coarse.max()
-    for mode in ("product", "guided", "gate"):
+    for mode in ("product", "component", "guided", "gate"):
         r = cues.refine(img, coarse, cues.RefineConfig(mode=mode))
         assert r.shape == (96, 96) and r.max() <= 1
         assert r[line.astype(bool)].mean() > 3 * r[~cv2.dilate(line, np.ones((5, 5))).astype(bool)].mean(), mode

@@ -7,7 +7,8 @@ Cracks are thin (1–10 px) and darker than their surroundings.  The cues here s
 * :func:`ridge` — multi-scale dark-ridge (valley) response from the Hessian of the Gaussian-blurred grey image
   (largest eigenvalue, σ²-normalised, suppressed where the second eigenvalue says "blob" — a Frangi-like vesselness
   without the exp terms), max over scales.
-* :func:`cue` — one entry point by name: ``"blackhat"``, ``"ridge"``, ``"bh+ridge"`` (geometric mean).
+* :func:`cue` — one entry point by name: ``"blackhat"``, ``"ridge"``, ``"bh+ridge"`` (geometric mean),
+  ``"blackhat-fine"`` (small elements 7/11/15 px at full resolution: the classic setting, thin cracks only).
 
 The refinement (:func:`refine`) turns a coarse class-activation map (1/8–1/32 of the input, blurry) into a crack
 map with crack-width boundaries: the CAM is the *region prior* (where the classifier saw crack), the pixel cue is
@@ -15,6 +16,9 @@ the *boundary*.  Modes:
 
 * ``"product"`` — ``cue^a · prior^b`` with the prior the CAM grey-dilated by ``dilate`` px (so a thin crack right
   at the edge of the blob keeps its support), then re-normalised to [0, 1] by its maximum;
+* ``"component"`` — the cue's connected pieces (cue ≥ ``component_threshold``) each scaled by the mean of the
+  dilated CAM prior over the piece (to the power ``prior_power``): a crack keeps its whole extent when part of it
+  lies where the classifier looked, isolated texture responses far from the CAM vanish;
 * ``"guided"`` — the CAM guided-filtered by the grey image (edge-aware upsampling), times the cue;
 * ``"gate"`` — the cue where the prior exceeds ``prior_threshold`` (hard region mask), else 0.
 
@@ -109,7 +113,12 @@ def _bh_ridge(image: np.ndarray) -> np.ndarray:
     return np.sqrt(blackhat(image) * ridge(image))
 
 
-CUES = {"blackhat": blackhat, "ridge": ridge, "bh+ridge": _bh_ridge}
+def _blackhat_fine(image: np.ndarray) -> np.ndarray:
+    """The classic small-element black-hat (sizes 7/11/15, σ 1, full resolution) — thin cracks only."""
+    return blackhat(image, sizes=(7, 11, 15), blur=1.0, percentile=99.5, scale=1.0)
+
+
+CUES = {"blackhat": blackhat, "ridge": ridge, "bh+ridge": _bh_ridge, "blackhat-fine": _blackhat_fine}
 
 
 def cue(image: np.ndarray, name: str = "blackhat") -> np.ndarray:
@@ -126,7 +135,8 @@ class RefineConfig:
     """How a CAM and a pixel cue are combined (see the module docstring)."""
 
     cue: str = "blackhat"
-    mode: str = "product"  # product | guided | gate
+    mode: str = "product"  # product | component | guided | gate
+    component_threshold: float = 0.3  # component mode: cue level that defines the components
     dilate: int = 8  # px, grey dilation of the CAM prior (product / gate)
     cue_power: float = 1.0
     prior_power: float = 1.0
@@ -167,6 +177,16 @@ def refine(image: np.ndarray, cam: np.ndarray, cfg: RefineConfig | None = None,
     if cfg.mode == "product":
         p = _prior(cam, cfg.dilate)
         out = (c ** cfg.cue_power if cfg.cue_power != 1 else c) * (p ** cfg.prior_power if cfg.prior_power != 1 else p)
+    elif cfg.mode == "component":
+        p = _prior(cam, cfg.dilate)
+        b = (c >= cfg.component_threshold).astype(np.uint8)
+        n, lab = cv2.connectedComponents(b, connectivity=8)
+        cnt = np.bincount(lab.ravel(), minlength=n)
+        score = np.bincount(lab.ravel(), weights=p.ravel(), minlength=n) / np.maximum(cnt, 1)
+        score[0] = 0.0
+        if cfg.prior_power != 1:
+            score = score ** cfg.prior_power
+        out = c * score.astype(np.float32)[lab]
     elif cfg.mode == "gate":
         out = c * (_prior(cam, cfg.dilate) >= cfg.prior_threshold)
     elif cfg.mode == "guided":
@@ -174,5 +194,5 @@ def refine(image: np.ndarray, cam: np.ndarray, cfg: RefineConfig | None = None,
         p = cv2.ximgproc.guidedFilter(g, np.clip(cam, 0, 1), cfg.guided_radius, cfg.guided_eps)
         out = c * np.clip(p, 0, 1)
     else:
-        raise ValueError(f"unknown refine mode {cfg.mode!r}; choose product, guided or gate")
+        raise ValueError(f"unknown refine mode {cfg.mode!r}; choose product, component, guided or gate")
     return np.clip(out, 0, 1).astype(np.float32)

@@ -324,8 +324,12 @@ def _write_outputs(out: Path, summary: dict, state: dict, scorer: MapScorer, tol
 # ----------------------------------------------------------------------------------------------- calibration
 PP_GRID = {"min_area": (0, 20, 50, 100), "close_radius": (0, 1)}
 THR_FACTORS = (0.6, 0.75, 0.9, 1.0, 1.1, 1.25, 1.45)
-REFINE_GRID = [{"cue": cue, "dilate": d, "mode": "product", "prior_power": pw}
-               for cue in ("blackhat", "bh+ridge") for d in (4, 16) for pw in (0.5, 1.0)]
+REFINE_GRID = ([{"cue": "blackhat", "mode": "product", "dilate": 16, "prior_power": 0.5}]
+               + [{"cue": "blackhat", "mode": "component", "dilate": d, "component_threshold": tc, "prior_power": pw}
+                  for d, tc, pw in ((16, 0.2, 1.0), (16, 0.3, 1.0), (16, 0.3, 0.5), (32, 0.3, 1.0))]
+               + [{"cue": "bh+ridge", "mode": "component", "dilate": 16, "component_threshold": 0.3,
+                   "prior_power": 1.0}])
+GATE_GRID = (0.5, 0.0)
 
 
 def _grid_search(maps, gts, base_thr: float) -> dict:
@@ -350,7 +354,7 @@ def _grid_search(maps, gts, base_thr: float) -> dict:
 def calibrate(*, checkpoint: Path | None, data: Path | None = None, methods: list[str] | None = None,
               layers: str | None = None, mode: str = "whole", tile: int | None = None, flips: bool = False,
               gate: float = 0.5, limit: int | None = None, top_k: int = 8, out: Path | None = None,
-              log=print) -> dict:
+              gate_grid=GATE_GRID, log=print) -> dict:
     """Search methods × refinements × thresholds × post-processing on the VALIDATION split; write DIR/recipe.json.
 
     Without a checkpoint only the learning-free cues are calibrated and the recipe goes to ``out`` (default
@@ -381,13 +385,14 @@ def calibrate(*, checkpoint: Path | None, data: Path | None = None, methods: lis
         gts.append(gt)
         bh, rd = C.blackhat(img), C.ridge(img)
         for c in cues:
-            cue_maps[c].append((bh if c == "blackhat" else rd if c == "ridge" else np.sqrt(bh * rd)).astype(np.float16))
+            cm = bh if c == "blackhat" else rd if c == "ridge" else np.sqrt(bh * rd) if c == "bh+ridge" else C.cue(img, c)
+            cue_maps[c].append(cm.astype(np.float16))
         if pred is not None:
             res = pred(img)
             p = None
             for n in cam_names:
                 m, p = res[n]
-                cam_maps[n].append(M._gate(m, p, gate).astype(np.float16))
+                cam_maps[n].append(m.astype(np.float16))
             probs.append(p)
     sec = (time.perf_counter() - t0) / max(1, len(gts))
     if not gts:
@@ -404,22 +409,29 @@ def calibrate(*, checkpoint: Path | None, data: Path | None = None, methods: lis
         o = raw_ods(cue_maps[c])
         cands[c] = {"learned": False, "val_ods_f1": round(o["f1"], 4), "ods_threshold": o["threshold"],
                     "maps": cue_maps[c]}
+    gates = (gate,) if gate_grid is None else tuple(gate_grid)
     for n in cam_names:
-        o = raw_ods(cam_maps[n])
-        cands[n] = {"learned": True, "val_ods_f1": round(o["f1"], 4), "ods_threshold": o["threshold"],
-                    "maps": cam_maps[n]}
-        best_r = None
-        for rc in REFINE_GRID:
-            rcfg = C.RefineConfig(**rc)
-            maps = [_refine_cached(cm, cue_maps[rcfg.cue][k], rcfg).astype(np.float16)
-                    for k, cm in enumerate(cam_maps[n])]
-            o = raw_ods(maps)
-            if best_r is None or o["f1"] > best_r["val_ods_f1"]:
-                best_r = {"learned": True, "val_ods_f1": round(o["f1"], 4), "ods_threshold": o["threshold"],
-                          "maps": maps, "refine": rcfg.to_dict()}
+        best_c, best_r = None, None
+        for gv in gates:
+            gated = [np.zeros_like(m) if (gv > 0 and p is not None and p < gv) else m
+                     for m, p in zip(cam_maps[n], probs)]
+            o = raw_ods(gated)
+            if best_c is None or o["f1"] > best_c["val_ods_f1"]:
+                best_c = {"learned": True, "val_ods_f1": round(o["f1"], 4), "ods_threshold": o["threshold"],
+                          "maps": gated, "gate": gv}
+            for rc in REFINE_GRID:
+                rcfg = C.RefineConfig(**rc)
+                maps = [_refine_cached(cm, cue_maps[rcfg.cue][k], rcfg).astype(np.float16)
+                        for k, cm in enumerate(gated)]
+                o = raw_ods(maps)
+                if best_r is None or o["f1"] > best_r["val_ods_f1"]:
+                    best_r = {"learned": True, "val_ods_f1": round(o["f1"], 4), "ods_threshold": o["threshold"],
+                              "maps": maps, "refine": rcfg.to_dict(), "gate": gv}
+        cands[n] = best_c
         cands["refine-" + n] = best_r
-        log(f"  {n}: raw ODS F1 {cands[n]['val_ods_f1']:.3f}; refine-{n}: {best_r['val_ods_f1']:.3f} "
-            f"({best_r['refine']['cue']}, dilate {best_r['refine']['dilate']})")
+        r = best_r["refine"]
+        log(f"  {n}: raw ODS F1 {best_c['val_ods_f1']:.3f} (gate {best_c['gate']}); refine-{n}: "
+            f"{best_r['val_ods_f1']:.3f} ({r['mode']}, {r['cue']}, dilate {r['dilate']}, gate {best_r['gate']})")
     # post-processing grid for the cues and the best top_k learned candidates (by raw ODS)
     learned = sorted((k for k, v in cands.items() if v["learned"]), key=lambda k: -cands[k]["val_ods_f1"])
     to_grid = list(cues) + learned[:top_k]
@@ -432,7 +444,6 @@ def calibrate(*, checkpoint: Path | None, data: Path | None = None, methods: lis
                      val_f1=v["val_ods_f1"])
         v["chosen_on"] = f"validation split of {data} ({len(gts)} images)"
         if v["learned"]:
-            v["gate"] = gate
             v["layers"] = ctx.layers
     best = max((k for k in cands if cands[k]["learned"]), key=lambda k: cands[k]["val_f1"], default=None)
     if best is None:
@@ -517,8 +528,8 @@ def cli(ctx: typer.Context,
         if checkpoint is None:
             typer.echo("crack-eval: --calibrate needs --checkpoint DIR", err=True)
             raise typer.Exit(2)
-        _run(calibrate, checkpoint=checkpoint, data=None, layers=layers, mode=mode, tile=tile, flips=flips,
-             gate=0.5 if gate is None else gate)
+        _run(calibrate, checkpoint=checkpoint, data=data, layers=layers, mode=mode, tile=tile, flips=flips,
+             gate=0.5 if gate is None else gate, gate_grid=GATE_GRID if gate is None else None)
     refine = {k: v for k, v in {"cue": cue, "mode": refine_mode, "dilate": dilate}.items() if v is not None}
     summary = _run(evaluate, method=method, data=data, split=split, checkpoint=checkpoint, threshold=threshold,
                    layers=layers, mode=mode, tile=tile, flips=flips, tolerance=tolerance, out=out, limit=limit,
@@ -550,13 +561,15 @@ def calibrate_cmd(
         mode: str = typer.Option("whole", help="whole | sliding"),
         tile: Optional[int] = typer.Option(None),
         flips: bool = typer.Option(False, "--flips"),
-        gate: float = typer.Option(0.5, help="probability gate of the CAM"),
+        gate: Optional[float] = typer.Option(None, help="probability gate of the CAM (default: choose 0.5 or 0 "
+                                                       "on validation images)"),
         limit: Optional[int] = typer.Option(None, help="use only the first N validation images")):
     """Choose method, refinement, threshold and post-processing on the VALIDATION split → DIR/recipe.json."""
     _threads()
     ms = [s.strip() for s in methods.split(",")] if methods else None
     r = _run(calibrate, checkpoint=checkpoint, data=data, methods=ms, layers=layers, mode=mode, tile=tile,
-             flips=flips, gate=gate, limit=limit, out=out)
+             flips=flips, gate=0.5 if gate is None else gate, gate_grid=GATE_GRID if gate is None else None,
+             limit=limit, out=out)
     typer.echo(json.dumps({k: v for k, v in r.items() if k != "candidates"}))
 
 
