@@ -137,6 +137,8 @@ def run(
         summary = pipe.run()
     except (BadInputError, ModelFileError, BackendUnavailable) as e:
         _err(str(e))
+    except KeyboardInterrupt:  # before the pipeline started (model loading, source opening)
+        _err("interrupted before the first frame", 130)
     except OSError as e:
         _err(f"{getattr(e, 'filename', '') or out}: {e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - e.g. an inference error inside ONNX Runtime: one line, not a trace

@@ -16,9 +16,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -405,13 +407,16 @@ class Pipeline:
             bar = tqdm(total=total or None, unit="frame", desc="crack-run", leave=False, dynamic_ncols=True)
         t_start = time.perf_counter()
         started = time.time()
-        threads = [threading.Thread(target=self._reader, args=(skip,), name="crackread", daemon=True),
-                   threading.Thread(target=self._infer, name="crackinfer", daemon=True)]
-        wt = threading.Thread(target=self._writer, args=(jw, bar), name="crackwrite", daemon=True)
-        # wait on an Event, not Thread.join: a KeyboardInterrupt inside join() can leave the thread state wrong
+        # consumers first, the reader last; SIGINT is held back while the threads start (so a Ctrl-C cannot leave
+        # a stage unstarted) and the main thread waits on an Event, not Thread.join (a KeyboardInterrupt inside
+        # join() can leave the thread state wrong)
+        stages = [threading.Thread(target=self._infer, name="crackinfer", daemon=True),
+                  threading.Thread(target=self._writer, args=(jw, bar), name="crackwrite", daemon=True),
+                  threading.Thread(target=self._reader, args=(skip,), name="crackread", daemon=True)]
         try:
-            for t in threads + [wt]:
-                t.start()
+            with _sigint_held():
+                for t in stages:
+                    t.start()
             while not self._written.wait(timeout=0.2):
                 pass
         except KeyboardInterrupt:
@@ -480,6 +485,20 @@ def _geo_props(r: dict) -> dict:
     keys = ("source", "frame", "timestamp", "prob", "length_px", "area_px", "mean_width_px", "max_width_px",
             "segments", "length_mm", "area_mm2", "mean_width_mm", "max_width_mm")
     return {k: r[k] for k in keys if k in r}
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """Block SIGINT in the calling thread for the duration (it is delivered when unblocked); threads started
+    inside inherit the block, so Ctrl-C always lands in the main thread.  No-op where unsupported."""
+    can = (hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread())
+    if can:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        if can:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def rss_mb() -> float:
