@@ -36,8 +36,11 @@ def toy_metadata(height=None, width=None, batch=None, threshold=0.5, gate=0.0, p
 def make_toy_model(path, height: int | None = None, width: int | None = None, batch: int | None = None,
                    offset: float = 0.55, gain: float = 5.0, gate: float = 0.0, threshold: float | str = 0.5,
                    convs: int = 0, channels: int = 16, seed: int = 0, metadata: dict | None | bool = True,
-                   postprocess: dict | None = None, opset: int = 17) -> Path:
-    """Write the toy model to ``path``; ``metadata=False`` leaves the crackcam metadata out, a dict replaces it."""
+                   postprocess: dict | None = None, opset: int = 17, kind: str = "cam") -> Path:
+    """Write the toy model to ``path``; ``metadata=False`` leaves the crackcam metadata out, a dict replaces it.
+
+    ``kind="restoration"``: outputs ``restored`` (the input, uint8 NHWC) and ``map``, no ``prob`` (UP-CrackNet style).
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -113,12 +116,18 @@ def make_toy_model(path, height: int | None = None, width: int | None = None, ba
                   numpy_helper.from_array(np.array(gate, np.float32), "gate")]
     else:
         nodes += [helper.make_node("Identity", [last], ["map"])]
-    graph = helper.make_graph(nodes, "crackcam_toy", [inp], [out_prob, out_map], initializer=inits)
+    outputs = [out_prob, out_map]
+    if kind == "restoration":
+        nodes.append(helper.make_node("Identity", ["image"], ["restored"]))
+        outputs = [helper.make_tensor_value_info("restored", TensorProto.UINT8, [N, H, W, 3]), out_map]
+    graph = helper.make_graph(nodes, "crackcam_toy", [inp], outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="crackcam-toy")
     model.ir_version = 8
     if metadata is not False:
         meta = metadata if isinstance(metadata, dict) else toy_metadata(height, width, batch, threshold, gate,
                                                                         postprocess)
+        if kind == "restoration" and not isinstance(metadata, dict):
+            meta.update(kind="restoration", model="toy-restoration", outputs=["restored", "map"])
         helper.set_model_props(model, {"crackcam": json.dumps(meta)})
     onnx.checker.check_model(model)
     path.parent.mkdir(parents=True, exist_ok=True)
