@@ -388,6 +388,39 @@ def test_camera_never_opens_gives_summary(tmp_path, models):
     assert (tmp_path / "o" / "summary.json").is_file()
 
 
+class HangingCap(FakeCap):
+    """Gives ``n`` frames, then read() blocks (an RTSP stream that went silent without an error)."""
+
+    def __init__(self, n, on_hang):
+        super().__init__(n)
+        self.on_hang, self.gate = on_hang, threading.Event()
+
+    def read(self):
+        if self.i >= self.n:
+            self.on_hang()
+            self.gate.wait(30)
+            return False, None
+        return super().read()
+
+
+def test_silent_camera_does_not_block_stopping(tmp_path, models):
+    import time
+
+    ev = threading.Event()
+    cap = HangingCap(3, on_hang=ev.set)
+    src, logs = _camera([cap])
+    pipe = Pipeline(open_session(models["dyn"]), src, RunConfig(out=tmp_path / "o", progress=False, stop_event=ev),
+                    log=logs.append)
+    pipe.reader_grace_s = 0.3
+    t = time.perf_counter()
+    s = pipe.run()
+    assert time.perf_counter() - t < 10
+    assert s["frames"] == 3 and s["interrupted"]
+    assert any("does not answer" in ln for ln in logs)
+    assert not cap.released  # not released under the reader's feet
+    cap.gate.set()
+
+
 class InterruptingSource(Source):
     """Yields frames forever; after ``at`` frames it raises Ctrl-C in the main thread (as a user would)."""
 

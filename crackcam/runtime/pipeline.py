@@ -153,6 +153,8 @@ class Pipeline:
         self.results_path = self.out / "results.jsonl"
         self.stats = {"frames": 0, "cracked": 0, "infer_s": 0.0, "batches": 0}
         self._show_ok = cfg.show
+        self.reader_grace_s = 2.0  # after a stop, how long to wait for a silent source
+        self._reader_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ config
     def _post_config(self) -> PostProcessConfig:
@@ -268,15 +270,22 @@ class Pipeline:
                     return False
             return True
 
+        idle_since = None
         try:
             while True:
                 try:
                     item = self.q_frames.get(timeout=0.05)
+                    idle_since = None
                 except queue.Empty:
                     if buf and not flush(True):  # starved: don't hold a partial batch back
                         break
                     if self._abort.is_set():
                         break
+                    if self.stop.is_set():  # stopping, and the reader may hang in a dead camera's read()
+                        idle_since = idle_since or time.monotonic()
+                        if time.monotonic() - idle_since > self.reader_grace_s:
+                            self.log("crack-run: the source does not answer; stopping without it")
+                            break
                     continue
                 if item is _END:
                     break
@@ -414,6 +423,7 @@ class Pipeline:
                   threading.Thread(target=self._writer, args=(jw, bar), name="crackwrite", daemon=True),
                   threading.Thread(target=self._reader, args=(skip,), name="crackread", daemon=True)]
         try:
+            self._reader_thread = stages[-1]
             with _sigint_held():
                 for t in stages:
                     t.start()
@@ -435,7 +445,11 @@ class Pipeline:
             jw.close()
             if bar is not None:
                 bar.close()
-            self.source.close()
+            rt = self._reader_thread
+            if rt is not None:
+                rt.join(timeout=1.0)
+            if rt is None or not rt.is_alive():  # never release a capture another thread is reading from
+                self.source.close()
             if self._show_ok:
                 try:
                     cv2.destroyAllWindows()
