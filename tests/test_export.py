@@ -366,3 +366,27 @@ def test_upcracknet_restoration_graph(tmp_path):
     assert np.abs(cmap[0] - ref_map).max() <= 1e-4
     assert restored.dtype == np.uint8 and restored.shape == (1, 40, 56, 3)
     assert np.abs(restored[0, ..., ::-1].astype(int) - ref_rest.astype(int)).max() <= 1
+
+
+def test_refine_recipe_exports_the_cam_and_carries_the_refinement(tmp_path):
+    """crack-eval may choose ``refine-<cam>`` (CAM × pixel cue, a NumPy step): the graph holds the plain CAM with
+    that CAM's own calibrated threshold; the refinement settings travel in the metadata."""
+    pp_raw = {"min_area": 0, "close_radius": 0, "open_radius": 0}
+    pp_ref = {"min_area": 100, "close_radius": 1, "open_radius": 0}
+    refine = {"cue": "blackhat", "mode": "product", "dilate": 16}
+    recipe = {"method": "refine-gradcam++", "refine": refine, "threshold": 0.34, "postprocess": pp_ref, "gate": 0.5,
+              "layers": None,
+              "candidates": {"gradcam++": {"threshold": 0.11, "postprocess": pp_raw, "gate": 0.5, "layers": None},
+                             "layercam": {"threshold": 0.2, "postprocess": pp_raw, "gate": 0.6, "layers": None}}}
+    run = _make_run(tmp_path / "run", recipe=recipe)
+    r = _cli(["--checkpoint", run, "--no-verify"])
+    assert r.exit_code == 0, r.output
+    meta = md.get_metadata(run / "export" / "simple_cnn_gradcampp.onnx")
+    assert meta["method"] == "gradcam++" and meta["threshold"] == 0.11 and meta["postprocess"]["min_area"] == 0
+    assert meta["refine"] == {"method": "refine-gradcam++", **refine, "threshold": 0.34, "postprocess": pp_ref}
+    r = _cli(["--checkpoint", run, "--no-verify", "--method", "layercam"])  # another calibrated candidate
+    meta = md.get_metadata(run / "export" / "simple_cnn_layercam.onnx")
+    assert meta["threshold"] == 0.2 and meta["gate"] == 0.6 and "refine" not in meta
+    r = _cli(["--checkpoint", run, "--no-verify", "--method", "hirescam"])  # never calibrated: defaults
+    meta = md.get_metadata(run / "export" / "simple_cnn_hirescam.onnx")
+    assert meta["threshold"] == 0.5 and meta["gate"] == 0.5 and "refine" not in meta

@@ -68,8 +68,12 @@ def build_cam_graph(model, config: dict, settings: ExportSettings, recipe: dict 
     """The CamExportGraph and the metadata for a loaded classifier."""
     from crackcam.models.cam import CamModel
 
-    recipe = recipe or {}
+    recipe = resolve_recipe(recipe or {}, settings.method)
     method = settings.method or recipe.get("method") or DEFAULT_METHOD
+    refine = recipe.get("_refine")
+    if method.startswith("refine-"):  # asked on the command line: the graph holds the CAM, refinement is runtime work
+        refine = refine or {"method": method}
+        method = method[len("refine-"):]
     layers = settings.layers or recipe.get("layers") or None
     if isinstance(layers, str):
         layers = [layers]
@@ -95,11 +99,48 @@ def build_cam_graph(model, config: dict, settings: ExportSettings, recipe: dict 
                              height=settings.height, width=settings.width, batch=settings.batch,
                              threshold=threshold, gate=float(gate), postprocess=pp,
                              data_card_sha256=config.get("data_card_sha256"))
+    if refine:
+        meta["refine"] = refine  # an addition to the contract's keys (docs/export.md): the recipe's pixel-cue step
     return graph, meta
 
 
+def resolve_recipe(recipe: dict, method_override: str | None = None) -> dict:
+    """The recipe entry for the graph's map.
+
+    ``crack-eval`` calibration may choose ``refine-<cam>``: the CAM as region prior times a pixel cue
+    (``crackcam.runtime.cues.refine``), a NumPy/OpenCV step after the network.  The graph then computes the plain
+    ``<cam>`` map, so threshold / gate / post-processing come from the recipe's ``candidates[<cam>]`` entry (chosen
+    for the raw map), and the refinement with its own threshold and post-processing goes to ``_refine``.
+    """
+    if not recipe:
+        return {}
+    method = method_override or recipe.get("method") or ""
+    cands = recipe.get("candidates") or {}
+    if method_override and method_override in cands:
+        entry = dict(cands[method_override])
+        entry["method"] = method_override
+        recipe = entry
+        method = method_override
+    elif method_override and method_override != recipe.get("method"):
+        # another method than the calibrated one: its threshold/post-processing were not chosen for this map
+        return {k: recipe[k] for k in ("gate", "layers") if recipe.get(k) is not None}
+    if not str(method).startswith("refine-"):
+        return recipe
+    base = method[len("refine-"):]
+    out = dict(cands.get(base) or {})
+    out["method"] = base
+    out.setdefault("gate", recipe.get("gate"))
+    out.setdefault("layers", recipe.get("layers"))
+    if not cands.get(base):  # no raw-map calibration: keep the gate, let threshold/post-processing default
+        out = {k: v for k, v in out.items() if v is not None}
+    src = recipe if recipe.get("refine") is not None else (cands.get(method) or recipe)
+    out["_refine"] = {"method": method, **dict(src.get("refine") or {}),
+                      "threshold": src.get("threshold"), "postprocess": dict(src.get("postprocess") or {})}
+    return out
+
+
 def default_out(run_dir: Path, meta: dict, fmt: str) -> Path:
-    m = str(meta.get("method") or meta["kind"]).replace("+", "pp")
+    m = str(meta.get("method") or meta["kind"]).replace("+", "p")  # gradcam++ → gradcampp
     return Path(run_dir) / "export" / f"{meta['model']}_{m}.{'engine' if fmt == 'trt' else 'onnx'}"
 
 

@@ -287,6 +287,8 @@ def build_engine(onnx_path, out_path, meta: dict, *, fp16: bool = False, int8: b
 
 def _build(trt, onnx_path: Path, *, fp16, int8, calib, profile: Profile, workspace_gb, calib_cache: Path, log):
     logger = trt.Logger(trt.Logger.WARNING)
+    # ScatterElements with reduction="add" (the max-pool backward) is TensorRT's scatterElements plugin
+    trt.init_libnvinfer_plugins(logger, "")
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # TensorRT 10: networks are always explicit-batch
     parser = trt.OnnxParser(network, logger)
@@ -296,7 +298,7 @@ def _build(trt, onnx_path: Path, *, fp16, int8, calib, profile: Profile, workspa
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
     if fp16 or int8:
-        if not builder.platform_has_fast_fp16:
+        if not getattr(builder, "platform_has_fast_fp16", True):  # deprecated in TensorRT 10
             log("[crack-export] note: this GPU has no fast FP16; building anyway")
         config.set_flag(trt.BuilderFlag.FP16)
     opt_profile = builder.create_optimization_profile()
@@ -305,7 +307,7 @@ def _build(trt, onnx_path: Path, *, fp16, int8, calib, profile: Profile, workspa
     config.add_optimization_profile(opt_profile)
     calibrator = None
     if int8:
-        if not builder.platform_has_fast_int8:
+        if not getattr(builder, "platform_has_fast_int8", True):
             log("[crack-export] note: this GPU has no fast INT8; building anyway")
         config.set_flag(trt.BuilderFlag.INT8)
         b, h, w = profile.opt
