@@ -124,6 +124,8 @@ def predict_map(cam_model: CamModel, image: np.ndarray, mean=None, std=None, mod
     RGB uint8 image of any size.  ``mean``/``std`` default to the model spec's."""
     model = cam_model.model
     spec = getattr(model, "spec", None)
+    if (mean is None or std is None) and spec is None:
+        raise ValueError("predict_map: the model has no .spec; pass mean= and std=")
     mean = mean if mean is not None else spec.mean
     std = std if std is not None else spec.std
     p = next(model.parameters())
