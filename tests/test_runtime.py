@@ -158,6 +158,19 @@ def test_glob_source_and_camera_short_form(tmp_path, models):
     assert r.exit_code == 2 and "not both" in r.output
 
 
+def test_ultralytics_key_value_words(tmp_path, models, monkeypatch):
+    assert cli._ultralytics_args(["model=m.onnx", "source=0", "--out", "x=y", "batch=4", "--save", "all"]) == [
+        "--model", "m.onnx", "--source", "0", "--out", "x=y", "--batch", "4", "--save", "all"]
+    assert cli._ultralytics_args(["max_frames=3", "a=b.jpg"]) == ["--max-frames", "3", "a=b.jpg"]
+    synth_images(tmp_path / "imgs", 4)
+    monkeypatch.setattr(sys, "argv", ["crack-run", f"model={models['dyn']}", f"source={tmp_path / 'imgs'}",
+                                      f"out={tmp_path / 'o'}", "max_frames=3"])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert not e.value.code
+    assert len(records(tmp_path / "o")) == 3
+
+
 def _write_video(path: Path, n: int, h: int = 96, w: int = 128, fps: float = 10.0) -> list[np.ndarray]:
     vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
     assert vw.isOpened()

@@ -163,8 +163,26 @@ def format_summary(s: dict) -> str:
     return line + f" → {s['out']}/summary.json"
 
 
+def _ultralytics_args(argv: list[str]) -> list[str]:
+    """Accept ``key=value`` words as in Ultralytics (``crack-run model=m.onnx source=0``) for known options."""
+    cmd = typer.main.get_command(app)
+    known = {o.lstrip("-") for p in cmd.params for o in p.opts if o.startswith("--")}
+    out, prev_takes_value = [], False
+    for tok in argv:
+        key, eq, val = tok.partition("=")
+        if eq and not prev_takes_value and not tok.startswith("-") and key.replace("_", "-") in known:
+            out += [f"--{key.replace('_', '-')}", val]
+            prev_takes_value = False
+            continue
+        out.append(tok)
+        opt = next((p for p in cmd.params if tok in p.opts), None)
+        prev_takes_value = bool(opt is not None and getattr(opt, "param_type_name", "") == "option"
+                                and not getattr(opt, "is_flag", False))
+    return out
+
+
 def main():
-    app()
+    app(args=_ultralytics_args(sys.argv[1:]), prog_name="crack-run")
 
 
 if __name__ == "__main__":
