@@ -103,19 +103,42 @@ def blend_window(h: int, w: int, overlap: int) -> np.ndarray:
     return np.outer(ramp(h), ramp(w)).astype(np.float32)
 
 
+_WSUM_CACHE: dict = {}
+_WSUM_LOCK = threading.Lock()
+
+
+def _inv_weight_sum(coords: tuple, shape: tuple, th: int, tw: int, overlap: int) -> np.ndarray:
+    """1 / (sum of the blend windows) for a tiling layout; the same for every frame of a size, so cached."""
+    key = (coords, shape, th, tw, overlap)
+    with _WSUM_LOCK:
+        inv = _WSUM_CACHE.get(key)
+    if inv is None:
+        win = blend_window(th, tw, overlap)
+        wsum = np.zeros(shape, np.float32)
+        for y, x in coords:
+            wsum[y:y + th, x:x + tw] += win
+        inv = 1.0 / np.maximum(wsum, 1e-12)
+        with _WSUM_LOCK:
+            if len(_WSUM_CACHE) > 16:
+                _WSUM_CACHE.clear()
+            _WSUM_CACHE[key] = inv
+    return inv
+
+
 def stitch(maps: list[np.ndarray], coords: list[tuple[int, int]], shape: tuple[int, int], overlap: int) -> np.ndarray:
-    """Weighted blend of tile maps into one ``shape`` map."""
+    """Weighted blend of tile maps into one ``shape`` map: Σ wᵢ·mᵢ / Σ wᵢ with :func:`blend_window` weights."""
     H, W = shape
     if len(maps) == 1 and coords[0] == (0, 0) and maps[0].shape == (H, W):
         return maps[0]
-    acc = np.zeros((H, W), np.float32)
-    wsum = np.zeros((H, W), np.float32)
     th, tw = maps[0].shape
     win = blend_window(th, tw, overlap)
+    acc = np.zeros((H, W), np.float32)
+    tmp = np.empty((th, tw), np.float32)
     for m, (y, x) in zip(maps, coords):
-        acc[y:y + th, x:x + tw] += m * win
-        wsum[y:y + th, x:x + tw] += win
-    return acc / np.maximum(wsum, 1e-12)
+        np.multiply(m, win, out=tmp)
+        acc[y:y + th, x:x + tw] += tmp
+    acc *= _inv_weight_sum(tuple(map(tuple, coords)), (H, W), th, tw, overlap)
+    return acc
 
 
 class Pipeline:
@@ -340,8 +363,8 @@ class Pipeline:
                 sinks.write_png(f, sk.astype(np.uint8) * 255)
                 files["skeleton"] = str(f.relative_to(self.out))
             if "overlays" in self.cfg.save:
-                f = self.out / "overlays" / f"{stem}.png"
-                sinks.write_png(f, sinks.overlay(fr.image, res.mask, res.skeleton))
+                f = self.out / "overlays" / f"{stem}.jpg"
+                sinks.write_jpeg(f, sinks.overlay(fr.image, res.mask, res.skeleton))
                 files["overlay"] = str(f.relative_to(self.out))
             rec["files"] = files
         post_s = time.perf_counter() - t

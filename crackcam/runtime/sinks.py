@@ -1,7 +1,8 @@
 """Outputs of ``crack-run``: per-frame images, ``results.jsonl``, ``summary.json``, ``cracks.geojson``.
 
-* Images are written atomically (temp file + ``os.replace``) under ``DIR/masks``, ``DIR/overlays``,
-  ``DIR/skeletons`` as ``<stem>.png`` (images: the file's stem, made unique by its sub-folder; videos/cameras:
+* Images are written atomically (temp file + ``os.replace``) under ``DIR/masks``, ``DIR/skeletons`` as
+  ``<stem>.png`` (lossless) and ``DIR/overlays`` as ``<stem>.jpg`` (quality 90: overlays are for looking at, and a
+  4K PNG costs ~0.5 s to encode) (images: the file's stem, made unique by its sub-folder; videos/cameras:
   ``<name>_<frame:06d>.png``).
 * ``results.jsonl``: one JSON object per frame, appended line by line, flushed after every line and fsync'ed every
   ``fsync_every`` lines / ``fsync_seconds`` s and at close.  :func:`read_keys` / :func:`iter_records` read an
@@ -40,6 +41,13 @@ def write_png(path: Path, img: np.ndarray) -> None:
     ok, enc = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 1])
     if not ok:  # pragma: no cover - PNG encoding of uint8 never fails
         raise RuntimeError(f"{path}: PNG encoding failed")
+    atomic_write_bytes(path, enc.tobytes())
+
+
+def write_jpeg(path: Path, img: np.ndarray, quality: int = 90) -> None:
+    ok, enc = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:  # pragma: no cover
+        raise RuntimeError(f"{path}: JPEG encoding failed")
     atomic_write_bytes(path, enc.tobytes())
 
 
