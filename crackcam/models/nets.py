@@ -70,10 +70,13 @@ def load_pretrained(model: CrackClassifier, pretrained, *, hub_prefix: str | Non
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     body_state = {}
-    for k, v in state.items():
-        nk = key_map(k)
-        if nk is not None:
-            body_state[nk] = v
+    if any(k.startswith("body.") for k in state):  # a crackcam checkpoint of the same model: take its body
+        body_state = {k[len("body."):]: v for k, v in state.items() if k.startswith("body.")}
+    else:  # the original (ImageNet) layout
+        for k, v in state.items():
+            nk = key_map(k)
+            if nk is not None:
+                body_state[nk] = v
     missing, unexpected = model.body.load_state_dict(body_state, strict=False)
     if unexpected or len(missing) > 0:
         raise ValueError(f"{path}: does not fit {name} (missing {len(missing)} keys e.g. {missing[:3]}, "
