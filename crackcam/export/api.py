@@ -140,7 +140,8 @@ def resolve_recipe(recipe: dict, method_override: str | None = None) -> dict:
 
 
 def default_out(run_dir: Path, meta: dict, fmt: str) -> Path:
-    m = str(meta.get("method") or meta["kind"]).replace("+", "p")  # gradcam++ → gradcampp
+    m = "restoration" if meta["kind"] == "restoration" else str(meta.get("method") or meta["kind"])
+    m = m.replace("+", "p")  # gradcam++ → gradcampp
     return Path(run_dir) / "export" / f"{meta['model']}_{m}.{'engine' if fmt == 'trt' else 'onnx'}"
 
 

@@ -59,9 +59,13 @@ def default_images(batch, height, width, tile: int = 224, seed: int = 0) -> list
     out = []
     for k, (h, w) in enumerate(sizes):
         b = batches[k % len(batches)]
-        imgs = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(b)]
-        crack, _ = draw_crack_image(rng, h, w, n_cracks=2)
-        imgs[-1] = np.ascontiguousarray(crack[..., ::-1])  # RGB → BGR, what OpenCV would decode
+        imgs = []
+        for i in range(b):  # synthetic crack images (a trained model's map is not gated off) and noise, alternating
+            if i % 2 == 0:
+                crack, _ = draw_crack_image(rng, h, w, n_cracks=2)
+                imgs.append(np.ascontiguousarray(crack[..., ::-1]))  # RGB → BGR, what OpenCV would decode
+            else:
+                imgs.append(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         out.append(np.stack(imgs))
     return out
 
