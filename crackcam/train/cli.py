@@ -25,7 +25,7 @@ def train_cmd(
     model: str = typer.Option("simple_cnn", "--model", help="a name from crackcam.models.list_models(), or upcracknet"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
     epochs: int = typer.Option(0, "--epochs", help="0 = auto (about 40k tile presentations, 6..40 epochs)"),
-    batch: int = typer.Option(64, "--batch"),
+    batch: int = typer.Option(0, "--batch", help="0 = auto: 64 from 1000 training tiles, 32 from 400, else 16"),
     lr: float = typer.Option(0.0, "--lr", help="peak learning rate (OneCycle); 0 = 3e-3 from scratch, 1e-3 pretrained"),
     tile: int = typer.Option(128, "--tile", help="tile size in px"),
     stride: int = typer.Option(0, "--stride", help="val/test tile step; 0 = tile"),

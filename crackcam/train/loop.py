@@ -40,7 +40,7 @@ class TrainConfig:
     out: str
     model: str = "simple_cnn"
     epochs: int = 0  # 0 → auto: about AUTO_TILE_STEPS tile presentations, clamped to [AUTO_MIN, AUTO_MAX]
-    batch: int = 64
+    batch: int = 0  # 0 → auto: 64 from 1000 training tiles, 32 from 400, else 16
     lr: float = 0.0  # 0 → 3e-3 from scratch, 1e-3 with pretrained weights
     weight_decay: float = 1e-4
     tile: int = 128
@@ -132,8 +132,16 @@ def _set_rng_state(st: dict) -> None:
     random.setstate(st["python"])
 
 
-def auto_epochs(n_train: int) -> int:
-    return int(min(AUTO_MAX, max(AUTO_MIN, round(AUTO_TILE_STEPS / max(1, n_train)))))
+def auto_batch(n_train: int) -> int:
+    """Smaller batches for small sets: enough optimiser steps (and BatchNorm updates) per run."""
+    return 64 if n_train >= 1000 else (32 if n_train >= 400 else 16)
+
+
+def auto_epochs(n_train: int, pretrained: bool = False) -> int:
+    """About AUTO_TILE_STEPS tile presentations (half with ImageNet weights), at least AUTO_MIN (2) epochs."""
+    budget = AUTO_TILE_STEPS // 2 if pretrained else AUTO_TILE_STEPS
+    lo = 2 if pretrained else AUTO_MIN
+    return int(min(AUTO_MAX, max(lo, round(budget / max(1, n_train)))))
 
 
 @torch.no_grad()
@@ -181,7 +189,9 @@ def _pretrained_arg(cfg: TrainConfig):
         if not Path(cfg.weights).is_file():
             raise BadInputError(cfg.weights, "weights file not found")
         return str(cfg.weights)
-    return True if cfg.pretrained is None else bool(cfg.pretrained)
+    if cfg.pretrained is None:  # default: ImageNet weights where the model has a source for them
+        return bool(get_spec(cfg.model).pretrained_hint)
+    return bool(cfg.pretrained)
 
 
 def prepare_data(cfg: TrainConfig, out: Path, log=print):
@@ -252,8 +262,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
             raise BadInputError(state_path, "nothing to resume (no train_state.pt in the output folder)")
         saved = json.loads((out / "config.json").read_text())["train_config"]
         for k in _RESUME_KEYS:
-            if k in saved and saved[k] != getattr(cfg, k):
-                log(f"resume: using the saved {k}={saved[k]!r} (not {getattr(cfg, k)!r})")
+            v = getattr(cfg, k)
+            if k in saved and saved[k] != v:
+                if not (v is None or v == "auto" or (type(v) is int and v == 0)):
+                    log(f"resume: using the saved {k}={saved[k]!r} (not {v!r})")
                 setattr(cfg, k, saved[k])
         for k in ("epochs", "lr", "data", "weight_decay", "model_kwargs"):
             setattr(cfg, k, saved[k])
@@ -279,12 +291,11 @@ def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
         log(f"--double: training set doubled with rotated/flipped copies → {len(tr)} tiles")
     n_pos, n_neg = int((tr.labels == 1).sum()), int((tr.labels == 0).sum())
     pos_weight = n_neg / max(1, n_pos)
-    epochs = cfg.epochs or (SYNTH_EPOCHS if cfg.data is None else auto_epochs(len(tr)))
-    cfg.epochs = epochs
-
     pre = _pretrained_arg(cfg)
     model = create_model(cfg.model, pretrained=pre, **cfg.model_kwargs)
     pretrained_source = getattr(model, "pretrained_source", None)
+    epochs = cfg.epochs or (SYNTH_EPOCHS if cfg.data is None else auto_epochs(len(tr), bool(pretrained_source)))
+    cfg.epochs = epochs
     lr = cfg.lr or (1e-3 if pretrained_source else 3e-3)
     cfg.lr = lr
     channels_last = device.type == "cpu"
@@ -294,6 +305,7 @@ def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
     mean = torch.tensor(spec.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
 
+    cfg.batch = cfg.batch or auto_batch(len(tr))
     ds = TileDataset(tr.images, tr.labels, augment=cfg.augment, seed=cfg.seed)
     steps_per_epoch = (len(ds) + cfg.batch - 1) // cfg.batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
