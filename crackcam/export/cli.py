@@ -152,6 +152,18 @@ def export(
     typer.echo(f"[crack-export] wrote {eng.path} (+ {eng.path.name}.json metadata) for {eng.gpu['name']} "
                f"(sm {eng.gpu['compute_capability']}, TensorRT {eng.trt_version})"
                f"{' from the engine cache' if eng.from_cache else ''}")
+    if verify:
+        from .tensorrt import verify_engine
+        from .verify import default_images
+
+        b, h, w = eng.profile.opt
+        try:
+            diff = verify_engine(eng.path, res.path, default_images(b, h, w))
+        except Exception as exc:  # noqa: BLE001 - report, the engine is written
+            typer.echo(f"[crack-export] could not run the engine to compare it: {' '.join(str(exc).split())[:200]}")
+        else:
+            typer.echo(f"[crack-export] engine vs ONNX Runtime (CPU) at {b}×{h}×{w}: max diff prob {diff['prob']:.2e}, "
+                       f"map {diff['map']:.2e}{' (FP16/INT8 kernels)' if fp16 or int8 else ' (TF32 kernels)'}")
 
 
 def main(argv: list[str] | None = None) -> int:
