@@ -292,6 +292,10 @@ def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
     n_pos, n_neg = int((tr.labels == 1).sum()), int((tr.labels == 0).sum())
     pos_weight = n_neg / max(1, n_pos)
     pre = _pretrained_arg(cfg)
+    if cfg.model == "simple_cnn" and "widths" not in cfg.model_kwargs:  # record the widths in config.json
+        from crackcam.models.nets import SIMPLE_WIDTHS
+
+        cfg.model_kwargs = {**cfg.model_kwargs, "widths": list(SIMPLE_WIDTHS)}
     model = create_model(cfg.model, pretrained=pre, **cfg.model_kwargs)
     pretrained_source = getattr(model, "pretrained_source", None)
     epochs = cfg.epochs or (SYNTH_EPOCHS if cfg.data is None else auto_epochs(len(tr), bool(pretrained_source)))
