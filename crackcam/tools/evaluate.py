@@ -269,7 +269,7 @@ def _summary(method, spec, ctx, data, split, thr, source, pcfg, gate_v, state, t
     scorer, bins = state["scorer"], state["binary"]
     tmax = max(tols)
     s = {"method": method, "learned": spec.learned, "checkpoint": str(ctx.checkpoint) if ctx.checkpoint else None,
-         "model": ctx.config.get("model"), "data": str(data), "split": split, "n_images": len(state["rows"]),
+         "model": ctx.config.get("model") if spec.learned else None, "data": str(data), "split": split, "n_images": len(state["rows"]),
          "skipped": len(state["skipped"]), "threshold": thr, "threshold_source": source,
          "postprocess": pcfg.to_dict()}
     f0 = bins.figures(0)
