@@ -149,7 +149,10 @@ class RefineConfig:
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "RefineConfig":
-        return cls(**(d or {}))
+        """From a dict (e.g. a recipe's ``refine`` entry); keys that are not fields (``method``, ``threshold``…)
+        are ignored, so a recipe or ONNX-metadata ``refine`` block can be passed whole."""
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in (d or {}).items() if k in known})
 
 
 def _prior(cam: np.ndarray, dilate: int) -> np.ndarray:
