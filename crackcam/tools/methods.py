@@ -200,10 +200,11 @@ class CamPredictor:
 
 def infer_map(infer, cm, image, ctx):
     """Sliding-window / flip inference through ``crackcam.models.infer.predict_map`` (helper B's module)."""
-    res = infer.predict_map(cm, image, mode=ctx.mode, tile=ctx.tile, flips=ctx.flips,
-                            mean=ctx.config.get("mean"), std=ctx.config.get("std"))
-    m, prob = res if isinstance(res, tuple) else (res, None)
-    return np.asarray(m, np.float32), (None if prob is None else float(prob))
+    kw = {"mode": ctx.mode, "flips": ctx.flips, "mean": ctx.config.get("mean"), "std": ctx.config.get("std")}
+    if ctx.mode == "sliding":
+        kw["tile"] = int(ctx.tile or ctx.config.get("tile") or 224)
+    prob, m = infer.predict_map(cm, image, **kw)
+    return np.asarray(m, np.float32), float(prob)
 
 
 _CACHED_HEAD = None
