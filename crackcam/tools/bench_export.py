@@ -7,8 +7,9 @@
     in ONNX Runtime,
 
 for VGG-16 and ResNet-50 at 448×448, batch 1 and 8, on this CPU.  The three are run interleaved (round robin,
-``--repeat`` rounds after one warm-up) so they see the same machine load; the median per-image time is printed
-with the ratios grad-cam / folded (target ≥ 4.5) and folded / plain (target ≤ 1.1).
+``--repeat`` rounds after one warm-up) so they see the same machine load; the median and the best (least disturbed
+by other load) per-image time of the rounds are printed with the ratios grad-cam / folded (target ≥ 4.5) and
+folded / plain (target ≤ 1.1).
 Weights are random (timing does not depend on them); nothing is downloaded.
 """
 
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
                             times[k].append(dt)
                 med = {k: statistics.median(v) * 1000 for k, v in times.items()}
                 best = {k: min(v) * 1000 for k, v in times.items()}
-                rows.append((name, b, med["grad-cam"], med["folded"], med["plain"]))
+                rows.append((name, b, med["grad-cam"], med["folded"], med["plain"], best["grad-cam"], best["folded"],
+                             best["plain"]))
                 print(f"  {name} batch {b}: median (best) ms/img: grad-cam {med['grad-cam']:.0f} "
                       f"({best['grad-cam']:.0f}), folded ONNX {med['folded']:.0f} ({best['folded']:.0f}), "
                       f"plain ONNX forward {med['plain']:.0f} ({best['plain']:.0f})", flush=True)
@@ -151,13 +153,15 @@ def main(argv=None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print()
     print(f"{'model':<10} {'batch':>5} {'grad-cam ms/img':>16} {'folded ms/img':>14} {'plain ms/img':>13} "
-          f"{'grad-cam/folded':>16} {'folded/plain':>13}")
-    ok = True
-    for name, b, g, f, p in rows:
-        ok &= g / f >= 4.5 and f / p <= 1.1
-        print(f"{name:<10} {b:>5} {g:>16.0f} {f:>14.0f} {p:>13.0f} {g / f:>15.2f}x {f / p:>12.2f}x")
-    print(f"targets: grad-cam/folded >= 4.5x, folded/plain <= 1.1x: {'met' if ok else 'NOT met'} "
-          f"(load average at end {load:.2f})")
+          f"{'grad-cam/folded':>16} {'folded/plain':>13}   (median; best-of-rounds in brackets)")
+    ok_med = ok_best = True
+    for name, b, g, f, p, gb, fb, pb in rows:
+        ok_med &= g / f >= 4.5 and f / p <= 1.1
+        ok_best &= gb / fb >= 4.5 and fb / pb <= 1.1
+        print(f"{name:<10} {b:>5} {g:>9.0f} ({gb:>4.0f}) {f:>7.0f} ({fb:>4.0f}) {p:>6.0f} ({pb:>4.0f}) "
+              f"{g / f:>8.2f}x ({gb / fb:.2f}x) {f / p:>5.2f}x ({fb / pb:.2f}x)")
+    print(f"targets grad-cam/folded >= 4.5x and folded/plain <= 1.1x: median {'met' if ok_med else 'NOT met'}, "
+          f"best-of-rounds {'met' if ok_best else 'NOT met'} (load average at end {load:.2f})")
     return 0
 
 
