@@ -98,6 +98,9 @@ def train_cmd(
     except TrainingInterrupted as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130)
+    except KeyboardInterrupt:  # before the first epoch started: nothing of a run to lose
+        typer.echo(f"interrupted while preparing the data; nothing trained yet in {out}", err=True)
+        raise typer.Exit(130)
     except BadInputError as exc:
         _fail(str(exc))
     except (FileNotFoundError, ValueError) as exc:  # e.g. a --weights file that does not fit the model
