@@ -24,7 +24,7 @@ def train_cmd(
                                         "drawn into OUT/synthetic_data"),
     model: str = typer.Option("simple_cnn", "--model", help="a name from crackcam.models.list_models(), or upcracknet"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
-    epochs: int = typer.Option(0, "--epochs", help="0 = auto (about 40k tile presentations, 6..40 epochs)"),
+    epochs: int = typer.Option(0, "--epochs", help="0 = auto: about 24k tile presentations (12k with ImageNet weights), 4..40 epochs (8 on the synthetic default set)"),
     batch: int = typer.Option(0, "--batch", help="0 = auto: 64 from 1000 training tiles, 32 from 400, else 16"),
     lr: float = typer.Option(0.0, "--lr", help="peak learning rate (OneCycle); 0 = 3e-3 from scratch, 1e-3 pretrained"),
     tile: int = typer.Option(128, "--tile", help="tile size in px"),

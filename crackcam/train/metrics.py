@@ -11,7 +11,6 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     order = np.argsort(x, kind="mergesort")
     xs = x[order]
     ranks = np.empty(len(x), np.float64)
-    i = 0
     n = len(x)
     # group runs of equal values
     boundaries = np.flatnonzero(np.diff(xs) != 0) + 1
@@ -19,7 +18,6 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     ends = np.concatenate([boundaries, [n]])
     for s, e in zip(starts, ends):
         ranks[order[s:e]] = (s + e + 1) / 2.0  # mean of ranks s+1..e
-        i = e
     return ranks
 
 
