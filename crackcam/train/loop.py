@@ -253,7 +253,16 @@ def prepare_data(cfg: TrainConfig, out: Path, log=print):
 
 def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
     """Run (or resume) a training.  Returns the metrics dict.  Raises TrainingInterrupted on Ctrl-C / stop hook,
-    BadInputError for bad data (nothing already written is lost)."""
+    BadInputError for bad data (nothing already written is lost).  ``cfg.threads`` applies to this call only."""
+    prev_threads = torch.get_num_threads()
+    try:
+        return _train(cfg, stop_after, log)
+    finally:
+        if torch.get_num_threads() != prev_threads:
+            torch.set_num_threads(prev_threads)
+
+
+def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
     out = Path(cfg.out)
     spec = get_spec(cfg.model)  # unknown model → ValueError before anything is written
     state_path = out / "train_state.pt"
