@@ -742,3 +742,28 @@ def test_session_reads_metadata(models):
     assert s.meta.fixed_size == (64, 64) and s.meta.kind == "cam" and s.provider == "CPU"
     prob, cmap = s.run(np.zeros((3, 64, 64, 3), np.uint8))
     assert prob.shape == (3,) and cmap.shape == (3, 64, 64) and np.allclose(prob, 1.0)
+
+
+def test_metadata_refine_step_is_applied_on_the_frame(tmp_path):
+    """A refine-<cam> recipe: the graph's map is the region prior, the shared cue refinement runs on the frame
+    with the refined map's own threshold/post-processing; --no-refine post-processes the graph's map as it is."""
+    from crackcam.runtime.cues import RefineConfig, refine
+
+    rf = {"method": "refine-toy", "cue": "blackhat", "mode": "component", "dilate": 8, "prior_power": 0.5,
+          "threshold": 0.3, "postprocess": {"min_area": 10}}
+    model = make_toy_model(tmp_path / "refine.onnx", metadata=toy_metadata(refine=rf))
+    paths = synth_images(tmp_path / "imgs", 2)
+    r1 = run_cli("--model", model, "--source", tmp_path / "imgs", "--out", tmp_path / "a", "--save", "masks")
+    r2 = run_cli("--model", model, "--source", tmp_path / "imgs", "--out", tmp_path / "b", "--save", "masks",
+                 "--no-refine")
+    assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output)
+    a, b = records(tmp_path / "a"), records(tmp_path / "b")
+    assert a[0]["threshold"] == pytest.approx(0.3) and b[0]["threshold"] == pytest.approx(0.5)
+    sess = open_session(model, provider="cpu")
+    bgr = cv2.imread(str(paths[0]))
+    _, cmap = sess.run(bgr[None])
+    want = postprocess(refine(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), cmap[0], RefineConfig.from_dict(rf)),
+                       PostProcessConfig.from_dict({"threshold": 0.3, "min_area": 10}))
+    got = cv2.imread(str(tmp_path / "a" / a[0]["files"]["mask"]), cv2.IMREAD_GRAYSCALE) > 0
+    assert np.array_equal(got, want.mask)
+    assert a[0]["area_px"] != b[0]["area_px"]

@@ -90,6 +90,8 @@ def run(
     resume: bool = typer.Option(True, help="skip frames already in OUT/results.jsonl"),
     retries: int = typer.Option(3, min=0, help="camera/stream: reconnect attempts before stopping"),
     progress: bool = typer.Option(True, help="progress bar"),
+    refine: bool = typer.Option(True, help="apply the model's recorded pixel-cue refinement (metadata 'refine', "
+                                "a refine-<cam> recipe); --no-refine post-processes the CAM as it is"),
 ):
     """Run a crack model on a camera, video, image folder or glob; write results.jsonl, summary.json, images."""
     from . import geo
@@ -132,7 +134,7 @@ def run(
         cfg = RunConfig(out=out, batch=batch, save=save_kinds, threshold=thr, mm_per_px=mm_per_px, tile=tile,
                         overlap=overlap, max_side=max_side, max_frames=max_frames, show=show, gps=track,
                         gps_method=gps_method, gps_max_gap=gps_max_gap, post_workers=workers, resume=resume,
-                        progress=progress and sys.stderr.isatty(), source_root=root)
+                        progress=progress and sys.stderr.isatty(), source_root=root, no_refine=not refine)
         pipe = Pipeline(sess, src, cfg, log=log)
         summary = pipe.run()
     except (BadInputError, ModelFileError, BackendUnavailable) as e:

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import geo, sinks
 from .meta import ModelFileError
+from .cues import RefineConfig, refine
 from .postprocess import PostProcessConfig, postprocess
 from .sources import Frame, Source
 
@@ -61,6 +62,7 @@ class RunConfig:
     fsync_every: int = 50
     source_root: str | None = None
     stop_event: threading.Event | None = None  # set it to stop like Ctrl-C (tests, embedding)
+    no_refine: bool = False  # ignore the metadata's "refine" step: post-process the graph's map as it is
 
 
 @dataclass
@@ -148,6 +150,11 @@ class Pipeline:
         self.cfg = cfg
         self.log = log
         self.meta = session.meta
+        # A recipe of the form refine-<cam>: the graph gives the CAM (region prior); the pixel cue and the
+        # combination run here, on the frame, with the refined map's own threshold and post-processing.
+        rf = (self.meta.raw or {}).get("refine")
+        self.refine_block: dict | None = dict(rf) if isinstance(rf, dict) and not cfg.no_refine else None
+        self.refine_cfg = RefineConfig.from_dict(self.refine_block) if self.refine_block else None
         self.pp_cfg = self._post_config()
         self.stop = cfg.stop_event or threading.Event()
         self._abort = threading.Event()
@@ -180,9 +187,14 @@ class Pipeline:
 
     # ------------------------------------------------------------------ config
     def _post_config(self) -> PostProcessConfig:
-        d = dict(self.meta.postprocess or {})
-        if "threshold" not in d and self.meta.threshold is not None:
-            d["threshold"] = self.meta.threshold
+        if self.refine_block is not None:
+            d = dict(self.refine_block.get("postprocess") or {})
+            if "threshold" not in d and self.refine_block.get("threshold") is not None:
+                d["threshold"] = self.refine_block["threshold"]
+        else:
+            d = dict(self.meta.postprocess or {})
+            if "threshold" not in d and self.meta.threshold is not None:
+                d["threshold"] = self.meta.threshold
         if self.cfg.threshold is not None:
             d["threshold"] = self.cfg.threshold
         try:
@@ -335,6 +347,9 @@ class Pipeline:
             cmap = cv2.resize(cmap, (W, H), interpolation=cv2.INTER_LINEAR)
         else:
             cmap = cmap[:H, :W]
+        if self.refine_cfg is not None:
+            gray = cv2.cvtColor(fr.image, cv2.COLOR_BGR2GRAY) if fr.image.ndim == 3 else fr.image
+            cmap = refine(gray, cmap, self.refine_cfg)
         res = postprocess(cmap, self.pp_cfg, mm_per_px=self.cfg.mm_per_px)
         m = res.measures
         prob = max(p.probs) if p.probs else 0.0
