@@ -264,20 +264,7 @@ def input_dims(proto) -> tuple:
     return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims[:3])
 
 
-# --------------------------------------------------------------------------------------------- atomic write
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
+# --------------------------------------------------------------------------------------------- verified write
 @dataclass
 class ExportResult:
     path: Path
