@@ -264,14 +264,29 @@ def test_bad_model_file_and_missing_source(tmp_path, models):
     assert r.exit_code == 2 and "unknown kind 'pdf'" in r.output
 
 
-def test_default_model_or_one_line(tmp_path):
+def test_packaged_default_model_runs_and_matches_its_provenance(tmp_path):
+    """crack-run with no --model uses crackcam/assets/default.onnx, built by crackcam.tools.default_model."""
+    import hashlib
+
+    assert cli.DEFAULT_MODEL.is_file(), "the packaged default model is missing (python -m crackcam.tools.default_model)"
+    prov = json.loads(cli.DEFAULT_MODEL.with_name("default_model.json").read_text())
+    assert prov["sha256"] == hashlib.sha256(cli.DEFAULT_MODEL.read_bytes()).hexdigest()
+    assert prov["commands"][0].startswith("crack-train ") and prov["licence_of_the_data"]
+    sess = open_session(cli.DEFAULT_MODEL, provider="cpu", log=lambda m: None)
+    assert sess.meta.kind == "cam" and sess.meta.raw.get("data_card_sha256") == prov["data"]["data_card_sha256"]
+    synth_images(tmp_path / "imgs", 3)
+    r = run_cli("--source", tmp_path / "imgs", "--out", tmp_path / "o", "--save", "masks", "--no-progress")
+    assert r.exit_code == 0, r.output
+    recs = list(iter_records(tmp_path / "o" / "results.jsonl"))
+    assert len(recs) == 3 and all(rec["area_px"] > 0 for rec in recs)  # the drawn cracks are found
+
+
+def test_missing_default_model_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "DEFAULT_MODEL", tmp_path / "assets" / "default.onnx")
     synth_images(tmp_path / "imgs", 1)
     r = run_cli("--source", tmp_path / "imgs", "--out", tmp_path / "o")
-    if cli.DEFAULT_MODEL.is_file():
-        assert r.exit_code == 0, r.output
-    else:
-        assert r.exit_code == 2 and "default.onnx is not present" in r.output
-        assert len(r.output.strip().splitlines()) == 1
+    assert r.exit_code == 2 and "default.onnx is not present" in r.output
+    assert len(r.output.strip().splitlines()) == 1
 
 
 def test_tensorrt_engine_absent_is_one_line(tmp_path, models):

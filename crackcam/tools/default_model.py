@@ -1,0 +1,113 @@
+"""``python -m crackcam.tools.default_model``: (re)build the model that ships as ``crackcam/assets/default.onnx``.
+
+The packaged model is made by the project's own commands only, and its provenance is written beside it:
+
+1. ``crack-train --data DATA --model simple_cnn --out RUN`` (skipped when RUN already holds a finished run),
+2. ``crack-eval calibrate --checkpoint RUN`` (recipe chosen on RUN's *validation* images; skipped when present),
+3. the export of ``crack-export --checkpoint RUN --out crackcam/assets/default.onnx`` (verified against PyTorch),
+4. ``crackcam/assets/default_model.json``: the commands, the data card (counts, tile rule, digest), the data set's
+   licence (its ``SOURCE.md``), the recipe and the model's sha256.
+
+    python -m crackcam.tools.default_model --data ../shared/datasets/deepcrack --run runs/dc
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _licence_lines(data: Path) -> list[str]:
+    """The licence / terms lines of the data set's SOURCE.md (where it has one)."""
+    src = Path(data) / "SOURCE.md"
+    if not src.is_file():
+        return []
+    lines = src.read_text(encoding="utf-8", errors="replace").splitlines()
+    keep, on = [], False
+    for ln in lines:
+        low = ln.lower()
+        if low.lstrip("-* ").startswith(("**license", "**licence", "license", "licence")):
+            on = True
+        elif on and ln.lstrip().startswith(("- **", "* **")):
+            on = False
+        if on:
+            keep.append(ln.strip())
+    return keep
+
+
+def _run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def provenance(run: Path, data: Path, out: Path, commands: list[str]) -> dict:
+    cfg = json.loads((run / "config.json").read_text())
+    card = json.loads((run / "data_card.json").read_text()) if (run / "data_card.json").is_file() else {}
+    recipe = json.loads((run / "recipe.json").read_text()) if (run / "recipe.json").is_file() else {}
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else {}
+    best = metrics.get("best_val") or {}
+    return {
+        "file": out.name,
+        "sha256": _sha256(out),
+        "bytes": out.stat().st_size,
+        "made": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "commands": commands,
+        "model": cfg.get("model"),
+        "tile": cfg.get("tile"),
+        "label_rule": cfg.get("label_rule"),
+        "data": {"path": str(data), "name": Path(data).name, "card": card.get("splits") or card.get("counts"),
+                 "data_card_sha256": cfg.get("data_card_sha256"),
+                 "masks": "read only to derive one crack/crack-free bit per training tile (tile rule above)"},
+        "licence_of_the_data": _licence_lines(data) or ["see the data set's own terms"],
+        "licence_note": ("The weights were learned from this data set; use the model under the data set's terms "
+                         "(for DeepCrack and CFD: non-commercial research and education). For other use, train "
+                         "your own with crack-train on your images and rebuild with this command."),
+        "validation_tiles": {"best_epoch": metrics.get("best_epoch"),
+                             **{k: best.get(k) for k in ("n", "f1", "precision", "recall", "auc") if k in best}},
+        "recipe": {k: recipe.get(k) for k in ("method", "threshold", "gate", "postprocess", "refine", "val_f1",
+                                              "chosen_on") if k in recipe},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", type=Path, default=Path("../shared/datasets/deepcrack"))
+    ap.add_argument("--run", type=Path, default=Path("runs/dc"))
+    ap.add_argument("--model", default="simple_cnn")
+    ap.add_argument("--out", type=Path, default=ASSETS / "default.onnx")
+    a = ap.parse_args(argv)
+    exe = Path(sys.executable).parent
+    train = [str(exe / "crack-train"), "--data", str(a.data), "--model", a.model, "--out", str(a.run)]
+    calib = [str(exe / "crack-eval"), "calibrate", "--checkpoint", str(a.run)]
+    export = [str(exe / "crack-export"), "--checkpoint", str(a.run), "--format", "onnx", "--out", str(a.out)]
+    if not (a.run / "best.pt").is_file():
+        _run(train)
+    if not (a.run / "recipe.json").is_file():
+        _run(calib)
+    _run(export)
+    rel = os.path.relpath(a.out)
+    shown = [" ".join(["crack-train", *train[1:]]), " ".join(["crack-eval", *calib[1:]]),
+             " ".join(["crack-export", *export[1:-1], rel])]
+    prov = provenance(a.run, a.data, a.out, shown)
+    side = a.out.with_name(a.out.stem + "_model.json")  # not NAME.json: that name is an engine's metadata side-car
+    tmp = side.with_name(side.name + ".tmp")
+    tmp.write_text(json.dumps(prov, indent=2) + "\n")
+    tmp.replace(side)
+    print(f"wrote {a.out} ({prov['bytes'] / 1e3:.0f} kB) and {side}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
