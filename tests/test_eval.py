@@ -105,3 +105,29 @@ def test_cam_refine_and_calibrated_recipe(flat, tiny_ckpt, tmp_path):
     s = _last_json(r.output)
     assert s["method"] == rec["method"] and s["threshold"] == rec["threshold"]
     assert s["threshold_source"].startswith("recipe")
+
+
+def test_results_table_collects_crack_eval_outputs(flat, tmp_path):
+    from crackcam.tools import results_table
+
+    for thr in ("0.3", "0.6"):
+        r = runner.invoke(app, ["--method", "blackhat", "--data", str(flat), "--split", "all",
+                                "--out", str(tmp_path / "ev" / f"bh{thr}"), "--threshold", thr])
+        assert r.exit_code == 0, r.output
+    rows = results_table.collect([tmp_path / "ev"])
+    assert len(rows) == 2 and {m["threshold"] for m in rows} == {0.3, 0.6}
+    table = results_table.markdown(rows).splitlines()
+    assert len(table) == 4 and all(f"**{m['f1']:.3f}**" in "\n".join(table) for m in rows)
+    png = results_table.figure(rows, tmp_path / "f.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert results_table.main([str(tmp_path / "nothing")]) == 2
+
+
+def test_default_model_provenance_reads_the_licence(tmp_path):
+    from crackcam.tools.default_model import _licence_lines
+
+    (tmp_path / "SOURCE.md").write_text("# X\n- **Repository:** a/b\n- **License / terms:** \"Research only.\"\n"
+                                        "  second line of terms\n- **Content:** 10 images\n")
+    lines = _licence_lines(tmp_path)
+    assert lines[0].startswith("- **License") and "second line of terms" in lines[1] and len(lines) == 2
+    assert _licence_lines(tmp_path / "none") == []
