@@ -307,6 +307,18 @@ def test_crack_train_cli_and_crack_eval_methods(tmp_path):
     assert prob == pytest.approx(prob2) and np.allclose(fused, np.sqrt(cam * rest), atol=1e-6)
     ctx_hi = M.MethodContext(checkpoint=cls_dir, gate=1.01, options={"restoration_checkpoint": str(out)})
     assert not M.resolve("fusion").factory(ctx_hi)(img)[0].any()
+    # the same through crack-eval's --restoration-checkpoint flag
+    from crackcam.tools.evaluate import app as eval_app
+
+    r = CliRunner().invoke(eval_app, ["--checkpoint", str(cls_dir), "--method", "fusion", "--data", str(data),
+                                      "--split", "test", "--gate", "0", "--threshold", "0.5",
+                                      "--restoration-checkpoint", str(out), "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert s["method"] == "fusion" and s["n_images"] == len(list((data / "test" / "images").iterdir())) and 0 <= s["f1"] <= 1
+    r = CliRunner().invoke(eval_app, ["--checkpoint", str(cls_dir), "--method", "fusion", "--data", str(data),
+                                      "--out", str(tmp_path / "ev2")])
+    assert r.exit_code == 2 and "--restoration-checkpoint" in r.output and "Traceback" not in r.output
 
 
 def test_scoring_run_on_known_maps(tmp_path):

@@ -126,7 +126,7 @@ class _Job:
 
 
 def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, gate, refine, postprocess_cfg,
-         data, split, tols, n_bins, limit, out, log) -> _Job:
+         data, split, tols, n_bins, limit, out, log, options=None) -> _Job:
     source = None
     rec_entry: dict = {}
     if recipe is not None:
@@ -152,6 +152,7 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
     if layers is None and rec_entry.get("layers"):
         layers = ",".join(rec_entry["layers"])
     ctx = _context(checkpoint, layers, mode, tile, flips, gate_v, rcfg)
+    ctx.options.update({k: v for k, v in (options or {}).items() if v is not None})
     out.mkdir(parents=True, exist_ok=True)
     key = {"method": method, "data": str(Path(data).resolve()), "split": split, "checkpoint": str(checkpoint),
            "threshold": thr, "pp": pcfg.to_dict(), "refine": rcfg.to_dict(), "gate": gate_v, "layers": layers,
@@ -178,7 +179,8 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
              threshold=None, layers: str | None = None, mode: str = "whole", tile: int | None = None,
              flips: bool = False, tolerance: int = 2, out: Path | None = None, limit: int | None = None,
              gate: float | None = None, refine: dict | None = None, postprocess_cfg: dict | None = None,
-             recipe_path: Path | None = None, n_bins: int = 100, n_overlays: int = 8, log=print):
+             recipe_path: Path | None = None, n_bins: int = 100, n_overlays: int = 8, log=print,
+             options: dict | None = None):
     """Score ``method`` (or a comma-separated list of methods, scored in one pass over the images; CAM methods
     then share one forward/backward per image) on ``data``/``split``.  Returns the summary dict (a list of them
     for several methods), also written to ``out/metrics.json`` (``out/<method>/metrics.json`` for several)."""
@@ -203,7 +205,8 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     tols = (0,) if tolerance == 0 else (0, int(tolerance))
     jobs = [_job(m, checkpoint=checkpoint, recipe=recipe, threshold=threshold, layers=layers, mode=mode, tile=tile,
                  flips=flips, gate=gate, refine=refine, postprocess_cfg=postprocess_cfg, data=data, split=split,
-                 tols=tols, n_bins=n_bins, limit=limit, out=out if len(methods) == 1 else out / _safe(m), log=log)
+                 tols=tols, n_bins=n_bins, limit=limit, out=out if len(methods) == 1 else out / _safe(m), log=log,
+                 options=options)
             for m in methods]
     overlay_every = max(1, len(items) // max(1, n_overlays))
     for j in jobs:
@@ -514,6 +517,9 @@ def cli(ctx: typer.Context,
         close_radius: Optional[int] = typer.Option(None, help="closing radius (px)"),
         open_radius: Optional[int] = typer.Option(None, help="opening radius (px)"),
         recipe: Optional[Path] = typer.Option(None, help="recipe.json to take thresholds from"),
+        restoration_checkpoint: Optional[Path] = typer.Option(
+            None, "--restoration-checkpoint", help="fusion*: the UP-CrackNet run folder whose restoration error is "
+            "fused with the --checkpoint classifier's CAM"),
         calibrate_flag: bool = typer.Option(False, "--calibrate", help="run calibration (as `calibrate`) first"),
         list_methods: bool = typer.Option(False, "--list-methods", help="print the method names and exit")):
     """Score crack maps against pixel masks (see `crack-eval calibrate --help` for choosing the recipe)."""
@@ -535,7 +541,7 @@ def cli(ctx: typer.Context,
                    layers=layers, mode=mode, tile=tile, flips=flips, tolerance=tolerance, out=out, limit=limit,
                    gate=gate, refine=refine,
                    postprocess_cfg={"min_area": min_area, "close_radius": close_radius, "open_radius": open_radius},
-                   recipe_path=recipe)
+                   recipe_path=recipe, options={"restoration_checkpoint": restoration_checkpoint})
     if isinstance(summary, list):
         for t in summary:
             typer.echo(f"{t['method']:<24} P {t['precision']:.3f} R {t['recall']:.3f} F1 {t['f1']:.3f} "
