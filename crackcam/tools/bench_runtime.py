@@ -86,7 +86,8 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
     for p in paths:
         cv2.cvtColor(read_image(p), cv2.COLOR_RGB2BGR)
     decode_ms = 1000 * (time.perf_counter() - t) / len(paths)
-    bare, e2e, e2e_stats, maps = [], [], None, []
+    bare, e2e, e2e_stats, maps, e2e_plain = [], [], None, [], []
+    has_refine = isinstance((sess.meta.raw or {}).get("refine"), dict)
     for r in range(repeats):
         if batches is not None:
             t = time.perf_counter()
@@ -102,9 +103,26 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
         s = Pipeline(sess, src, cfg, log=quiet).run()
         e2e.append(s["fps"])
         e2e_stats = s
-    return {"decode_ms": decode_ms, "maps": maps[:len(paths)], "bare_fps": max(bare) if bare else None, "e2e_fps": max(e2e), "provider": sess.provider,
+        if has_refine:  # the same run without the recipe's refinement step (the pixel cue on every frame)
+            shutil.rmtree(out, ignore_errors=True)
+            src = ImageListSource(paths, str(folder), log=quiet)
+            cfg = RunConfig(out=out, batch=batch, progress=False, resume=False, no_refine=True)
+            e2e_plain.append(Pipeline(sess, src, cfg, log=quiet).run()["fps"])
+    refine_ms = 0.0
+    if has_refine and maps:
+        from crackcam.runtime.cues import RefineConfig, refine
+
+        rcfg = RefineConfig.from_dict(sess.meta.raw["refine"])
+        ts = []
+        for img, m in list(zip(imgs, maps))[:10]:
+            t = time.perf_counter()
+            refine(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), m, rcfg)
+            ts.append(time.perf_counter() - t)
+        refine_ms = 1000 * float(np.median(ts))
+    return {"decode_ms": decode_ms, "refine_ms": refine_ms, "maps": maps[:len(paths)], "bare_fps": max(bare) if bare else None, "e2e_fps": max(e2e), "provider": sess.provider,
             "frames": len(paths), "summary": e2e_stats, "pp_cfg": Pipeline(sess, ImageListSource([], ""), RunConfig(
-                out=workdir / "x", progress=False), log=quiet).pp_cfg, "bare_all": bare, "e2e_all": e2e}
+                out=workdir / "x", progress=False), log=quiet).pp_cfg, "bare_all": bare, "e2e_all": e2e,
+            "e2e_plain_fps": max(e2e_plain) if e2e_plain else None, "e2e_plain_all": e2e_plain}
 
 
 # ---------------------------------------------------------------------------------------- post-processing
@@ -260,6 +278,11 @@ def main(argv: list[str] | None = None) -> int:
                 ratio = r["e2e_fps"] / r["bare_fps"]
                 print(f"{'ratio end-to-end / bare':34s}{ratio:10.2f}x  (target >= 0.90x; {r['frames']} frames "
                       f"{a.size}x{a.size}, batch {a.batch}, provider {r['provider']})")
+            if r["e2e_plain_fps"]:
+                print(f"{'crack-run --no-refine':34s}{r['e2e_plain_fps']:10.1f}   runs {r['e2e_plain_all']}   "
+                      f"(the model's recipe adds a pixel-cue refinement per frame; without it)")
+                if r["bare_fps"]:
+                    print(f"{'ratio --no-refine / bare':34s}{r['e2e_plain_fps'] / r['bare_fps']:10.2f}x")
             bare_ms = 1000 / r["bare_fps"] if r["bare_fps"] else float("nan")
             sets = [("CAM-like synthetic maps", crack_maps(a.post_frames, a.size))]
             if r["maps"]:
@@ -274,11 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{'scikit-image only':34s}{pp['skimage']:10.2f} ms   (x{pp['skimage'] / pp['crackcam']:.1f} the "
                       f"shared code's time; same area: {pp['area_same']}, length {pp['length'][0]:.1f} vs "
                       f"{pp['length'][1]:.1f} px)")
+            rf = r["refine_ms"]
             print(f"\nCPU work per frame: decode {r['decode_ms']:.1f} ms, inference {bare_ms:.1f} ms (bare, all "
-                  f"threads), post-processing {pp_ms:.1f} ms.  When inference runs on the same saturated CPU the "
-                  f"end-to-end ratio is bounded by about inference / (inference + decode + post) = "
-                  f"{bare_ms / (bare_ms + r['decode_ms'] + pp_ms):.2f}; with a GPU, or a free core for the "
-                  f"reader/post threads, decode and post-processing overlap inference.")
+                  f"threads), refinement {rf:.1f} ms, post-processing {pp_ms:.1f} ms.  When inference runs on the "
+                  f"same saturated CPU the end-to-end ratio is bounded by about inference / (inference + decode + "
+                  f"refinement + post) = {bare_ms / (bare_ms + r['decode_ms'] + rf + pp_ms):.2f}; with a GPU, or a "
+                  f"free core for the reader/post threads, decode and post-processing overlap inference.")
         if a.long:
             if a.long_model:
                 lm = Path(a.long_model)
