@@ -158,10 +158,10 @@ class RefineConfig:
 def _prior(cam: np.ndarray, dilate: int) -> np.ndarray:
     """The CAM grey-dilated by a disk of radius ``dilate`` px: the region prior of the refinement.
 
-    A CAM is smooth (bilinearly upsampled from stride 4–32), so radii of 8 px and more are dilated at half
+    A CAM is smooth (bilinearly upsampled from stride 4–32), so radii of 16 px and more are dilated at half
     resolution: 2×2 block maximum (an upper bound of the map), a disk of half the radius, bilinear back up.
-    5–10× cheaper than the full-resolution disk (the largest cost of a refined frame in crack-run) and within a
-    few hundredths of it on CAM-like maps (tests/test_postprocess.py)."""
+    About 5× cheaper than the full-resolution disk (which was the largest cost of a refined frame in crack-run)
+    and within a few hundredths of it on CAM-like maps (tests/test_postprocess.py)."""
     p = np.clip(np.asarray(cam, np.float32), 0, 1)
     if dilate <= 0:
         return p

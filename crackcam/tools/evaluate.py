@@ -156,7 +156,8 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
     out.mkdir(parents=True, exist_ok=True)
     key = {"method": method, "data": str(Path(data).resolve()), "split": split, "checkpoint": str(checkpoint),
            "threshold": thr, "pp": pcfg.to_dict(), "refine": rcfg.to_dict(), "gate": gate_v, "layers": layers,
-           "mode": mode, "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit}
+           "mode": mode, "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit,
+           "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
     state_path = out / ".eval_state.pkl"
     state = None
     if state_path.is_file():
