@@ -68,7 +68,7 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
         cv2.imwrite(str(p), frames[i % len(frames)], [cv2.IMWRITE_JPEG_QUALITY, 92])
         paths.append(p)
     quiet = lambda m: None  # noqa: E731
-    sess = open_session(model, provider=provider, log=print, threads=threads)
+    sess = open_session(model, provider=provider, log=print, threads=threads, spin=False)  # as crack-run opens it
     fixed = sess.meta.fixed_size
     if fixed and fixed != (size, size):
         print(f"note: model input is fixed at {fixed[0]}x{fixed[1]}; frames of {size}x{size} are tiled")
@@ -208,7 +208,7 @@ def bench_long(model: Path, n_frames: int, size: int, batch: int, provider: str,
             vw.write(frames[i % len(frames)])
         vw.release()
         print(f"wrote {n_frames}-frame {size}x{size} MJPG video in {time.perf_counter() - t:.1f} s: {vid}")
-    sess = open_session(model, provider=provider, log=print, threads=threads)
+    sess = open_session(model, provider=provider, log=print, threads=threads, spin=False)  # as crack-run opens it
     src = VideoSource(vid, log=lambda m: None)
     out = workdir / "long_out"
     shutil.rmtree(out, ignore_errors=True)
