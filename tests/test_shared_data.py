@@ -1,0 +1,84 @@
+"""On the real shared data sets (``../shared/datasets``, skipped where absent): the readers, the tile rule's
+counts, and the packaged default model through the torch-free runtime against real masks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+DEEPCRACK, CFD = SHARED / "deepcrack", SHARED / "cfd"
+
+needs_deepcrack = pytest.mark.skipif(not (DEEPCRACK / "images").is_dir(), reason=f"{DEEPCRACK} not present")
+needs_cfd = pytest.mark.skipif(not (CFD / "images").is_dir(), reason=f"{CFD} not present")
+
+
+@needs_deepcrack
+def test_deepcrack_splits_and_validation_tile_counts():
+    from crackcam.train.data import TileRule, list_items, load_split
+
+    counts = {s: len(list_items(DEEPCRACK, s)) for s in ("train", "val", "test")}
+    assert counts == {"train": 240, "val": 60, "test": 237}  # official split; val carved from train by image
+    val = list_items(DEEPCRACK, "val")
+    assert not {i.stem for i in val} & {i.stem for i in list_items(DEEPCRACK, "train")}
+    ts = load_split(val, "val", "tiles", TileRule(tile=128))
+    # the numbers printed on the data card of every DeepCrack run (README, docs/training.md)
+    assert ts.counts()["crack"] == 319 and ts.counts()["crack_free"] == 292 and ts.n_dropped == 109
+
+
+@needs_cfd
+def test_cfd_number_split():
+    from crackcam.train.data import list_items
+
+    train, test = list_items(CFD, "train") + list_items(CFD, "val"), list_items(CFD, "test")
+    assert len(train) == 72 and len(test) == 46
+    assert max(int(i.stem) for i in train) == 72 and min(int(i.stem) for i in test) == 73
+
+
+def _runtime_f1(data: Path, names: list[str], tmp_path: Path) -> tuple[float, float]:
+    """crack-run with the packaged model on these images; pixel F1 of its masks (t = 0) and of black-hat."""
+    from typer.testing import CliRunner
+
+    from crackcam.runtime import cli, cues
+    from crackcam.runtime.imageio import read_image, read_mask
+    from crackcam.runtime.postprocess import PostProcessConfig, postprocess
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for n in names:
+        (src / n).symlink_to(data / "images" / n)
+    r = CliRunner().invoke(cli.app, ["--source", str(src), "--out", str(tmp_path / "out"), "--save", "masks",
+                                     "--no-progress"])
+    assert r.exit_code == 0, r.output
+    recs = {Path(json.loads(ln)["key"]).name: json.loads(ln)
+            for ln in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
+    assert set(recs) == set(names)
+    tp = fp = fn = 0
+    tpb = fpb = fnb = 0
+    for n in names:
+        gt = read_mask(data / "masks" / (Path(n).stem + ".png"))
+        pred = cv2.imread(str(tmp_path / "out" / recs[n]["files"]["mask"]), cv2.IMREAD_GRAYSCALE) > 0
+        tp, fp, fn = tp + np.sum(pred & gt), fp + np.sum(pred & ~gt), fn + np.sum(~pred & gt)
+        bh = postprocess(cues.blackhat(read_image(data / "images" / n)), PostProcessConfig(threshold=0.49,
+                                                                                           min_area=100)).mask
+        tpb, fpb, fnb = tpb + np.sum(bh & gt), fpb + np.sum(bh & ~gt), fnb + np.sum(~bh & gt)
+    return 2 * tp / (2 * tp + fp + fn), 2 * tpb / (2 * tpb + fpb + fnb)
+
+
+@needs_deepcrack
+def test_packaged_model_on_deepcrack_test_images(tmp_path):
+    names = sorted(p.name for p in (DEEPCRACK / "images").glob("test_*.jpg"))[::24]  # 10 test images
+    f1, floor = _runtime_f1(DEEPCRACK, names, tmp_path)
+    assert f1 > 0.65, f1  # the recipe scores 0.785 on the whole test split (README)
+    assert f1 > floor - 0.05, (f1, floor)
+
+
+@needs_cfd
+def test_packaged_model_beats_black_hat_on_cfd(tmp_path):
+    names = sorted(p.name for p in (CFD / "images").glob("*.jpg"))[72::5]  # 10 images of the CFD test split
+    f1, floor = _runtime_f1(CFD, names, tmp_path)
+    assert f1 > floor + 0.03 and f1 > 0.35, (f1, floor)  # cross-data set: trained on DeepCrack only
