@@ -376,6 +376,20 @@ def test_upcracknet_restoration_graph(tmp_path):
     assert np.abs(cmap[0] - ref_map).max() <= 1e-4
     assert restored.dtype == np.uint8 and restored.shape == (1, 40, 56, 3)
     assert np.abs(restored[0, ..., ::-1].astype(int) - ref_rest.astype(int)).max() <= 1
+    # the six-checkerboard "masked" variant, masks built in the graph for this size, batch of two frames
+    r = _cli(["--checkpoint", run, "--method", "restoration-masked-dark", "--out", tmp_path / "upm.onnx"])
+    assert r.exit_code == 0, r.output
+    assert md.get_metadata(tmp_path / "upm.onnx")["method"] == "upcracknet-masked-dark"
+    rgb2, _ = draw_crack_image(np.random.default_rng(4), 40, 56)
+    frames = np.ascontiguousarray(np.stack([rgb, rgb2])[..., ::-1])
+    restored, cmap = _session(tmp_path / "upm.onnx").run(["restored", "map"], {"image": frames})
+    for i, im in enumerate((rgb, rgb2)):
+        ref_map, ref_rest = restoration_map(gen, im, "masked", tile=32, smooth=False, polarity="dark",
+                                            return_restored=True)
+        assert np.abs(cmap[i] - ref_map).max() <= 1e-4
+        assert np.abs(restored[i, ..., ::-1].astype(int) - ref_rest.astype(int)).max() <= 1
+    r = _cli(["--checkpoint", run, "--method", "restoration-masked-debias", "--out", tmp_path / "x.onnx"])
+    assert r.exit_code == 2 and "restoration[-masked][-dark]" in r.output and not (tmp_path / "x.onnx").exists()
 
 
 def test_refine_recipe_exports_the_cam_and_carries_the_refinement(tmp_path):
