@@ -131,3 +131,26 @@ def test_default_model_provenance_reads_the_licence(tmp_path):
     lines = _licence_lines(tmp_path)
     assert lines[0].startswith("- **License") and "second line of terms" in lines[1] and len(lines) == 2
     assert _licence_lines(tmp_path / "none") == []
+
+
+def test_false_alarm_rates_on_known_tiles(tmp_path):
+    """crack-free (flat bright) tiles are not flagged by the darkness toy model, drawn cracks are; a gate above
+    every probability flags nothing; the command reads tiles from a flat data set."""
+    import numpy as np
+
+    from crackcam.runtime.toy import make_toy_model
+    from crackcam.tools.false_alarms import flag_rates, main
+    from crackcam.train.synth import draw_crack_image
+
+    model = make_toy_model(tmp_path / "toy.onnx")
+    rng = np.random.default_rng(0)
+    cracks = np.stack([draw_crack_image(rng, 64, 64)[0] for _ in range(4)])
+    free = np.full((3, 64, 64, 3), 200, np.uint8)
+    tiles, labels = np.concatenate([cracks, free]), np.array([1] * 4 + [0] * 3)
+    r = flag_rates(model, tiles, labels)
+    assert r["crack"] == {"tiles": 4, "flagged": 1.0, "mean_prob": r["crack"]["mean_prob"]}
+    assert r["crack_free"]["tiles"] == 3 and r["crack_free"]["flagged"] == 0.0
+    assert flag_rates(model, tiles, labels, gate=1.01)["crack"]["flagged"] == 0.0
+    data = write_synthetic_dataset(tmp_path / "flat", n_crack=4, size=(128, 128), layout="flat", seed=1)
+    assert main(["--model", str(model), "--data", str(data), "--split", "all", "--tile", "64"]) == 0
+    assert main(["--model", str(model), "--data", str(tmp_path / "missing")]) == 2
