@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
@@ -46,6 +45,7 @@ def _runtime_f1(data: Path, names: list[str], tmp_path: Path) -> tuple[float, fl
     from crackcam.runtime import cli, cues
     from crackcam.runtime.imageio import read_image, read_mask
     from crackcam.runtime.postprocess import PostProcessConfig, postprocess
+    from crackcam.tools.metrics import Counts, binary_counts
 
     src = tmp_path / "src"
     src.mkdir()
@@ -57,16 +57,14 @@ def _runtime_f1(data: Path, names: list[str], tmp_path: Path) -> tuple[float, fl
     recs = {Path(json.loads(ln)["key"]).name: json.loads(ln)
             for ln in (tmp_path / "out" / "results.jsonl").read_text().splitlines()}
     assert set(recs) == set(names)
-    tp = fp = fn = 0
-    tpb = fpb = fnb = 0
+    model, floor = Counts(), Counts()
     for n in names:
         gt = read_mask(data / "masks" / (Path(n).stem + ".png"))
         pred = cv2.imread(str(tmp_path / "out" / recs[n]["files"]["mask"]), cv2.IMREAD_GRAYSCALE) > 0
-        tp, fp, fn = tp + np.sum(pred & gt), fp + np.sum(pred & ~gt), fn + np.sum(~pred & gt)
         bh = postprocess(cues.blackhat(read_image(data / "images" / n)), PostProcessConfig(threshold=0.49,
                                                                                            min_area=100)).mask
-        tpb, fpb, fnb = tpb + np.sum(bh & gt), fpb + np.sum(bh & ~gt), fnb + np.sum(~bh & gt)
-    return 2 * tp / (2 * tp + fp + fn), 2 * tpb / (2 * tpb + fpb + fnb)
+        model, floor = model + binary_counts(pred, gt), floor + binary_counts(bh, gt)
+    return model.figures()["f1"], floor.figures()["f1"]
 
 
 @needs_deepcrack

@@ -143,6 +143,31 @@ def stitch(maps: list[np.ndarray], coords: list[tuple[int, int]], shape: tuple[i
     return acc
 
 
+def model_refine_block(meta) -> dict | None:
+    """The metadata's ``refine`` step (a ``refine-<cam>`` recipe: the graph gives the CAM, the pixel cue and the
+    combination run on the frame), or None."""
+    rf = (meta.raw or {}).get("refine")
+    return dict(rf) if isinstance(rf, dict) else None
+
+
+def post_config_dict(meta, refine_block: dict | None, threshold=None) -> dict:
+    """The post-processing settings of a model's frames: the refinement's own when it has one, else the
+    metadata's ``postprocess`` (with the top-level ``threshold`` when it has none); ``threshold`` overrides."""
+    src = refine_block if refine_block is not None else {"postprocess": meta.postprocess, "threshold": meta.threshold}
+    d = dict(src.get("postprocess") or {})
+    if "threshold" not in d and src.get("threshold") is not None:
+        d["threshold"] = src["threshold"]
+    if threshold is not None:
+        d["threshold"] = threshold
+    return d
+
+
+def refine_frame(image_bgr: np.ndarray, cmap: np.ndarray, rcfg: RefineConfig) -> np.ndarray:
+    """The refinement step on one frame (BGR or gray uint8) and its stitched map."""
+    gray = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY) if image_bgr.ndim == 3 else image_bgr
+    return refine(gray, cmap, rcfg)
+
+
 class Pipeline:
     def __init__(self, session, source: Source, cfg: RunConfig, log: Callable[[str], None] = print):
         self.session = session
@@ -152,8 +177,7 @@ class Pipeline:
         self.meta = session.meta
         # A recipe of the form refine-<cam>: the graph gives the CAM (region prior); the pixel cue and the
         # combination run here, on the frame, with the refined map's own threshold and post-processing.
-        rf = (self.meta.raw or {}).get("refine")
-        self.refine_block: dict | None = dict(rf) if isinstance(rf, dict) and not cfg.no_refine else None
+        self.refine_block: dict | None = None if cfg.no_refine else model_refine_block(self.meta)
         self.refine_cfg = RefineConfig.from_dict(self.refine_block) if self.refine_block else None
         self.pp_cfg = self._post_config()
         self.stop = cfg.stop_event or threading.Event()
@@ -187,18 +211,8 @@ class Pipeline:
 
     # ------------------------------------------------------------------ config
     def _post_config(self) -> PostProcessConfig:
-        if self.refine_block is not None:
-            d = dict(self.refine_block.get("postprocess") or {})
-            if "threshold" not in d and self.refine_block.get("threshold") is not None:
-                d["threshold"] = self.refine_block["threshold"]
-        else:
-            d = dict(self.meta.postprocess or {})
-            if "threshold" not in d and self.meta.threshold is not None:
-                d["threshold"] = self.meta.threshold
-        if self.cfg.threshold is not None:
-            d["threshold"] = self.cfg.threshold
         try:
-            return PostProcessConfig.from_dict(d)
+            return PostProcessConfig.from_dict(post_config_dict(self.meta, self.refine_block, self.cfg.threshold))
         except (ValueError, TypeError) as e:
             raise ModelFileError(self.session.path, f"crackcam metadata 'postprocess' does not fit this runtime ({e})")
 
@@ -348,8 +362,7 @@ class Pipeline:
         else:
             cmap = cmap[:H, :W]
         if self.refine_cfg is not None:
-            gray = cv2.cvtColor(fr.image, cv2.COLOR_BGR2GRAY) if fr.image.ndim == 3 else fr.image
-            cmap = refine(gray, cmap, self.refine_cfg)
+            cmap = refine_frame(fr.image, cmap, self.refine_cfg)
         res = postprocess(cmap, self.pp_cfg, mm_per_px=self.cfg.mm_per_px)
         m = res.measures
         prob = max(p.probs) if p.probs else 0.0

@@ -30,7 +30,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from crackcam.runtime.pipeline import Pipeline, RunConfig, rss_mb
+from crackcam.runtime.pipeline import Pipeline, RunConfig, model_refine_block, refine_frame, rss_mb
 from crackcam.runtime.postprocess import PostProcessConfig, postprocess
 from crackcam.runtime.sessions import open_session
 from crackcam.runtime.imageio import read_image
@@ -87,7 +87,8 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
         cv2.cvtColor(read_image(p), cv2.COLOR_RGB2BGR)
     decode_ms = 1000 * (time.perf_counter() - t) / len(paths)
     bare, e2e, e2e_stats, maps, e2e_plain = [], [], None, [], []
-    has_refine = isinstance((sess.meta.raw or {}).get("refine"), dict)
+    refine_block = model_refine_block(sess.meta)
+    has_refine = refine_block is not None
     for r in range(repeats):
         if batches is not None:
             t = time.perf_counter()
@@ -110,13 +111,13 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
             e2e_plain.append(Pipeline(sess, src, cfg, log=quiet).run()["fps"])
     refine_ms = 0.0
     if has_refine and maps:
-        from crackcam.runtime.cues import RefineConfig, refine
+        from crackcam.runtime.cues import RefineConfig
 
-        rcfg = RefineConfig.from_dict(sess.meta.raw["refine"])
+        rcfg = RefineConfig.from_dict(refine_block)
         ts = []
         for img, m in list(zip(imgs, maps))[:10]:
             t = time.perf_counter()
-            refine(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), m, rcfg)
+            refine_frame(img, m, rcfg)
             ts.append(time.perf_counter() - t)
         refine_ms = 1000 * float(np.median(ts))
     return {"decode_ms": decode_ms, "refine_ms": refine_ms, "maps": maps[:len(paths)], "bare_fps": max(bare) if bare else None, "e2e_fps": max(e2e), "provider": sess.provider,

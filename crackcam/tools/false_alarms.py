@@ -17,10 +17,10 @@ import argparse
 import json
 from pathlib import Path
 
-import cv2
 import numpy as np
 
-from crackcam.runtime.cues import RefineConfig, refine
+from crackcam.runtime.cues import RefineConfig
+from crackcam.runtime.pipeline import model_refine_block, post_config_dict, refine_frame
 from crackcam.runtime.postprocess import PostProcessConfig, postprocess
 from crackcam.runtime.sessions import open_session
 
@@ -30,19 +30,16 @@ DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.onnx"
 def flag_rates(model, tiles_rgb: np.ndarray, labels: np.ndarray, gate: float = 0.0, batch: int = 16) -> dict:
     """Per class (0 crack-free, 1 crack): tiles, flagged share (non-empty mask and prob >= gate), mean prob."""
     sess = open_session(model, provider="cpu", log=lambda m: None)
-    raw = sess.meta.raw or {}
-    rf = raw.get("refine") if isinstance(raw.get("refine"), dict) else None
+    rf = model_refine_block(sess.meta)
     rcfg = RefineConfig.from_dict(rf) if rf else None
-    pp = dict((rf or {}).get("postprocess") or sess.meta.postprocess or {})
-    pp.setdefault("threshold", (rf or {}).get("threshold", sess.meta.threshold))
-    pcfg = PostProcessConfig.from_dict({**pp, "skeleton": False})
+    pcfg = PostProcessConfig.from_dict({**post_config_dict(sess.meta, rf), "skeleton": False})
     flagged, probs = [], []
     for i in range(0, len(tiles_rgb), batch):
         bgr = np.ascontiguousarray(tiles_rgb[i:i + batch, ..., ::-1])
         prob, maps = sess.run(bgr)
         for img, p, m in zip(bgr, prob, maps):
             if rcfg is not None:
-                m = refine(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), m, rcfg)
+                m = refine_frame(img, m, rcfg)
             flagged.append(bool(postprocess(m, pcfg).mask.any()) and float(p) >= gate)
             probs.append(float(p))
     flagged, probs, labels = np.array(flagged), np.array(probs), np.asarray(labels)
