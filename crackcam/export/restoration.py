@@ -144,7 +144,8 @@ def build_restoration_graph(run_dir, config: dict, recipe: dict, settings):
     threshold = settings.threshold if settings.threshold is not None else recipe.get("threshold",
                                                                                      pp.get("threshold", "otsu"))
     gate = settings.gate if settings.gate is not None else recipe.get("gate", 0.0)
-    meta = md.build_metadata(kind="restoration", model="upcracknet", method=f"upcracknet-{graph.variant}-{graph.polarity}",
+    meta = md.build_metadata(kind="restoration", model="upcracknet",
+                             method=f"upcracknet-{graph.variant}-{graph.polarity}",
                              target_layers=[],
                              mean=list(graph.mean.flatten().tolist()), std=list(graph.std.flatten().tolist()),
                              outputs=graph.output_names, height=settings.height, width=settings.width,

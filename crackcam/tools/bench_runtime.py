@@ -120,7 +120,8 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
             refine_frame(img, m, rcfg)
             ts.append(time.perf_counter() - t)
         refine_ms = 1000 * float(np.median(ts))
-    return {"decode_ms": decode_ms, "refine_ms": refine_ms, "maps": maps[:len(paths)], "bare_fps": max(bare) if bare else None, "e2e_fps": max(e2e), "provider": sess.provider,
+    return {"decode_ms": decode_ms, "refine_ms": refine_ms, "maps": maps[:len(paths)],
+            "bare_fps": max(bare) if bare else None, "e2e_fps": max(e2e), "provider": sess.provider,
             "frames": len(paths), "summary": e2e_stats, "pp_cfg": Pipeline(sess, ImageListSource([], ""), RunConfig(
                 out=workdir / "x", progress=False), log=quiet).pp_cfg, "bare_all": bare, "e2e_all": e2e,
             "e2e_plain_fps": max(e2e_plain) if e2e_plain else None, "e2e_plain_all": e2e_plain}
