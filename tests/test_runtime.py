@@ -596,7 +596,7 @@ def test_tiled_large_frame_equals_whole_frame(tmp_path, models):
     plan = pipe.plan(Frame(0, img[..., ::-1].copy(), "big", None, "big"))
     assert len(plan.tiles) > 4
     maps = [sess_f.run(t[None])[1][0] for t in plan.tiles]
-    stitched = stitch(maps, plan.coords, plan.work_shape, 16)
+    stitched = stitch(maps, plan.plan.coords, plan.plan.padded_shape, plan.plan.overlap)[:img.shape[0], :img.shape[1]]
     whole = sess_d.run(img[None, ..., ::-1].copy())[1][0]
     assert np.abs(stitched - whole).max() < 1e-5
 

@@ -302,7 +302,7 @@ def test_crack_train_cli_and_crack_eval_methods(tmp_path):
                                                       "std": list(spec.std), "tile": 64}))
     ctx = M.MethodContext(checkpoint=cls_dir, gate=0.0, options={"restoration_checkpoint": str(out)})
     fused, prob = M.resolve("fusion").factory(ctx)(img)
-    cam, prob2 = M.CamPredictor(M.MethodContext(checkpoint=cls_dir, gate=0.0), ["gradcam"])(img)["gradcam"]
+    cam, prob2 = M.resolve("gradcam").factory(M.MethodContext(checkpoint=cls_dir, gate=0.0))(img)
     rest = up.restoration_map(gen, img, "masked", tile=64, polarity="dark")
     assert prob == pytest.approx(prob2) and np.allclose(fused, np.sqrt(cam * rest), atol=1e-6)
     ctx_hi = M.MethodContext(checkpoint=cls_dir, gate=1.01, options={"restoration_checkpoint": str(out)})

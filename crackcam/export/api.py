@@ -101,6 +101,8 @@ def build_cam_graph(model, config: dict, settings: ExportSettings, recipe: dict 
                              data_card_sha256=config.get("data_card_sha256"))
     if refine:
         meta["refine"] = refine  # an addition to the contract's keys (docs/export.md): the recipe's pixel-cue step
+    if recipe.get("survey"):
+        meta["survey"] = dict(recipe["survey"])  # frame geometry, per-tile gate, ROI, minimum crack length
     return graph, meta
 
 
@@ -114,6 +116,8 @@ def resolve_recipe(recipe: dict, method_override: str | None = None) -> dict:
     """
     if not recipe:
         return {}
+    if recipe.get("survey") is not None:
+        return _resolve_survey_recipe(recipe, method_override)
     method = method_override or recipe.get("method") or ""
     cands = recipe.get("candidates") or {}
     if method_override and method_override in cands:
@@ -139,6 +143,27 @@ def resolve_recipe(recipe: dict, method_override: str | None = None) -> dict:
     return out
 
 
+def _resolve_survey_recipe(recipe: dict, method_override: str | None) -> dict:
+    """A recipe from the survey calibration (``crackcam.tools.calibration``): the gate lives in its ``survey``
+    block and is applied per tile by the runtime (the graph itself does not gate); a ``refine-<cam>`` method puts
+    its cue step, threshold and post-processing into ``_refine``."""
+    entry = dict(recipe)
+    method = method_override or recipe.get("method") or ""
+    if method_override and method_override != recipe.get("method"):
+        cand = (recipe.get("candidates") or {}).get(method_override)
+        if not cand or cand.get("threshold") is None:
+            return {"gate": 0.0, "survey": recipe.get("survey"), "layers": recipe.get("layers")}
+        entry = {**cand, "layers": recipe.get("layers")}
+    survey = dict(entry.get("survey") or recipe.get("survey"))
+    out = {"method": method, "layers": entry.get("layers"), "gate": 0.0, "survey": survey,
+           "threshold": entry.get("threshold"), "postprocess": dict(entry.get("postprocess") or {})}
+    if str(method).startswith("refine-"):
+        out["method"] = method[len("refine-"):]
+        out["_refine"] = {"method": method, **dict(entry.get("refine") or {}), "threshold": entry.get("threshold"),
+                          "postprocess": dict(entry.get("postprocess") or {})}
+    return out
+
+
 def default_out(run_dir: Path, meta: dict, fmt: str) -> Path:
     m = "restoration" if meta["kind"] == "restoration" else str(meta.get("method") or meta["kind"])
     m = m.replace("+", "p")  # gradcam++ → gradcampp
@@ -160,6 +185,13 @@ def export_checkpoint(run_dir, out=None, settings: ExportSettings | None = None,
         graph, meta, tile = build_restoration_graph(run_dir, config, recipe, settings)
     else:
         model, config = load_classifier(run_dir, which=settings.which)
+        if getattr(model, "pool_kind", "avg") == "topk" and (settings.height is None or settings.width is None):
+            # the top-k pool's k is a function of the tile size: such graphs take a fixed tile (the survey tile)
+            t = (resolve_recipe(recipe, settings.method).get("survey") or {}).get("tile") or tile
+            settings = ExportSettings(**{**settings.__dict__, "height": settings.height or int(t),
+                                         "width": settings.width or int(t)})
+            log(f"crack-export: {config.get('model')} pools the top-k positions (k depends on the size): fixed "
+                f"input {settings.height}x{settings.width}")
         graph, meta = build_cam_graph(model, config, settings, recipe)
     out = Path(out) if out else default_out(run_dir, meta, "onnx")
     return write_verified_onnx(graph, out, meta, exporter=settings.exporter, opset=settings.opset,

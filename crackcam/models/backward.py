@@ -40,7 +40,7 @@ from torch import nn
 
 from ._torchvision import import_torchvision
 from .efficientnet_lite import MBConv
-from .nets import CrackClassifier
+from .nets import CrackClassifier, TopKMeanPool
 
 
 class UnsupportedModuleError(TypeError):
@@ -131,6 +131,12 @@ def _sequential(m: nn.Sequential, x, rec):
 @register_rule(CrackClassifier)
 def _classifier(m: CrackClassifier, x, rec):
     x = run_module(m.body, x, rec)
+    if m.pool_kind == "topk":  # per-position linear (a 1×1 convolution with the fc weights), then top-k mean
+        x = run_module(m.dropout, x, rec)
+        w = m.fc.weight
+        rec.push(lambda g, grads: F.conv2d(g, w.t()[:, :, None, None]))  # transposed 1×1 conv: Wᵀ g per position
+        z = m.logit_map(x)
+        return run_module(m.pool, z, rec)
     x = run_module(m.pool, x, rec)
     shape = x.shape
     rec.push(lambda g, grads: g.reshape(shape))
@@ -317,6 +323,25 @@ def _gap(m: nn.AdaptiveAvgPool2d, x, rec):
 
     def step(g, grads):
         return g.expand_as(xs) / (xs.shape[2] * xs.shape[3])
+
+    rec.push(step)
+    return y
+
+
+@register_rule(TopKMeanPool)
+def _topk(m: TopKMeanPool, z, rec):
+    """Top-k mean over positions: the gradient is 1/k at the k largest positions, 0 elsewhere (the k-th largest
+    value as the threshold: a TopK node in ONNX; ties at the threshold are improbable for float logits)."""
+    flat = z.flatten(2)
+    k = m.k_of(z.shape[2] * z.shape[3])
+    top = flat.topk(k, dim=2).values
+    y = top.mean(dim=2)
+    kth = top[:, :, -1:]
+    zs = z
+
+    def step(g, grads):
+        mask = (flat >= kth).to(g.dtype)
+        return (mask * (g.unsqueeze(2) / k)).reshape(zs.shape)
 
     rec.push(step)
     return y

@@ -6,7 +6,12 @@
 * :class:`CamModel` ``(model, method, layers=None, normalize=True, gate=0.5, out_size=None, combine="mean")``:
   normalised NCHW float → ``(prob [N], map [N, H, W])``, the one module used by evaluation and ONNX export.
 
-The order of the map post-processing is ``pytorch_grad_cam``'s: ReLU → per-image min-max (ε 1e-7) at the
+``cam`` is the original class activation map *with its bias*, through the sigmoid: the per-position crack logit of
+the classifier's own linear layer (:meth:`CrackClassifier.logit_map`) on the body's output, an **absolute** map
+(probability-like, nothing min–max stretched: an empty tile stays empty).  It needs no gradient, reads only the
+last target layer (the body output) and is what the survey recipe of a ``topk`` (MIL) classifier uses.
+
+The order of the map post-processing of the gradient methods is ``pytorch_grad_cam``'s: ReLU → per-image min-max (ε 1e-7) at the
 target-layer resolution → bilinear resize (``align_corners=False``, = ``cv2.resize`` INTER_LINEAR) → mean
 (or max) over target layers → per-image min-max again → gate (zero where prob < gate).
 """
@@ -77,19 +82,26 @@ def hirescam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return (g * a).sum(dim=1)
 
 
+@register_cam("cam")
+def cam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:  # pragma: no cover - computed in CamModel
+    """Class activation map with bias (absolute, sigmoid): needs the classifier's weights, see CamModel."""
+    raise RuntimeError("the 'cam' method reads the classifier's linear layer; use it through CamModel")
+
+
+ABSOLUTE_METHODS = ("cam",)  # maps that are probabilities already: never min-max normalised, no fusion
 FUSION_SUFFIX = "-fusion"
 
 
 def list_methods() -> list[str]:
     """All method names CamModel accepts (each base method, and ``<method>-fusion`` = default two layers)."""
-    return sorted(CAM_METHODS) + sorted(m + FUSION_SUFFIX for m in CAM_METHODS)
+    return sorted(CAM_METHODS) + sorted(m + FUSION_SUFFIX for m in CAM_METHODS if m not in ABSOLUTE_METHODS)
 
 
 def parse_method(method: str) -> tuple[str, bool]:
     """``"gradcam++-fusion"`` → ("gradcam++", True)."""
     fusion = method.endswith(FUSION_SUFFIX)
     base = method[: -len(FUSION_SUFFIX)] if fusion else method
-    if base not in CAM_METHODS:
+    if base not in CAM_METHODS or (fusion and base in ABSOLUTE_METHODS):
         raise ValueError(f"unknown CAM method {method!r}; choose one of: {', '.join(list_methods())}")
     return base, fusion
 
@@ -154,13 +166,25 @@ class CamModel(nn.Module):
         self.out_size = tuple(out_size) if out_size is not None else None
         self.combine = combine
         self._fn = CAM_METHODS[base]
+        self.absolute = base in ABSOLUTE_METHODS
+        if self.absolute:
+            body_out = _last_body_layer(model)
+            if self.layers != [body_out]:
+                raise ValueError(f"method {method!r} reads the classifier's linear layer, so its target layer is the "
+                                 f"body output {body_out!r} (not {self.layers})")
+            if not hasattr(model, "logit_map"):
+                raise ValueError(f"method {method!r} needs a CrackClassifier (logit_map)")
+            self.normalize = False
 
     @property
     def model(self) -> nn.Module:
         return self.head.model
 
     def layer_maps(self, outs) -> list[torch.Tensor]:
-        """ReLU'd raw maps [N, h_l, w_l] per target layer from CamHead outputs."""
+        """ReLU'd raw maps [N, h_l, w_l] per target layer from CamHead outputs (``cam``: the sigmoid of the
+        per-position logit)."""
+        if self.absolute:
+            return [torch.sigmoid(self.model.logit_map(outs[1])[:, self.head.class_index])]
         return [F.relu(self._fn(outs[1 + 2 * i], outs[2 + 2 * i])) for i in range(len(self.layers))]
 
     def forward(self, x: torch.Tensor):
@@ -183,3 +207,16 @@ class CamModel(nn.Module):
         if self.gate > 0.0:
             cam = cam * (prob >= self.gate).to(cam.dtype).reshape(-1, 1, 1)
         return prob, cam
+
+
+def _last_body_layer(model: nn.Module) -> str:
+    """Dotted name of the module whose output is ``model.body``'s output (the last leaf of the body)."""
+    body = getattr(model, "body", None)
+    if body is None:
+        raise ValueError("the model has no .body")
+    name, mod = "body", body
+    while isinstance(mod, nn.Sequential) and len(mod):
+        idx = len(mod) - 1
+        key = list(mod._modules.keys())[idx]
+        name, mod = f"{name}.{key}", mod[idx]
+    return name

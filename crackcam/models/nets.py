@@ -1,6 +1,15 @@
 """Crack classifiers.  Every one is a :class:`CrackClassifier`: ``body`` (an ``nn.Sequential`` whose output is
-an N×C×h×w feature map) → global average pooling → dropout → linear, so any input size works and a model
-trained on tiles maps a whole image in one pass.  One output logit: the crack logit (sigmoid → probability).
+an N×C×h×w feature map) → pooling → one crack logit (sigmoid → probability), so any input size works and a model
+trained on tiles maps a whole image in one pass.
+
+Two heads (``pool``):
+
+* ``"avg"`` — global average pooling → dropout → linear (the classic CAM network);
+* ``"topk"`` — multiple-instance learning: the linear layer applied at every position (the per-position crack
+  logit, :meth:`CrackClassifier.logit_map`, = the class activation map with its bias), then the mean of the
+  largest ``topk`` fraction of positions.  A tile is crack when a few positions are; a crack-free tile teaches
+  that none is, so the per-position logit is an absolute, pixel-scale crack score (the ``cam`` method of
+  :mod:`crackcam.models.cam` reads it out).
 """
 
 from __future__ import annotations
@@ -10,22 +19,54 @@ from collections import OrderedDict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_model
 
 
-class CrackClassifier(nn.Module):
-    def __init__(self, body: nn.Sequential, num_features: int, num_classes: int = 1, dropout: float = 0.2):
+class TopKMeanPool(nn.Module):
+    """N×C×h×w → N×C: the mean of the ``fraction`` largest positions of each channel (at least one)."""
+
+    def __init__(self, fraction: float = 0.03):
         super().__init__()
+        if not 0.0 < float(fraction) <= 1.0:
+            raise ValueError(f"top-k fraction must lie in (0, 1], got {fraction}")
+        self.fraction = float(fraction)
+
+    def k_of(self, n_positions: int) -> int:
+        return max(1, min(int(n_positions), int(round(self.fraction * n_positions))))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        k = self.k_of(z.shape[2] * z.shape[3])
+        return z.flatten(2).topk(k, dim=2).values.mean(dim=2)
+
+    def extra_repr(self) -> str:
+        return f"fraction={self.fraction}"
+
+
+class CrackClassifier(nn.Module):
+    def __init__(self, body: nn.Sequential, num_features: int, num_classes: int = 1, dropout: float = 0.2,
+                 pool: str = "avg", topk: float = 0.03):
+        super().__init__()
+        if pool not in ("avg", "topk"):
+            raise ValueError(f"pool must be 'avg' or 'topk', not {pool!r}")
         self.body = body
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool_kind = pool
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool == "avg" else TopKMeanPool(topk)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(num_features, num_classes)
         self.pretrained_source: str | None = None
 
+    def logit_map(self, features: torch.Tensor) -> torch.Tensor:
+        """The per-position crack logits N×classes×h×w of body features (the linear layer at every position)."""
+        return F.conv2d(features, self.fc.weight[:, :, None, None], self.fc.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.dropout(self.pool(self.body(x)).flatten(1)))
+        f = self.body(x)
+        if self.pool_kind == "topk":
+            return self.pool(self.logit_map(self.dropout(f)))
+        return self.fc(self.dropout(self.pool(f).flatten(1)))
 
 
 # ----------------------------------------------------------------------------------------------- weights
@@ -107,12 +148,12 @@ def simple_body(widths=SIMPLE_WIDTHS) -> nn.Sequential:
 # the ReLU before the third pool (output stride 4) is index 19.
 @register_model("simple_cnn", target_layers=("body.26", "body.19"),
                 description="small CNN (4 stages, output stride 8), trains in minutes on 2 CPU cores")
-def simple_cnn(pretrained=False, num_classes=1, widths=SIMPLE_WIDTHS, dropout=0.2):
+def simple_cnn(pretrained=False, num_classes=1, widths=SIMPLE_WIDTHS, dropout=0.2, pool="avg", topk=0.03):
     """small CNN (4 stages, output stride 8), trains in minutes on 2 CPU cores"""
     if pretrained and not isinstance(pretrained, (str, os.PathLike)):
         print("[crackcam] simple_cnn has no ImageNet weights; training from scratch.")
         pretrained = False
-    model = CrackClassifier(simple_body(widths), widths[-1], num_classes, dropout)
+    model = CrackClassifier(simple_body(widths), widths[-1], num_classes, dropout, pool, topk)
     load_pretrained(model, pretrained, hub_prefix=None, key_map=lambda k: k[5:] if k.startswith("body.") else None,
                     name="simple_cnn")
     return model

@@ -17,6 +17,7 @@ import typer
 
 from .imageio import BadInputError
 from .meta import BackendUnavailable, ModelFileError
+from .survey import RoiError
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False)
 
@@ -57,6 +58,42 @@ def _parse_save(s: str) -> tuple:
     return kinds
 
 
+def _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length) -> dict:
+    from .survey import parse_roi
+
+    d: dict = {}
+    if scale is not None:
+        if not 0 < scale <= 4:
+            _err(f"--scale {scale}: must lie in (0, 4]")
+        d["scale"] = scale
+    if gate is not None:
+        if not 0 <= gate <= 1:
+            _err(f"--gate {gate}: must lie in [0, 1]")
+        d["gate"] = gate
+    if min_length is not None:
+        if min_length < 0:
+            _err(f"--min-length {min_length}: must be >= 0")
+        d["min_length"] = min_length
+    if roi is not None and no_roi:
+        _err("give --roi or --no-roi, not both")
+    if no_roi:
+        d.update(roi=None, roi_mask=None, roi_size=None, _clear_roi=True)
+    if roi is not None:
+        try:
+            d.update({"roi": None, "roi_mask": None, **parse_roi(roi)})
+        except RoiError as e:
+            _err(f"--roi: {e}")
+    if roi_size is not None:
+        w, _, h = roi_size.lower().partition("x")
+        try:
+            d["roi_size"] = [int(w), int(h)]
+            if min(d["roi_size"]) <= 0:
+                raise ValueError
+        except ValueError:
+            _err(f"--roi-size {roi_size!r}: give WIDTHxHEIGHT in px, e.g. 1280x1080")
+    return d
+
+
 @app.command()
 def run(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model (.onnx) or TensorRT engine "
@@ -80,11 +117,23 @@ def run(
                                              "ISO 8601), for GPS matching"),
     mm_per_px: Optional[float] = typer.Option(None, "--mm-per-px", help="pixel size on the road (mm/px): "
                                               "measures in mm too"),
-    tile: Optional[int] = typer.Option(None, help="tile size in px (default: the model's fixed input size when "
-                                       "the frame is larger; 0 = never tile, resize instead)"),
-    overlap: int = typer.Option(64, min=0, help="tile overlap in px (stitched with a weighted blend)"),
-    max_side: Optional[int] = typer.Option(None, help="dynamic-size models: resize frames whose longer side "
-                                           "exceeds this"),
+    tile: Optional[int] = typer.Option(None, help="dynamic-size models: tile size in px at work scale (default: "
+                                       "the model's survey settings; a fixed-size model takes its own size)"),
+    overlap: Optional[int] = typer.Option(None, min=0, help="tile overlap in px at work scale (stitched with a "
+                                          "weighted blend; default: the model's)"),
+    max_side: Optional[int] = typer.Option(None, help="shrink frames whose longer side exceeds this (px; default: "
+                                           "the model's)"),
+    scale: Optional[float] = typer.Option(None, help="work scale: resize frames by this before tiling, so crack "
+                                          "widths in px match what the model learned (default: the model's)"),
+    gate: Optional[float] = typer.Option(None, help="per-tile gate: a tile whose crack probability is below this "
+                                         "contributes an empty map (default: the model's)"),
+    roi: Optional[str] = typer.Option(None, help="region of interest: 'x,y x,y x,y ...' in frame-relative "
+                                      "coordinates (0..1; ';' between polygons), a JSON polygon file or a mask PNG; "
+                                      "outside it the map is 0 and nothing is counted (default: the model's)"),
+    roi_size: Optional[str] = typer.Option(None, help="apply the ROI only to frames of this size (WIDTHxHEIGHT)"),
+    no_roi: bool = typer.Option(False, "--no-roi", help="ignore the model's ROI"),
+    min_length: Optional[float] = typer.Option(None, help="a frame is 'cracked' when its crack skeleton is at least "
+                                               "this long (px; default: the model's calibrated value)"),
     workers: int = typer.Option(2, min=1, help="post-processing threads"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
     resume: bool = typer.Option(True, help="skip frames already in OUT/results.jsonl"),
@@ -112,6 +161,7 @@ def run(
         model = DEFAULT_MODEL
     thr = _parse_threshold(threshold)
     save_kinds = _parse_save(save)
+    survey = _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length)
     if gps_method not in ("linear", "nearest"):
         _err(f"--gps-method {gps_method!r}: choose linear or nearest")
     if mm_per_px is not None and mm_per_px <= 0:
@@ -134,13 +184,15 @@ def run(
         src = open_source(source, log=log, start_time=t0, retries=retries)
         root = source if Path(source).is_dir() else None
         cfg = RunConfig(out=out, batch=batch, save=save_kinds, threshold=thr, mm_per_px=mm_per_px, tile=tile,
-                        overlap=overlap, max_side=max_side, max_frames=max_frames, show=show, gps=track,
+                        overlap=overlap, max_side=max_side, survey=survey, max_frames=max_frames, show=show, gps=track,
                         gps_method=gps_method, gps_max_gap=gps_max_gap, post_workers=workers, resume=resume,
                         progress=progress and sys.stderr.isatty(), source_root=root, no_refine=not refine)
         pipe = Pipeline(sess, src, cfg, log=log)
         summary = pipe.run()
     except (BadInputError, ModelFileError, BackendUnavailable) as e:
         _err(str(e))
+    except RoiError as e:
+        _err(f"--roi: {e}")
     except KeyboardInterrupt:  # before the pipeline started (model loading, source opening)
         _err("interrupted before the first frame", 130)
     except OSError as e:

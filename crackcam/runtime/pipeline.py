@@ -4,11 +4,10 @@
   memory stays flat however long the run.
 * Frames are written in source order (post-processing runs in a small thread pool; the writer takes the futures in
   submission order).
-* Fixed-size models: a frame of the model's size goes in as is; a larger frame (4K line-scan …) is cut into
-  model-size tiles with ``overlap`` px of overlap, and the tile maps are stitched with a weighted blend (linear
-  ramps over the overlap, so seams vanish); a smaller side is padded (reflect) and cropped back.
-  Dynamic-size models: the frame goes in directly, resized down when its longer side exceeds ``max_side``
-  (the map is resized back), or tiled when ``tile`` is given.
+* Every frame goes through the model's frame steps (:class:`crackcam.runtime.steps.FrameSteps`, the ones
+  ``crack-eval`` runs): work scale, native-scale tiles (the model's fixed size, or ``tile`` px for a dynamic model,
+  with ``overlap`` px of overlap), per-tile gate, weighted blend, refinement, ROI, post-processing and the frame
+  decision.  The model's metadata (``survey``) gives the defaults; the run config overrides single fields.
 * Ctrl-C (KeyboardInterrupt in the main thread): the reader stops, frames already read are finished and written,
   the summary is written.  A camera that drops is retried by the source, which then ends the stream cleanly.
 * Resume: records already in ``DIR/results.jsonl`` are read first and their frames skipped.
@@ -31,10 +30,11 @@ import cv2
 import numpy as np
 
 from . import geo, sinks
+from . import survey as S
 from .meta import ModelFileError
-from .cues import RefineConfig, refine
-from .postprocess import PostProcessConfig, postprocess
+from .progress import bar as progress_bar
 from .sources import Frame, Source
+from .steps import FrameSteps, model_refine_block, model_survey_block, post_config_dict  # noqa: F401 (re-exported)
 
 _END = object()
 
@@ -46,9 +46,11 @@ class RunConfig:
     save: tuple = ()  # subset of sinks.SAVE_KINDS
     threshold: float | str | None = None  # None → model metadata
     mm_per_px: float | None = None
-    tile: int | None = None  # None = auto (fixed-size models tile when the frame is larger), 0 = never tile
-    overlap: int = 64  # px of overlap between tiles
-    max_side: int | None = None  # dynamic-size models: resize frames whose longer side is larger
+    tile: int | None = None  # dynamic-size models: tile size in px (None = the model's survey settings)
+    overlap: int | None = None  # px of overlap between tiles (None = the model's, else 32)
+    max_side: int | None = None  # resize frames whose longer side is larger (None = the model's)
+    survey: dict = field(default_factory=dict)  # further survey overrides: scale, gate, roi, roi_mask, roi_size,
+    #                                             min_length (None values ignored)
     max_frames: int | None = None  # new frames to process in this run
     show: bool = False
     gps: geo.GpsTrack | None = None
@@ -69,101 +71,31 @@ class RunConfig:
 class _Plan:
     frame: Frame
     t_read: float
+    plan: S.FramePlan
     tiles: list  # list of uint8 arrays (h, w, 3), same shape
-    coords: list  # [(y, x)] tile origin in the (possibly padded/resized) work image
-    work_shape: tuple  # (H, W) of the work image the coords refer to
-    resized: bool = False
     probs: list = field(default_factory=list)
     maps: list = field(default_factory=list)
     infer_s: float = 0.0
+    n_tiles: int = 0
+
+    def __post_init__(self):
+        self.n_tiles = len(self.tiles)
 
     @property
     def done(self) -> bool:
-        return len(self.maps) == len(self.tiles)
+        return len(self.maps) == self.n_tiles
 
 
-def tile_origins(size: int, tile: int, overlap: int) -> list[int]:
-    """Origins along one axis so that tiles of ``tile`` px cover ``size`` px with ≥ ``overlap`` px overlap."""
-    if size <= tile:
-        return [0]
-    step = max(1, tile - max(0, min(overlap, tile - 1)))
-    n = math.ceil((size - tile) / step) + 1
-    if n == 1:
-        return [0]
-    # spread evenly: first at 0, last at size - tile
-    return [int(round(i * (size - tile) / (n - 1))) for i in range(n)]
+# kept importable from here (earlier versions defined them in this module)
+tile_origins = S.tile_origins
+blend_window = S.blend_window
+stitch = S.stitch
 
 
-def blend_window(h: int, w: int, overlap: int) -> np.ndarray:
-    """Weights for stitching: 1 in the middle, linear ramps over ``overlap`` px at each edge (never 0)."""
-    def ramp(n):
-        if overlap <= 0:
-            return np.ones(n, np.float32)
-        i = np.arange(n, dtype=np.float32)
-        r = np.minimum(np.minimum((i + 0.5) / overlap, (n - i - 0.5) / overlap), 1.0)
-        return np.maximum(r, 1e-3)
-    return np.outer(ramp(h), ramp(w)).astype(np.float32)
+def refine_frame(image_bgr: np.ndarray, cmap: np.ndarray, rcfg) -> np.ndarray:
+    """The refinement step on one frame (BGR or gray uint8) and its map, at the frame's own scale."""
+    from .cues import refine
 
-
-_WSUM_CACHE: dict = {}
-_WSUM_LOCK = threading.Lock()
-
-
-def _inv_weight_sum(coords: tuple, shape: tuple, th: int, tw: int, overlap: int) -> np.ndarray:
-    """1 / (sum of the blend windows) for a tiling layout; the same for every frame of a size, so cached."""
-    key = (coords, shape, th, tw, overlap)
-    with _WSUM_LOCK:
-        inv = _WSUM_CACHE.get(key)
-    if inv is None:
-        win = blend_window(th, tw, overlap)
-        wsum = np.zeros(shape, np.float32)
-        for y, x in coords:
-            wsum[y:y + th, x:x + tw] += win
-        inv = 1.0 / np.maximum(wsum, 1e-12)
-        with _WSUM_LOCK:
-            if len(_WSUM_CACHE) > 16:
-                _WSUM_CACHE.clear()
-            _WSUM_CACHE[key] = inv
-    return inv
-
-
-def stitch(maps: list[np.ndarray], coords: list[tuple[int, int]], shape: tuple[int, int], overlap: int) -> np.ndarray:
-    """Weighted blend of tile maps into one ``shape`` map: Σ wᵢ·mᵢ / Σ wᵢ with :func:`blend_window` weights."""
-    H, W = shape
-    if len(maps) == 1 and coords[0] == (0, 0) and maps[0].shape == (H, W):
-        return maps[0]
-    th, tw = maps[0].shape
-    win = blend_window(th, tw, overlap)
-    acc = np.zeros((H, W), np.float32)
-    tmp = np.empty((th, tw), np.float32)
-    for m, (y, x) in zip(maps, coords):
-        np.multiply(m, win, out=tmp)
-        acc[y:y + th, x:x + tw] += tmp
-    acc *= _inv_weight_sum(tuple(map(tuple, coords)), (H, W), th, tw, overlap)
-    return acc
-
-
-def model_refine_block(meta) -> dict | None:
-    """The metadata's ``refine`` step (a ``refine-<cam>`` recipe: the graph gives the CAM, the pixel cue and the
-    combination run on the frame), or None."""
-    rf = (meta.raw or {}).get("refine")
-    return dict(rf) if isinstance(rf, dict) else None
-
-
-def post_config_dict(meta, refine_block: dict | None, threshold=None) -> dict:
-    """The post-processing settings of a model's frames: the refinement's own when it has one, else the
-    metadata's ``postprocess`` (with the top-level ``threshold`` when it has none); ``threshold`` overrides."""
-    src = refine_block if refine_block is not None else {"postprocess": meta.postprocess, "threshold": meta.threshold}
-    d = dict(src.get("postprocess") or {})
-    if "threshold" not in d and src.get("threshold") is not None:
-        d["threshold"] = src["threshold"]
-    if threshold is not None:
-        d["threshold"] = threshold
-    return d
-
-
-def refine_frame(image_bgr: np.ndarray, cmap: np.ndarray, rcfg: RefineConfig) -> np.ndarray:
-    """The refinement step on one frame (BGR or gray uint8) and its stitched map."""
     gray = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY) if image_bgr.ndim == 3 else image_bgr
     return refine(gray, cmap, rcfg)
 
@@ -175,18 +107,19 @@ class Pipeline:
         self.cfg = cfg
         self.log = log
         self.meta = session.meta
-        # A recipe of the form refine-<cam>: the graph gives the CAM (region prior); the pixel cue and the
-        # combination run here, on the frame, with the refined map's own threshold and post-processing.
+        fixed = self.meta.fixed_size
+        self.fixed = fixed
+        # The model's frame steps: survey geometry and gate, the refine-<cam> pixel-cue step (the graph gives the
+        # CAM, the cue and the combination run here with the refined map's own threshold), post-processing.
         self.refine_block: dict | None = None if cfg.no_refine else model_refine_block(self.meta)
-        self.refine_cfg = RefineConfig.from_dict(self.refine_block) if self.refine_block else None
-        self.pp_cfg = self._post_config()
+        self.steps = self._frame_steps()
+        self.refine_cfg = self.steps.refine
+        self.pp_cfg = self.steps.post
         self.stop = cfg.stop_event or threading.Event()
         self._abort = threading.Event()
         self._written = threading.Event()  # the writer is done
         self.error: BaseException | None = None
         self.interrupted = False
-        fixed = self.meta.fixed_size
-        self.fixed = fixed
         mb = session.max_batch
         self.batch = max(1, int(cfg.batch))
         if mb is not None and self.batch > mb and not (self.meta.batch and self.meta.batch == mb):
@@ -210,47 +143,24 @@ class Pipeline:
         self._reader_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ config
-    def _post_config(self) -> PostProcessConfig:
+    def _frame_steps(self) -> FrameSteps:
+        c = self.cfg
+        over = {"tile": c.tile, "overlap": c.overlap, "max_side": c.max_side, **(c.survey or {})}
+        if self.fixed is not None:
+            over.pop("tile", None)  # a fixed-size graph takes its own size
         try:
-            return PostProcessConfig.from_dict(post_config_dict(self.meta, self.refine_block, self.cfg.threshold))
+            return FrameSteps.from_meta(self.meta, survey=over, threshold=c.threshold, no_refine=c.no_refine)
+        except S.RoiError:
+            raise
         except (ValueError, TypeError) as e:
-            raise ModelFileError(self.session.path, f"crackcam metadata 'postprocess' does not fit this runtime ({e})")
+            raise ModelFileError(self.session.path, f"crackcam metadata 'survey'/'postprocess' does not fit this "
+                                                    f"runtime or the options ({e})")
 
     # ------------------------------------------------------------------ planning (tiling)
     def plan(self, fr: Frame) -> _Plan:
-        img = fr.image
-        H, W = img.shape[:2]
         t0 = time.perf_counter()
-        if self.fixed is not None:
-            th, tw = self.fixed
-            if (H, W) == (th, tw):
-                return _Plan(fr, t0, [img], [(0, 0)], (H, W))
-            if self.cfg.tile == 0:  # no tiling: resize to the model input
-                return _Plan(fr, t0, [cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)], [(0, 0)], (th, tw),
-                             resized=True)
-            return self._tiled(fr, img, th, tw, t0)
-        if self.cfg.tile:
-            return self._tiled(fr, img, int(self.cfg.tile), int(self.cfg.tile), t0)
-        ms = self.cfg.max_side
-        if ms and max(H, W) > ms:
-            s = ms / max(H, W)
-            small = cv2.resize(img, (max(1, round(W * s)), max(1, round(H * s))), interpolation=cv2.INTER_AREA)
-            return _Plan(fr, t0, [small], [(0, 0)], small.shape[:2], resized=True)
-        return _Plan(fr, t0, [img], [(0, 0)], (H, W))
-
-    def _tiled(self, fr: Frame, img: np.ndarray, th: int, tw: int, t0: float) -> _Plan:
-        H, W = img.shape[:2]
-        ph, pw = max(0, th - H), max(0, tw - W)
-        work = cv2.copyMakeBorder(img, 0, ph, 0, pw, cv2.BORDER_REFLECT_101) if (ph or pw) else img
-        WH, WW = work.shape[:2]
-        ov = self._overlap(th, tw)
-        coords = [(y, x) for y in tile_origins(WH, th, ov) for x in tile_origins(WW, tw, ov)]
-        tiles = [work[y:y + th, x:x + tw] for y, x in coords]
-        return _Plan(fr, t0, tiles, coords, (WH, WW))
-
-    def _overlap(self, th: int, tw: int) -> int:
-        """The tile overlap in px, at most half the tile."""
-        return max(0, min(int(self.cfg.overlap), min(th, tw) // 2))
+        plan = self.steps.plan(fr.image)
+        return _Plan(fr, t0, plan, self.steps.tiles(fr.image, plan))
 
     # ------------------------------------------------------------------ stages
     def _put(self, q: queue.Queue, item) -> bool:
@@ -351,50 +261,15 @@ class Pipeline:
             self._put(self.q_results, _END)
 
     def _finish(self, p: _Plan) -> dict:
-        """Post-processing worker: stitch, post-process, write the frame's images; returns its JSON record."""
+        """Post-processing worker: the frame steps after the model, the frame's images; returns its JSON record."""
         t = time.perf_counter()
         fr = p.frame
         H, W = fr.image.shape[:2]
-        th, tw = p.maps[0].shape
-        cmap = stitch(p.maps, p.coords, p.work_shape, self._overlap(th, tw))
-        if p.resized:
-            cmap = cv2.resize(cmap, (W, H), interpolation=cv2.INTER_LINEAR)
-        else:
-            cmap = cmap[:H, :W]
-        if self.refine_cfg is not None:
-            cmap = refine_frame(fr.image, cmap, self.refine_cfg)
-        res = postprocess(cmap, self.pp_cfg, mm_per_px=self.cfg.mm_per_px)
-        m = res.measures
-        prob = max(p.probs) if p.probs else 0.0
-        rec = {"key": fr.key, "source": fr.source, "frame": fr.index, "timestamp": fr.timestamp,
-               "width": W, "height": H, "prob": round(prob, 6), "cracked": bool(res.mask.any()),
-               "threshold": round(float(res.threshold), 6),
-               "length_px": round(float(m.get("length_px", 0.0)), 3), "area_px": int(m.get("area_px", 0)),
-               "mean_width_px": round(float(m.get("mean_width_px", 0.0)), 3),
-               "max_width_px": round(float(m.get("max_width_px", 0.0)), 3), "segments": int(m.get("segments", 0))}
-        if self.cfg.mm_per_px:
-            for k in ("length_mm", "area_mm2", "mean_width_mm", "max_width_mm"):
-                rec[k] = round(float(m.get(k, 0.0)), 3)
-        if self.cfg.gps is not None:
-            loc = self.cfg.gps.locate(fr.timestamp, self.cfg.gps_method, self.cfg.gps_max_gap)
-            rec["lat"], rec["lon"] = (round(loc[0], 8), round(loc[1], 8)) if loc else (None, None)
+        r = self.steps.finish(fr.image, p.plan, p.probs, p.maps, mm_per_px=self.cfg.mm_per_px)
+        res = r.post
+        rec = self._record(fr, r, W, H)
         if self.cfg.save:
-            stem = sinks.output_stem(fr.source, fr.index, self.source.kind, self.cfg.source_root)
-            files = {}
-            if "masks" in self.cfg.save:
-                f = self.out / "masks" / f"{stem}.png"
-                sinks.write_png(f, res.mask.astype(np.uint8) * 255)
-                files["mask"] = str(f.relative_to(self.out))
-            if "skeletons" in self.cfg.save:
-                f = self.out / "skeletons" / f"{stem}.png"
-                sk = res.skeleton if res.skeleton is not None else np.zeros((H, W), bool)
-                sinks.write_png(f, sk.astype(np.uint8) * 255)
-                files["skeleton"] = str(f.relative_to(self.out))
-            if "overlays" in self.cfg.save:
-                f = self.out / "overlays" / f"{stem}.jpg"
-                sinks.write_jpeg(f, sinks.overlay(fr.image, res.mask, res.skeleton))
-                files["overlay"] = str(f.relative_to(self.out))
-            rec["files"] = files
+            rec["files"] = self._save(fr, res, H, W)
         post_s = time.perf_counter() - t
         rec["infer_ms"] = round(p.infer_s * 1000, 3)
         rec["post_ms"] = round(post_s * 1000, 3)
@@ -402,6 +277,44 @@ class Pipeline:
         if self._show_ok:
             rec["_show"] = (fr.image, res.mask, res.skeleton)
         return rec
+
+    def _record(self, fr: Frame, r, W: int, H: int) -> dict:
+        m = r.post.measures
+        gate = self.steps.survey.gate
+        rec = {"key": fr.key, "source": fr.source, "frame": fr.index, "timestamp": fr.timestamp,
+               "width": W, "height": H, "prob": round(r.prob, 6), "cracked": bool(r.cracked),
+               "threshold": round(float(r.post.threshold), 6),
+               "length_px": round(float(m.get("length_px", 0.0)), 3), "area_px": int(m.get("area_px", 0)),
+               "mean_width_px": round(float(m.get("mean_width_px", 0.0)), 3),
+               "max_width_px": round(float(m.get("max_width_px", 0.0)), 3), "segments": int(m.get("segments", 0)),
+               "tiles": int(r.plan.n_tiles),
+               "tiles_gated": int(np.count_nonzero(np.asarray(r.tile_probs) < gate)) if gate > 0 else 0}
+        if self.cfg.mm_per_px:
+            for k in ("length_mm", "area_mm2", "mean_width_mm", "max_width_mm"):
+                rec[k] = round(float(m.get(k, 0.0)), 3)
+        if self.cfg.gps is not None:
+            loc = self.cfg.gps.locate(fr.timestamp, self.cfg.gps_method, self.cfg.gps_max_gap)
+            rec["lat"], rec["lon"] = (round(loc[0], 8), round(loc[1], 8)) if loc else (None, None)
+        return rec
+
+    def _save(self, fr: Frame, res, H: int, W: int) -> dict:
+        stem = sinks.output_stem(fr.source, fr.index, self.source.kind, self.cfg.source_root)
+        files = {}
+        if "masks" in self.cfg.save:
+            f = self.out / "masks" / f"{stem}.png"
+            sinks.write_png(f, res.mask.astype(np.uint8) * 255)
+            files["mask"] = str(f.relative_to(self.out))
+        if "skeletons" in self.cfg.save:
+            f = self.out / "skeletons" / f"{stem}.png"
+            sk = res.skeleton if res.skeleton is not None else np.zeros((H, W), bool)
+            sinks.write_png(f, sk.astype(np.uint8) * 255)
+            files["skeleton"] = str(f.relative_to(self.out))
+        if "overlays" in self.cfg.save:
+            f = self.out / "overlays" / f"{stem}.jpg"
+            roi = S.roi_mask((H, W), self.steps.survey)
+            sinks.write_jpeg(f, sinks.overlay(fr.image, res.mask, res.skeleton, roi=roi))
+            files["overlay"] = str(f.relative_to(self.out))
+        return files
 
     def _writer(self, jw: sinks.JsonlWriter, bar):
         try:
@@ -459,11 +372,7 @@ class Pipeline:
             total = max(0, total - len(done))
             if cfg.max_frames is not None:
                 total = min(total, cfg.max_frames)
-        bar = None
-        if cfg.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total or None, unit="frame", desc="crack-run", leave=False, dynamic_ncols=True)
+        bar = progress_bar(total or None, "crack-run", "frame", every=100) if cfg.progress else None
         t_start = time.perf_counter()
         started = time.time()
         # consumers first, the reader last; SIGINT is held back while the threads start (so a Ctrl-C cannot leave

@@ -51,9 +51,14 @@ def write_jpeg(path: Path, img: np.ndarray, quality: int = 90) -> None:
     atomic_write_bytes(path, enc.tobytes())
 
 
-def overlay(bgr: np.ndarray, mask: np.ndarray, skeleton: np.ndarray | None = None, alpha: float = 0.5) -> np.ndarray:
-    """Cracks tinted red on the frame, skeleton in yellow."""
-    out = bgr.copy()
+def overlay(bgr: np.ndarray, mask: np.ndarray, skeleton: np.ndarray | None = None, alpha: float = 0.5,
+            roi: np.ndarray | None = None) -> np.ndarray:
+    """Cracks tinted red on the frame, skeleton in yellow; outside the ROI (if any) dimmed, its border in cyan."""
+    out = bgr.copy() if bgr.ndim == 3 else cv2.cvtColor(bgr, cv2.COLOR_GRAY2BGR)
+    if roi is not None and not roi.all():
+        out[~roi] = (out[~roi] * 0.45).astype(np.uint8)
+        cnts, _ = cv2.findContours(roi.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, cnts, -1, (255, 255, 0), 2)
     if mask is not None and mask.any():
         red = np.array([0, 0, 255], np.float32)
         px = out[mask].astype(np.float32)

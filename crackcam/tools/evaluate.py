@@ -22,7 +22,7 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import numpy as np
 import typer
@@ -82,21 +82,23 @@ def read_recipe(checkpoint: Path | None, recipe: Path | None = None) -> dict | N
 
 
 def _list(data: Path, split: str, config: dict | None, limit: int | None):
+    """The items of ``split`` that can be scored: images with masks (frames), clean tiles and image-labelled
+    frames (frame-level figures only).  The split rule is the training run's (val_fraction, split_seed)."""
     from crackcam.train.data import list_items
 
     tc = (config or {}).get("train_config", {})
     items = list_items(data, split, val_fraction=float(tc.get("val_fraction", 0.2)),
                        split_seed=int(tc.get("split_seed", 0)))
-    items = [it for it in items if it.mask is not None] if items else items
+    items = [it for it in items if it.mask is not None or it.name_label is not None]
     if not items:
-        raise EvalError(f"{data}: no images with masks in split {split!r}")
+        raise EvalError(f"{data}: no images with masks or labels in split {split!r}")
     if limit:
         items = items[:limit]
     return items
 
 
 def _context(checkpoint: Path | None, layers: str | None, mode: str, tile: int | None, flips: bool, gate: float,
-             refine: C.RefineConfig) -> M.MethodContext:
+             refine: C.RefineConfig, survey=None) -> M.MethodContext:
     config = {}
     if checkpoint is not None:
         from crackcam.models.checkpoint import read_config
@@ -109,12 +111,34 @@ def _context(checkpoint: Path | None, layers: str | None, mode: str, tile: int |
     if mode not in ("whole", "sliding"):
         raise EvalError(f"--mode must be whole or sliding, not {mode!r}")
     return M.MethodContext(checkpoint=checkpoint, config=config, layers=lay, mode=mode, tile=tile, flips=flips,
-                           gate=gate, refine=refine)
+                           gate=gate, refine=refine, survey=survey)
 
 
 def _default_out(checkpoint: Path | None, method: str, data: Path, split: str) -> Path:
     base = checkpoint / "eval" if checkpoint else Path("runs") / "eval"
     return base / f"{method}_{data.name}_{split}".replace("+", "pp").replace("/", "_")
+
+
+def survey_from(entry: dict, recipe: dict | None, overrides: dict | None, mode: str, tile: int | None,
+                gate: float | None, config: dict | None = None):
+    """The SurveyConfig of an evaluation: the recipe's ``survey`` block (else whole frames, or the training tile
+    for ``--mode sliding``, gated at the recipe's gate), with command-line overrides."""
+    from crackcam.runtime.survey import SurveyConfig
+
+    block = dict(entry.get("survey") or (recipe or {}).get("survey") or {})
+    if not block:
+        t = None
+        if mode == "sliding":
+            t = int(tile or (config or {}).get("tile") or 224)
+        block = {"tile": t, "overlap": (t or 0) // 4, "gate": float(entry.get("gate", 0.5) if gate is None else gate)}
+    elif gate is not None:
+        block["gate"] = float(gate)
+    if tile is not None:
+        block["tile"] = int(tile)
+    try:
+        return SurveyConfig.from_dict(block).replace(**(overrides or {}))
+    except ValueError as exc:
+        raise EvalError(f"survey settings: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -126,7 +150,7 @@ class _Job:
 
 
 def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, gate, refine, postprocess_cfg,
-         data, split, tols, n_bins, limit, out, log, options=None) -> _Job:
+         data, split, tols, n_bins, limit, out, log, options=None, survey=None) -> _Job:
     source = None
     rec_entry: dict = {}
     if recipe is not None:
@@ -139,25 +163,32 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
         source = "--threshold"
     elif rec_entry.get("threshold") is not None:
         thr = parse_threshold(rec_entry["threshold"])
-        source = f"recipe ({rec_entry.get('chosen_on', 'validation images')})"
+        source = f"recipe ({rec_entry.get('chosen_on') or (recipe or {}).get('chosen_on') or 'validation images'})"
     else:
         thr, source = "otsu", "per-image Otsu (label-free default; no recipe for this method)"
     pp = dict(rec_entry.get("postprocess") or {})
     pp.update({k: v for k, v in (postprocess_cfg or {}).items() if v is not None})
     pp.pop("threshold", None)
-    pp["skeleton"] = False
+    cfg0 = {}
+    if checkpoint is not None:
+        cfg0 = _context(checkpoint, None, "whole", None, False, 0.5, C.RefineConfig()).config
+    sv = survey_from(rec_entry, recipe, survey, mode, tile, gate, cfg0) if spec.needs_checkpoint else \
+        survey_from({}, None, {k: v for k, v in (survey or {}).items() if k in ("roi", "roi_mask", "roi_size",
+                                                                             "min_length")},
+                    "whole", None, 0.0)
+    pp["skeleton"] = sv.min_length > 0
     pcfg = PostProcessConfig.from_dict({**pp, "threshold": thr})
     rcfg = C.RefineConfig.from_dict({**(rec_entry.get("refine") or {}), **(refine or {})})
-    gate_v = gate if gate is not None else float(rec_entry.get("gate", 0.5))
+    gate_v = sv.gate
     if layers is None and rec_entry.get("layers"):
         layers = ",".join(rec_entry["layers"])
-    ctx = _context(checkpoint, layers, mode, tile, flips, gate_v, rcfg)
+    ctx = _context(checkpoint, layers, mode, tile, flips, gate_v, rcfg, sv if spec.needs_checkpoint else None)
     ctx.options.update({k: v for k, v in (options or {}).items() if v is not None})
     out.mkdir(parents=True, exist_ok=True)
     key = {"method": method, "data": str(Path(data).resolve()), "split": split, "checkpoint": str(checkpoint),
-           "threshold": thr, "pp": pcfg.to_dict(), "refine": rcfg.to_dict(), "gate": gate_v, "layers": layers,
-           "mode": mode, "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit,
-           "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
+           "threshold": thr, "pp": pcfg.to_dict(), "refine": rcfg.to_dict(), "survey": sv.to_dict(),
+           "layers": layers, "mode": mode, "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins,
+           "limit": limit, "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
     state_path = out / ".eval_state.pkl"
     state = None
     if state_path.is_file():
@@ -169,11 +200,25 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
             state = None
     if state is None:
         state = {"key": key, "scorer": MapScorer(n_bins, tols), "binary": BinaryScorer(tols), "rows": [],
-                 "thumbs": [], "done": set(), "skipped": [], "seconds": []}
+                 "thumbs": [], "done": set(), "skipped": [], "seconds": [], "frames": [], "worst": []}
     elif state["done"]:
         log(f"resuming {method}: {len(state['done'])} images already scored in {out}")
     return _Job(method=method, spec=spec, ctx=ctx, thr=thr, source=source, pcfg=pcfg, gate=gate_v, out=out,
-                state=state, state_path=state_path, fn=None)
+                state=state, state_path=state_path, fn=None, survey=sv)
+
+
+def _valid_mask(it, shape, survey) -> np.ndarray | None:
+    """Pixels that count: inside the ROI and outside ``ignore/`` (None = every pixel)."""
+    from crackcam.runtime.survey import roi_mask
+
+    valid = roi_mask(shape, survey)
+    if it.ignore is not None:
+        ign = read_mask(it.ignore, shape)
+        valid = ~ign if valid is None else (valid & ~ign)
+    return valid
+
+
+N_WORST = 8
 
 
 def evaluate(*, method: str | None, data: Path | None, split: str = "test", checkpoint: Path | None = None,
@@ -181,10 +226,14 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
              flips: bool = False, tolerance: int = 2, out: Path | None = None, limit: int | None = None,
              gate: float | None = None, refine: dict | None = None, postprocess_cfg: dict | None = None,
              recipe_path: Path | None = None, n_bins: int = 100, n_overlays: int = 8, log=print,
-             options: dict | None = None):
+             options: dict | None = None, survey: dict | None = None):
     """Score ``method`` (or a comma-separated list of methods, scored in one pass over the images; CAM methods
-    then share one forward/backward per image) on ``data``/``split``.  Returns the summary dict (a list of them
-    for several methods), also written to ``out/metrics.json`` (``out/<method>/metrics.json`` for several)."""
+    then share one forward/backward per tile batch) on ``data``/``split``.  Returns the summary dict (a list of
+    them for several methods), also written to ``out/metrics.json`` (``out/<method>/metrics.json`` for several).
+
+    Pixel figures skip ``ignore/`` pixels and pixels outside the ROI; frames of a data set with frame classes
+    (PaveSeg ``labels.csv``) also give the frame-level detection and false-alarm rates, and its clean tiles the
+    share flagged (each tile run as crack-run runs an image file)."""
     recipe = read_recipe(checkpoint, recipe_path)
     if method is None:
         if recipe is None:
@@ -207,46 +256,68 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     jobs = [_job(m, checkpoint=checkpoint, recipe=recipe, threshold=threshold, layers=layers, mode=mode, tile=tile,
                  flips=flips, gate=gate, refine=refine, postprocess_cfg=postprocess_cfg, data=data, split=split,
                  tols=tols, n_bins=n_bins, limit=limit, out=out if len(methods) == 1 else out / _safe(m), log=log,
-                 options=options)
+                 options=options, survey=survey)
             for m in methods]
-    overlay_every = max(1, len(items) // max(1, n_overlays))
+    frames = [it for it in items if not it.is_tile]
+    overlay_every = max(1, len(frames) // max(1, n_overlays))
     for j in jobs:
         j.fn = j.spec.factory(j.ctx)
-        log(f"crack-eval: {j.method} on {data} [{split}] — {len(items)} images, threshold {j.thr} ({j.source}), "
-            f"post-processing {j.pcfg.to_dict()}, out {j.out}")
-    from tqdm import tqdm
+        n_t = sum(it.is_tile for it in items)
+        log(f"crack-eval: {j.method} on {data} [{split}] — {len(frames)} frames" + (f" + {n_t} clean tiles" if n_t
+            else "") + f", threshold {j.thr} ({j.source}), post-processing {j.pcfg.to_dict()}, survey "
+            f"{_survey_text(j.survey)}, out {j.out}")
+    from crackcam.runtime.progress import progress
+    from crackcam.runtime.survey import decide_frame
 
     from crackcam.tools.figures import overlay_row
 
     last_save = time.time()
-    for i, it in enumerate(tqdm(items, desc=",".join(methods)[:40], unit="img", file=sys.stderr)):
+    k_frame = 0
+    for it in progress(items, desc="crack-eval " + ",".join(methods)[:40], unit="img", every=25):
         name = it.image.name
         todo = [j for j in jobs if name not in j.state["done"]]
+        if not it.is_tile:
+            k_frame += 1
         if not todo:
             continue
         try:
             img = read_image(it.image)
-            gt = read_mask(it.mask, img.shape[:2])
+            gt = read_mask(it.mask, img.shape[:2]) if it.mask is not None else None
+            valid = _valid_mask(it, img.shape[:2], jobs[0].survey) if gt is not None else None
         except BadInputError as exc:
-            tqdm.write(f"skipped {exc}", file=sys.stderr)
+            log(f"skipped {exc}")
             for j in todo:
                 j.state["skipped"].append(str(exc))
                 j.state["done"].add(name)
             continue
         for j in todo:
             st = j.state
+            if valid is not None and j is not jobs[0] and j.survey.to_dict() != jobs[0].survey.to_dict():
+                valid = _valid_mask(it, img.shape[:2], j.survey)
             t0 = time.perf_counter()
             m, prob = j.fn(img)
-            dt = time.perf_counter() - t0
             m = np.asarray(m, np.float32)
-            st["scorer"].add(m, gt, name)
             res = postprocess(m, j.pcfg)
-            row = st["binary"].add(res.mask, gt, name)
-            row.update(prob=prob, threshold=res.threshold, seconds=dt)
-            st["rows"].append(row)
-            st["seconds"].append(dt)
-            if i % overlay_every == 0 and len(st["thumbs"]) < n_overlays:
-                st["thumbs"].append((name, overlay_row(img, m, res.mask, gt)))
+            dt = time.perf_counter() - t0
+            cracked = decide_frame(float(res.measures.get("length_px", 0.0)), bool(res.mask.any()), j.survey)
+            label = it.image_label or ({1: "crack", 0: "no_crack"}.get(it.name_label) if gt is None else None)
+            if label is None and gt is not None:
+                label = "crack" if gt.any() else "no_crack"
+            fp_px = int(np.count_nonzero(res.mask & ~gt)) if gt is not None else int(np.count_nonzero(res.mask))
+            st["frames"].append({"name": name, "label": label, "tile": it.is_tile, "cracked": bool(cracked),
+                                 "prob": prob, "length_px": round(float(res.measures.get("length_px", 0.0)), 1),
+                                 "fp_px": fp_px})
+            if not it.is_tile:
+                st["seconds"].append(dt)
+            if gt is not None and not it.is_tile:
+                st["scorer"].add(m, gt, name, valid)
+                row = st["binary"].add(res.mask, gt, name, valid)
+                row.update(prob=prob, threshold=res.threshold, seconds=dt, cracked=bool(cracked), label=label)
+                st["rows"].append(row)
+                if (k_frame - 1) % overlay_every == 0 and len(st["thumbs"]) < n_overlays:
+                    st["thumbs"].append((name, overlay_row(img, m, res.mask, gt)))
+            if label != "crack" and cracked:
+                _keep_worst(st["worst"], fp_px, name, img, m, res.mask, gt)
             st["done"].add(name)
         if time.time() - last_save > 20:
             for j in jobs:
@@ -255,9 +326,10 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     summaries = []
     for j in jobs:
         _atomic_write(j.state_path, pickle.dumps(j.state))
-        if not j.state["rows"]:
+        if not j.state["frames"]:
             raise EvalError(f"{data}: no image could be scored")
-        s = _summary(j.method, j.spec, j.ctx, data, split, j.thr, j.source, j.pcfg, j.gate, j.state, tols, recipe)
+        s = _summary(j.method, j.spec, j.ctx, data, split, j.thr, j.source, j.pcfg, j.gate, j.state, tols, recipe,
+                     j.survey)
         if len(jobs) > 1:
             s["seconds_note"] = "CAM methods of one layer group share a forward pass: the first one carries its cost"
         _write_outputs(j.out, s, j.state, j.state["scorer"], tols, j.method)
@@ -265,39 +337,89 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     return summaries[0] if len(summaries) == 1 else summaries
 
 
+def _keep_worst(worst: list, fp_px: int, name: str, img, m, mask, gt) -> None:
+    """Keep the N_WORST false alarms (most flagged pixels) with a small overlay each."""
+    from crackcam.tools.figures import overlay_row
+
+    if len(worst) >= N_WORST and fp_px <= min(w[0] for w in worst):
+        return
+    g = gt if gt is not None else np.zeros(mask.shape, bool)
+    worst.append((fp_px, name, overlay_row(img, m, mask, g)))
+    worst.sort(key=lambda w: -w[0])
+    del worst[N_WORST:]
+
+
+def _survey_text(sv) -> str:
+    parts = [f"scale {sv.scale:g}" + (f" (longer side <= {sv.max_side})" if sv.max_side else "")]
+    parts.append(f"tile {sv.tile or 'model/whole'} overlap {sv.overlap}")
+    parts.append(f"gate {sv.gate:g}")
+    if sv.has_roi:
+        parts.append("ROI" + (f" for {sv.roi_size[0]}x{sv.roi_size[1]} frames" if sv.roi_size else ""))
+    if sv.min_length:
+        parts.append(f"min length {sv.min_length:g}px")
+    return ", ".join(parts)
+
+
 def _safe(name: str) -> str:
     return name.replace("+", "pp").replace("/", "_")
 
 
-def _summary(method, spec, ctx, data, split, thr, source, pcfg, gate_v, state, tols, recipe) -> dict:
+def frame_figures(frames: list[dict]) -> dict:
+    """Frame-level figures from per-frame records (label, cracked, tile): detection rate on crack frames, false-
+    alarm rate on the others (per class and together) and the share of clean tiles flagged."""
+    out: dict = {}
+    fr = [f for f in frames if not f["tile"]]
+    by: dict[str, list] = {}
+    for f in fr:
+        by.setdefault(f["label"], []).append(f["cracked"])
+    for lab, v in sorted(by.items()):
+        out[lab] = {"frames": len(v), "flagged": int(sum(v)), "rate": round(sum(v) / len(v), 4)}
+    crack = by.get("crack", [])
+    neg = [c for lab, v in by.items() if lab != "crack" for c in v]
+    out["detection_rate"] = round(sum(crack) / len(crack), 4) if crack else None
+    out["false_alarm_rate"] = round(sum(neg) / len(neg), 4) if neg else None
+    tiles = [f["cracked"] for f in frames if f["tile"]]
+    if tiles:
+        out["clean_tiles"] = {"tiles": len(tiles), "flagged": int(sum(tiles)), "rate": round(sum(tiles) / len(tiles), 4)}
+    return out
+
+
+def _summary(method, spec, ctx, data, split, thr, source, pcfg, gate_v, state, tols, recipe, survey) -> dict:
     scorer, bins = state["scorer"], state["binary"]
     tmax = max(tols)
+    n_frames = sum(not f["tile"] for f in state["frames"])
     s = {"method": method, "learned": spec.learned, "checkpoint": str(ctx.checkpoint) if ctx.checkpoint else None,
-         "model": ctx.config.get("model") if spec.learned else None, "data": str(data), "split": split, "n_images": len(state["rows"]),
-         "skipped": len(state["skipped"]), "threshold": thr, "threshold_source": source,
-         "postprocess": pcfg.to_dict()}
-    f0 = bins.figures(0)
-    s.update({k: round(v, 4) for k, v in f0.items()})
-    for t in tols:
-        s[f"t{t}"] = {k: round(v, 4) for k, v in bins.figures(t).items()}
-    s["ods"] = {f"t{t}": {k: round(v, 4) for k, v in scorer.ods(t).items()} for t in tols}
-    s["ois"] = {f"t{t}": round(scorer.ois(t)["f1"], 4) for t in tols}
-    s["ods_f1"] = s["ods"]["t0"]["f1"]
-    s["ois_f1"] = s["ois"]["t0"]
-    s[f"f1_t{tmax}"] = s[f"t{tmax}"]["f1"]
-    s["seconds_per_image"] = round(float(np.mean(state["seconds"])), 4) if state["seconds"] else None
+         "model": ctx.config.get("model") if spec.learned else None, "data": str(data), "split": split,
+         "n_images": len(state["rows"]), "n_frames": n_frames, "skipped": len(state["skipped"]), "threshold": thr,
+         "threshold_source": source, "postprocess": pcfg.to_dict(), "survey": survey.to_dict()}
+    if state["rows"]:
+        f0 = bins.figures(0)
+        s.update({k: round(v, 4) for k, v in f0.items()})
+        for t in tols:
+            s[f"t{t}"] = {k: round(v, 4) for k, v in bins.figures(t).items()}
+        s["ods"] = {f"t{t}": {k: round(v, 4) for k, v in scorer.ods(t).items()} for t in tols}
+        s["ois"] = {f"t{t}": round(scorer.ois(t)["f1"], 4) for t in tols}
+        s["ods_f1"] = s["ods"]["t0"]["f1"]
+        s["ois_f1"] = s["ois"]["t0"]
+        s[f"f1_t{tmax}"] = s[f"t{tmax}"]["f1"]
+        s["pixels_skipped"] = "ignore/ areas and pixels outside the ROI" if survey.has_roi else "ignore/ areas (if any)"
+    s["frames"] = frame_figures(state["frames"])
+    sec = state["seconds"]
+    s["seconds_per_image"] = round(float(np.mean(sec)), 4) if sec else None
+    s["fps"] = round(1.0 / float(np.mean(sec)), 2) if sec and np.mean(sec) > 0 else None
+    s["fps_note"] = "PyTorch on this machine's CPU, map + post-processing per frame (crack-bench runtime: ONNX Runtime)"
     if spec.needs_checkpoint:
-        probs = [r["prob"] for r in state["rows"] if r.get("prob") is not None]
+        probs = [f["prob"] for f in state["frames"] if f.get("prob") is not None]
         s["gate"] = gate_v
-        s["gated_images"] = int(sum(p < gate_v for p in probs)) if gate_v else 0
         s["mean_prob"] = round(float(np.mean(probs)), 4) if probs else None
         s["layers"] = ctx.layers
         s["mode"] = ctx.mode
-        s["flips"] = ctx.flips
     if method.startswith("refine-"):
         s["refine"] = ctx.refine.to_dict()
     if recipe is not None:
         s["recipe_method"] = recipe.get("method")
+        if recipe.get("masks_used") is not None:
+            s["recipe_masks_used"] = recipe.get("masks_used")
     return s
 
 
@@ -305,6 +427,19 @@ def _write_outputs(out: Path, summary: dict, state: dict, scorer: MapScorer, tol
     from crackcam.tools.figures import overlay_grid_png, pr_curve_png
 
     rows = state["rows"]
+    if state.get("frames"):
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(state["frames"][0].keys()))
+        w.writeheader()
+        for r in state["frames"]:
+            w.writerow({k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()})
+        _atomic_write(out / "per_frame.csv", buf.getvalue().encode())
+    if state.get("worst"):
+        overlay_grid_png(out / "false_alarms.png", [w_[2] for w_ in state["worst"]],
+                         [f"{w_[1]} ({w_[0]} px)" for w_ in state["worst"]])
+    if not rows:
+        _write_json(out / "metrics.json", summary)
+        return
     buf = io.StringIO()
     fields = list(rows[0].keys())
     w = csv.DictWriter(buf, fieldnames=fields)
@@ -326,150 +461,33 @@ def _write_outputs(out: Path, summary: dict, state: dict, scorer: MapScorer, tol
 
 
 # ----------------------------------------------------------------------------------------------- calibration
-PP_GRID = {"min_area": (0, 20, 50, 100), "close_radius": (0, 1)}
-THR_FACTORS = (0.6, 0.75, 0.9, 1.0, 1.1, 1.25, 1.45)
-REFINE_GRID = ([{"cue": "blackhat", "mode": "product", "dilate": 16, "prior_power": 0.5}]
-               + [{"cue": "blackhat", "mode": "component", "dilate": d, "component_threshold": tc, "prior_power": pw}
-                  for d, tc, pw in ((16, 0.2, 1.0), (16, 0.3, 1.0), (16, 0.3, 0.5), (32, 0.3, 1.0))]
-               + [{"cue": "bh+ridge", "mode": "component", "dilate": 16, "component_threshold": 0.3,
-                   "prior_power": 1.0}])
-GATE_GRID = (0.5, 0.0)
+def calibrate(**kw):
+    """See :func:`crackcam.tools.calibration.calibrate` (kept here for the CLI's error handling)."""
+    from crackcam.tools.calibration import CalibrationError, calibrate as _cal
+
+    try:
+        return _cal(**kw)
+    except CalibrationError as exc:
+        raise EvalError(str(exc)) from None
 
 
-def _grid_search(maps, gts, base_thr: float) -> dict:
-    """Best (threshold, postprocess) on F1 at t=0 over a small grid around ``base_thr`` (the raw-map ODS)."""
-    thrs = sorted({round(min(0.99, max(0.01, base_thr * f)), 3) for f in THR_FACTORS})
-    best = None
-    for ma in PP_GRID["min_area"]:
-        for cr in PP_GRID["close_radius"]:
-            for t in thrs:
-                cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, skeleton=False)
-                tot = None
-                for m, g in zip(maps, gts):
-                    c = binary_counts(postprocess(np.asarray(m, np.float32), cfg).mask, g, 0)
-                    tot = c if tot is None else tot + c
-                f = tot.figures()["f1"]
-                if best is None or f > best["val_f1"]:
-                    best = {"threshold": t, "postprocess": {"min_area": ma, "close_radius": cr, "open_radius": 0},
-                            "val_f1": round(f, 4)}
-    return best
+def survey_options(roi: str | None, roi_size: str | None, scale: float | None, max_side: int | None,
+                   overlap: int | None, min_length: float | None) -> dict:
+    """Command-line survey overrides → a dict for SurveyConfig.replace (bad ROI → one-line EvalError)."""
+    from crackcam.runtime.survey import RoiError, parse_roi
 
-
-def calibrate(*, checkpoint: Path | None, data: Path | None = None, methods: list[str] | None = None,
-              layers: str | None = None, mode: str = "whole", tile: int | None = None, flips: bool = False,
-              gate: float = 0.5, limit: int | None = None, top_k: int = 8, out: Path | None = None,
-              gate_grid=GATE_GRID, log=print) -> dict:
-    """Search methods × refinements × thresholds × post-processing on the VALIDATION split; write DIR/recipe.json.
-
-    Without a checkpoint only the learning-free cues are calibrated and the recipe goes to ``out`` (default
-    ``runs/eval/recipe_<data name>.json``; use it with ``crack-eval --method blackhat --recipe FILE``).
-    """
-    ctx = _context(checkpoint, layers, mode, tile, flips, gate, C.RefineConfig())
-    if data is None:
-        if not ctx.config.get("data"):
-            raise EvalError("--data PATH is required")
-        data = Path(ctx.config["data"])
-    items = _list(data, "val", ctx.config, limit)
-    cam_names = (methods or [n for n in M.cam_method_names()]) if checkpoint is not None else []
-    cam_names = [n for n in cam_names if n in M.cam_method_names()]
-    cues = [c for c in C.CUES]
-    log(f"calibrate: {len(items)} validation images of {data}; CAM methods {cam_names}; cues {cues}")
-    pred = M.CamPredictor(ctx, cam_names) if cam_names else None
-    from tqdm import tqdm
-
-    gts, cue_maps, cam_maps, probs = [], {c: [] for c in cues}, {n: [] for n in cam_names}, []
-    t0 = time.perf_counter()
-    for it in tqdm(items, desc="val maps", unit="img", file=sys.stderr):
-        try:
-            img = read_image(it.image)
-            gt = read_mask(it.mask, img.shape[:2])
-        except BadInputError as exc:
-            tqdm.write(f"skipped {exc}", file=sys.stderr)
-            continue
-        gts.append(gt)
-        bh, rd = C.blackhat(img), C.ridge(img)
-        for c in cues:
-            cm = bh if c == "blackhat" else rd if c == "ridge" else np.sqrt(bh * rd) if c == "bh+ridge" else C.cue(img, c)
-            cue_maps[c].append(cm.astype(np.float16))
-        if pred is not None:
-            res = pred(img)
-            p = None
-            for n in cam_names:
-                m, p = res[n]
-                cam_maps[n].append(m.astype(np.float16))
-            probs.append(p)
-    sec = (time.perf_counter() - t0) / max(1, len(gts))
-    if not gts:
-        raise EvalError(f"{data}: no validation image could be read")
-
-    def raw_ods(maps):
-        s = MapScorer(100, (0,))
-        for m, g in zip(maps, gts):
-            s.add(np.asarray(m, np.float32), g)
-        return s.ods(0)
-
-    cands: dict[str, dict] = {}
-    for c in cues:
-        o = raw_ods(cue_maps[c])
-        cands[c] = {"learned": False, "val_ods_f1": round(o["f1"], 4), "ods_threshold": o["threshold"],
-                    "maps": cue_maps[c]}
-    gates = (gate,) if gate_grid is None else tuple(gate_grid)
-    for n in cam_names:
-        best_c, best_r = None, None
-        for gv in gates:
-            gated = [np.zeros_like(m) if (gv > 0 and p is not None and p < gv) else m
-                     for m, p in zip(cam_maps[n], probs)]
-            o = raw_ods(gated)
-            if best_c is None or o["f1"] > best_c["val_ods_f1"]:
-                best_c = {"learned": True, "val_ods_f1": round(o["f1"], 4), "ods_threshold": o["threshold"],
-                          "maps": gated, "gate": gv}
-            for rc in REFINE_GRID:
-                rcfg = C.RefineConfig(**rc)
-                maps = [_refine_cached(cm, cue_maps[rcfg.cue][k], rcfg).astype(np.float16)
-                        for k, cm in enumerate(gated)]
-                o = raw_ods(maps)
-                if best_r is None or o["f1"] > best_r["val_ods_f1"]:
-                    best_r = {"learned": True, "val_ods_f1": round(o["f1"], 4), "ods_threshold": o["threshold"],
-                              "maps": maps, "refine": rcfg.to_dict(), "gate": gv}
-        cands[n] = best_c
-        cands["refine-" + n] = best_r
-        r = best_r["refine"]
-        log(f"  {n}: raw ODS F1 {best_c['val_ods_f1']:.3f} (gate {best_c['gate']}); refine-{n}: "
-            f"{best_r['val_ods_f1']:.3f} ({r['mode']}, {r['cue']}, dilate {r['dilate']}, gate {best_r['gate']})")
-    # post-processing grid for the cues and the best top_k learned candidates (by raw ODS)
-    learned = sorted((k for k, v in cands.items() if v["learned"]), key=lambda k: -cands[k]["val_ods_f1"])
-    to_grid = list(cues) + learned[:top_k]
-    for k in tqdm(to_grid, desc="threshold/post-processing grid", unit="method", file=sys.stderr):
-        cands[k].update(_grid_search(cands[k]["maps"], gts, cands[k]["ods_threshold"]))
-    for k, v in cands.items():
-        v.pop("maps", None)
-        if "threshold" not in v:  # not grid-searched: raw ODS threshold, no cleaning
-            v.update(threshold=v["ods_threshold"], postprocess={"min_area": 0, "close_radius": 0, "open_radius": 0},
-                     val_f1=v["val_ods_f1"])
-        v["chosen_on"] = f"validation split of {data} ({len(gts)} images)"
-        if v["learned"]:
-            v["layers"] = ctx.layers
-    best = max((k for k in cands if cands[k]["learned"]), key=lambda k: cands[k]["val_f1"], default=None)
-    if best is None:
-        best = max(cands, key=lambda k: cands[k]["val_f1"])
-    recipe = {"method": best, **{k: v for k, v in cands[best].items()}, "val_images": len(gts),
-              "val_seconds_per_image_all_maps": round(sec, 3), "mode": mode, "flips": flips,
-              "selection": "best validation F1 (t=0, after post-processing) among learned methods",
-              "candidates": cands}
-    target = out or (checkpoint / RECIPE if checkpoint is not None else Path("runs") / "eval" / f"recipe_{data.name}.json")
-    if target.is_dir():
-        target = target / RECIPE
-    _write_json(target, recipe)
-    log("calibrate: validation F1 (t=0) by method: " + ", ".join(
-        f"{k} {v['val_f1']:.3f}" for k, v in sorted(cands.items(), key=lambda kv: -kv[1]["val_f1"])))
-    log(f"calibrate: recipe {best} threshold {recipe['threshold']} post-processing {recipe['postprocess']} "
-        f"(val F1 {recipe['val_f1']:.3f}) → {target}")
-    return recipe
-
-
-def _refine_cached(cam: np.ndarray, cue_map: np.ndarray, rcfg: C.RefineConfig) -> np.ndarray:
-    cam = np.asarray(cam, np.float32)
-    return C.refine(np.zeros(cam.shape + (3,), np.uint8), cam, rcfg, cue_map=np.asarray(cue_map, np.float32))
+    d: dict = {"scale": scale, "max_side": max_side, "overlap": overlap, "min_length": min_length}
+    try:
+        if roi:
+            d.update(parse_roi(roi))
+        if roi_size:
+            w, _, h = roi_size.lower().partition("x")
+            d["roi_size"] = [int(w), int(h)]
+    except RoiError as exc:
+        raise EvalError(f"--roi: {exc}") from None
+    except ValueError:
+        raise EvalError(f"--roi-size {roi_size!r}: give WIDTHxHEIGHT in px, e.g. 1280x1080") from None
+    return {k: v for k, v in d.items() if v is not None}
 
 
 # ----------------------------------------------------------------------------------------------- CLI
@@ -521,6 +539,15 @@ def cli(ctx: typer.Context,
         restoration_checkpoint: Optional[Path] = typer.Option(
             None, "--restoration-checkpoint", help="fusion*: the UP-CrackNet run folder whose restoration error is "
             "fused with the --checkpoint classifier's CAM"),
+        roi: Optional[str] = typer.Option(None, "--roi", help="region of interest: 'x,y x,y x,y ...' (frame-relative, "
+                                          "0..1), a JSON polygon list, or a mask PNG; outside it nothing counts"),
+        roi_size: Optional[str] = typer.Option(None, "--roi-size", help="apply the ROI to frames of this size only "
+                                               "(WIDTHxHEIGHT, e.g. 1280x1080)"),
+        scale: Optional[float] = typer.Option(None, "--scale", help="work scale of the frames (default: recipe)"),
+        max_side: Optional[int] = typer.Option(None, "--max-side", help="shrink frames to this longer side (px)"),
+        overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in px at work scale"),
+        min_length: Optional[float] = typer.Option(None, "--min-length", help="a frame is cracked when its crack "
+                                                   "skeleton is at least this long (px)"),
         calibrate_flag: bool = typer.Option(False, "--calibrate", help="run calibration (as `calibrate`) first"),
         list_methods: bool = typer.Option(False, "--list-methods", help="print the method names and exit")):
     """Score crack maps against pixel masks (see `crack-eval calibrate --help` for choosing the recipe)."""
@@ -535,14 +562,17 @@ def cli(ctx: typer.Context,
         if checkpoint is None:
             typer.echo("crack-eval: --calibrate needs --checkpoint DIR", err=True)
             raise typer.Exit(2)
-        _run(calibrate, checkpoint=checkpoint, data=data, layers=layers, mode=mode, tile=tile, flips=flips,
-             gate=0.5 if gate is None else gate, gate_grid=GATE_GRID if gate is None else None)
+        _run(calibrate, checkpoint=checkpoint, data=data, layers=layers, tile=tile, gate=gate,
+             survey=_run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side,
+                         overlap=overlap, min_length=None))
     refine = {k: v for k, v in {"cue": cue, "mode": refine_mode, "dilate": dilate}.items() if v is not None}
     summary = _run(evaluate, method=method, data=data, split=split, checkpoint=checkpoint, threshold=threshold,
                    layers=layers, mode=mode, tile=tile, flips=flips, tolerance=tolerance, out=out, limit=limit,
                    gate=gate, refine=refine,
                    postprocess_cfg={"min_area": min_area, "close_radius": close_radius, "open_radius": open_radius},
-                   recipe_path=recipe, options={"restoration_checkpoint": restoration_checkpoint})
+                   recipe_path=recipe, options={"restoration_checkpoint": restoration_checkpoint},
+                   survey=_run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side,
+                               overlap=overlap, min_length=min_length))
     if isinstance(summary, list):
         for t in summary:
             typer.echo(f"{t['method']:<24} P {t['precision']:.3f} R {t['recall']:.3f} F1 {t['f1']:.3f} "
@@ -559,25 +589,36 @@ def cli(ctx: typer.Context,
 
 @app.command("calibrate")
 def calibrate_cmd(
-        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c",
-                                                  help="crack-train run folder (none: calibrate the cues only)"),
-        data: Optional[Path] = typer.Option(None, "--data", "-d", help="data folder (default: the training data)"),
+        checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="crack-train run folder"),
+        data: Optional[List[Path]] = typer.Option(None, "--data", "-d", help="data folder(s) whose VALIDATION "
+                                                  "split is used (default: the run's training sets)"),
         out: Optional[Path] = typer.Option(None, help="recipe file (default: DIR/recipe.json)"),
-        methods: Optional[str] = typer.Option(None, help="comma-separated CAM methods (default: all)"),
+        methods: Optional[str] = typer.Option(None, help="comma-separated CAM methods (default: per model kind)"),
         layers: Optional[str] = typer.Option(None, help="comma-separated target layers"),
-        mode: str = typer.Option("whole", help="whole | sliding"),
-        tile: Optional[int] = typer.Option(None),
-        flips: bool = typer.Option(False, "--flips"),
-        gate: Optional[float] = typer.Option(None, help="probability gate of the CAM (default: choose 0.5 or 0 "
-                                                       "on validation images)"),
-        limit: Optional[int] = typer.Option(None, help="use only the first N validation images")):
-    """Choose method, refinement, threshold and post-processing on the VALIDATION split → DIR/recipe.json."""
+        mode: str = typer.Option("tiles", help="tiles (native-scale tiles of the training size, per-tile gate) | "
+                                 "whole (one pass per frame)"),
+        tile: Optional[int] = typer.Option(None, help="tile size in px at work scale (default: the training tile)"),
+        gate: Optional[float] = typer.Option(None, help="fix the per-tile gate (default: choose on validation)"),
+        budget: float = typer.Option(0.05, help="false-alarm budget: share of clean validation tiles flagged"),
+        frame_budget: float = typer.Option(0.20, help="share of crack-free / sealed-only validation frames flagged"),
+        min_detection: float = typer.Option(0.90, help="share of crack validation frames that must be detected"),
+        roi: Optional[str] = typer.Option(None, "--roi", help="region of interest to try (with and without); see "
+                                          "crack-eval --help"),
+        roi_size: Optional[str] = typer.Option(None, "--roi-size", help="the ROI's frame size (WIDTHxHEIGHT)"),
+        scale: Optional[float] = typer.Option(None, "--scale", help="work scale (default: the training run's)"),
+        max_side: Optional[int] = typer.Option(None, "--max-side", help="longer side cap (default: the run's)"),
+        overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in px (default: tile/4)"),
+        limit: Optional[int] = typer.Option(None, help="use only the first N validation images per set")):
+    """Choose method, gate, refinement, threshold, post-processing, minimum crack length and ROI use on the
+    VALIDATION split under a false-alarm budget → DIR/recipe.json."""
     _threads()
     ms = [s.strip() for s in methods.split(",")] if methods else None
-    r = _run(calibrate, checkpoint=checkpoint, data=data, methods=ms, layers=layers, mode=mode, tile=tile,
-             flips=flips, gate=0.5 if gate is None else gate, gate_grid=GATE_GRID if gate is None else None,
-             limit=limit, out=out)
-    typer.echo(json.dumps({k: v for k, v in r.items() if k != "candidates"}))
+    sv = _run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side, overlap=overlap,
+              min_length=None)
+    r = _run(calibrate, checkpoint=checkpoint, data=list(data) if data else None, methods=ms, layers=layers,
+             mode=mode, tile=tile, gate=gate, budget=budget, frame_budget=frame_budget, min_detection=min_detection,
+             survey=sv, limit=limit, out=out)
+    typer.echo(json.dumps({k: v for k, v in r.items() if k not in ("candidates", "val_images")}))
 
 
 def main() -> None:

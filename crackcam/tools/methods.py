@@ -62,6 +62,7 @@ class MethodContext:
     gate: float = 0.5
     refine: C.RefineConfig = field(default_factory=C.RefineConfig)
     options: dict = field(default_factory=dict)
+    survey: Any = None  # crackcam.runtime.survey.SurveyConfig: the frame geometry (None: from mode/tile/gate)
     _model: Any = None
     _cache: dict = field(default_factory=dict)
 
@@ -74,6 +75,18 @@ class MethodContext:
 
             self._model, self.config = load_classifier(self.checkpoint)
         return self._model, self.config
+
+    def survey_config(self):
+        """The frame geometry of the learned methods: ``survey`` when given, else whole frames (``mode=whole``)
+        or the training tile (``mode=sliding``), gated per tile at ``gate``."""
+        from crackcam.runtime.survey import SurveyConfig
+
+        if self.survey is not None:
+            return self.survey
+        tile = None
+        if self.mode == "sliding":
+            tile = int(self.tile or self.config.get("tile") or 224)
+        return SurveyConfig(tile=tile, overlap=max(0, (tile or 0) // 4), gate=float(self.gate or 0.0))
 
 
 _METHODS: dict[str, MethodSpec] = {}
@@ -152,59 +165,72 @@ for _cue in C.CUES:
 
 
 class CamPredictor:
-    """Runs the checkpoint's classifier and returns per-image CAM maps for one or several methods from a single
-    forward + explicit-backward pass (all methods share the target layers' activations and gradients)."""
+    """Runs the checkpoint's classifier on the survey tile plan of a frame (:mod:`crackcam.runtime.survey`, the
+    plan crack-run uses) and returns, per CAM method, the tile maps and probabilities — several methods from one
+    forward + explicit-backward pass per batch of tiles (they share the target layers' activations and
+    gradients).  Maps come out un-gated; :meth:`frame` gates, stitches, refines and resizes them exactly as
+    ``crack-run`` does (``crackcam.runtime.steps.FrameSteps``)."""
 
-    def __init__(self, ctx: MethodContext, methods: list[str]):
+    def __init__(self, ctx: MethodContext, methods: list[str], batch: int = 16):
         import torch
 
-        from crackcam.models.cam import CamHead, CamModel, parse_method
+        from crackcam.models.cam import CamModel
 
+        if ctx.flips:
+            raise ValueError("--flips is not supported: crack-eval runs the frame steps crack-run runs "
+                             "(flip averaging gave no gain on validation, docs/evaluation.md)")
         self.torch = torch
         model, config = ctx.classifier()
         self.ctx = ctx
+        self.batch = int(batch)
         self.mean = torch.tensor(config.get("mean", model.spec.mean), dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(config.get("std", model.spec.std), dtype=torch.float32).view(1, 3, 1, 1)
         self.cams: dict[str, Any] = {}
         heads: dict[tuple, Any] = {}
         for m in methods:
-            base, fusion = parse_method(m)
-            cm = CamModel(model, m, layers=ctx.layers, normalize=True, gate=0.0)
+            layers = ctx.layers
+            if m == "cam":
+                layers = None  # the body output: the classifier's own per-position logit
+            cm = CamModel(model, m, layers=layers, normalize=True, gate=0.0)
             key = tuple(cm.layers)
             if key not in heads:
                 heads[key] = _cached_head(cm.head)
             cm.head = heads[key]
             self.cams[m] = cm
-        self.use_infer = ctx.mode != "whole" or ctx.flips
+        self.survey = ctx.survey_config()
 
-    def tensor(self, image: np.ndarray):
-        t = self.torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+    def tensor(self, tiles_bgr: np.ndarray):
+        """uint8 N×H×W×3 BGR → normalised N×3×H×W RGB (the exported graph's own pre-processing)."""
+        t = self.torch.from_numpy(np.ascontiguousarray(tiles_bgr[..., ::-1])).permute(0, 3, 1, 2).float() / 255.0
         return (t - self.mean) / self.std
 
-    def __call__(self, image: np.ndarray) -> dict[str, tuple[np.ndarray, float]]:
-        torch = self.torch
-        out = {}
-        if self.use_infer:
-            from crackcam.models import infer
+    def __call__(self, image: np.ndarray) -> dict:
+        """RGB uint8 frame → ``{"plan", "bgr", "probs", "maps": {method: [tile maps]}}``."""
+        from crackcam.runtime import survey as S
 
-            for m, cm in self.cams.items():
-                out[m] = infer_map(infer, cm, image, self.ctx)
-            return out
-        with torch.no_grad():
-            x = self.tensor(image)
-            for m, cm in self.cams.items():
-                prob, cam = cm(x)
-                out[m] = (cam[0].numpy().astype(np.float32), float(prob[0]))
-        return out
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        plan = S.plan_frame(bgr.shape, self.survey, None)
+        tiles = S.cut_tiles(bgr, plan)
+        probs: list[float] = []
+        maps: dict[str, list] = {m: [] for m in self.cams}
+        with self.torch.no_grad():
+            for i in range(0, len(tiles), self.batch):
+                x = self.tensor(np.stack(tiles[i:i + self.batch]))
+                p = None
+                for m, cm in self.cams.items():
+                    p, cam = cm(x)
+                    maps[m] += list(cam.numpy().astype(np.float32))
+                probs += [float(v) for v in p]
+        return {"plan": plan, "bgr": bgr, "probs": probs, "maps": maps}
 
+    def frame(self, res: dict, method: str, refine: C.RefineConfig | None):
+        """(map at frame size, frame prob) of ``method`` from :meth:`__call__`'s result."""
+        from crackcam.runtime.postprocess import PostProcessConfig
+        from crackcam.runtime.steps import FrameSteps
 
-def infer_map(infer, cm, image, ctx):
-    """Sliding-window / flip inference through ``crackcam.models.infer.predict_map`` (helper B's module)."""
-    kw = {"mode": ctx.mode, "flips": ctx.flips, "mean": ctx.config.get("mean"), "std": ctx.config.get("std")}
-    if ctx.mode == "sliding":
-        kw["tile"] = int(ctx.tile or ctx.config.get("tile") or 224)
-    prob, m = infer.predict_map(cm, image, **kw)
-    return np.asarray(m, np.float32), float(prob)
+        steps = FrameSteps(self.survey, refine, PostProcessConfig(skeleton=False))
+        m, prob, _ = steps.frame_map(res["bgr"], res["plan"], res["probs"], res["maps"][method])
+        return m, prob
 
 
 _CACHED_HEAD = None
@@ -221,6 +247,7 @@ def _cached_head(head):
                 super().__init__()
                 self.inner = head
                 self.layers = head.layers
+                self.class_index = head.class_index
                 self._x = None
                 self._out = None
 
@@ -236,12 +263,6 @@ def _cached_head(head):
 
         _CACHED_HEAD = CachedHead
     return _CACHED_HEAD(head)
-
-
-def _gate(m: np.ndarray, prob: float | None, gate: float) -> np.ndarray:
-    if prob is not None and gate > 0 and prob < gate:
-        return np.zeros_like(m)
-    return m
 
 
 _SHARED: dict = {}
@@ -262,18 +283,29 @@ class _Memo:
         return self._res
 
 
-def shared_cam(ctx: MethodContext, name: str) -> Callable[[np.ndarray], tuple[np.ndarray, float]]:
-    """image → (ungated CAM, prob) of CAM method ``name``; every method of the same target-layer group and run
-    options shares one forward + explicit-backward pass per image (several methods scored in one run)."""
+def shared_cam(ctx: MethodContext, name: str, refine: C.RefineConfig | None = None
+               ) -> Callable[[np.ndarray], tuple[np.ndarray, float]]:
+    """image → (frame map, prob) of CAM method ``name`` (``refine``: refined with that pixel cue) through the
+    survey frame steps; every method of the same target-layer group and frame geometry shares one
+    forward + explicit-backward pass per tile batch (several methods scored in one run)."""
     from crackcam.models.cam import parse_method
 
     _, fusion = parse_method(name)
-    group = [m for m in cam_method_names() if parse_method(m)[1] == fusion]
-    key = (str(ctx.checkpoint), tuple(ctx.layers or ()), fusion, ctx.mode, ctx.tile, ctx.flips)
+    group = [m for m in cam_method_names() if parse_method(m)[1] == fusion and (m != "cam" or name == "cam")]
+    sv = ctx.survey_config()
+    key = (str(ctx.checkpoint), tuple(ctx.layers or ()), fusion, name == "cam", json_key(sv.to_dict()))
     if key not in _SHARED:
+        if len(_SHARED) > 8:
+            _SHARED.clear()
         _SHARED[key] = _Memo(CamPredictor(ctx, group))
     memo = _SHARED[key]
-    return lambda image: memo(image)[name]
+    return lambda image: memo.pred.frame(memo(image), name, refine)
+
+
+def json_key(d: dict) -> str:
+    import json
+
+    return json.dumps(d, sort_keys=True, default=str)
 
 
 def _cam_spec(name: str) -> MethodSpec | None:
@@ -281,13 +313,7 @@ def _cam_spec(name: str) -> MethodSpec | None:
         return None
 
     def factory(ctx: MethodContext) -> MapFn:
-        pred = shared_cam(ctx, name)
-
-        def fn(image):
-            m, prob = pred(image)
-            return _gate(m, prob, ctx.gate), prob
-
-        return fn
+        return shared_cam(ctx, name)
 
     return MethodSpec(name, factory, True, f"CAM method {name} of crackcam.models.cam")
 
@@ -298,14 +324,7 @@ def _refine_spec(name: str) -> MethodSpec | None:
         return None
 
     def factory(ctx: MethodContext) -> MapFn:
-        pred = shared_cam(ctx, base)
-
-        def fn(image):
-            m, prob = pred(image)
-            m = _gate(m, prob, ctx.gate)
-            return C.refine(image, m, ctx.refine), prob
-
-        return fn
+        return shared_cam(ctx, base, ctx.refine)
 
     return MethodSpec(name, factory, True, f"{base} CAM refined with a pixel cue (crackcam.runtime.cues.refine)")
 

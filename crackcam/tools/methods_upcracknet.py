@@ -87,18 +87,18 @@ def _restoration_dir(ctx: MethodContext) -> Path:
 def _fusion_factory(cam: str):
     def factory(ctx: MethodContext):
         from crackcam.models.upcracknet import fuse_maps
-        from crackcam.tools.methods import CamPredictor
+        from crackcam.tools.methods import shared_cam
 
         variant = ctx.options.get("restoration_variant", "masked-dark")
         opts = parse_restoration(f"restoration-{variant}")
         if opts is None:
             raise ValueError(f"bad restoration_variant {variant!r}")
         rest = _restoration_fn(_restoration_dir(ctx), opts)
-        pred = CamPredictor(ctx, [cam])
+        pred = shared_cam(ctx, cam)  # the survey frame steps (per-tile gate at ctx.gate)
         mode = ctx.options.get("fusion_mode", "product")
 
         def fn(image):
-            m, prob = pred(image)[cam]
+            m, prob = pred(image)
             return fuse_maps(m, rest(image), mode, prob=prob, gate=ctx.gate), prob
 
         return fn

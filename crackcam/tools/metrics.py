@@ -12,6 +12,9 @@ Sweeps are one pass: for each image we keep histograms (``n_bins`` + 1 bins of t
 (b) the pixels within ``t`` of the mask and (c) over mask pixels, the map grey-dilated by a disk of radius ``t``;
 reverse cumulative sums give the counts at every threshold ``k / n_bins`` exactly (up to the binning).
 
+``valid`` (bool H×W, optional everywhere): pixels outside it are skipped — neither hit nor false alarm nor missed
+(PaveSeg's ``ignore/`` alligator areas, pixels outside the region of interest).
+
 Conventions for empty sets: precision = 1 when nothing is predicted, recall = 1 when the mask is empty,
 F1 = 0 when precision + recall = 0.
 """
@@ -70,12 +73,22 @@ def _near_and_dilate(gt: np.ndarray, tol: int):
     return dist <= tol + 1e-4, disk(tol)
 
 
-def binary_counts(pred: np.ndarray, gt: np.ndarray, tol: int = 0) -> Counts:
-    """Counts for one binary prediction against one mask at tolerance ``tol`` px."""
+def _apply_valid(pred, gt, valid):
+    if valid is None:
+        return pred, gt
+    valid = np.asarray(valid, bool)
+    if valid.shape != gt.shape:
+        raise ValueError(f"valid mask {valid.shape} and mask {gt.shape} differ in size")
+    return pred & valid, gt & valid
+
+
+def binary_counts(pred: np.ndarray, gt: np.ndarray, tol: int = 0, valid: np.ndarray | None = None) -> Counts:
+    """Counts for one binary prediction against one mask at tolerance ``tol`` px (``valid``: pixels to score)."""
     pred = np.asarray(pred, bool)
     gt = np.asarray(gt, bool)
     if pred.shape != gt.shape:
         raise ValueError(f"prediction {pred.shape} and mask {gt.shape} differ in size")
+    pred, gt = _apply_valid(pred, gt, valid)
     near, k = _near_and_dilate(gt, tol)
     if k is None:
         tp = int(np.count_nonzero(pred & gt))
@@ -93,10 +106,10 @@ class BinaryScorer:
         self.total = {t: Counts() for t in self.tolerances}
         self.per_image: list[dict] = []
 
-    def add(self, pred: np.ndarray, gt: np.ndarray, name: str = "") -> dict:
+    def add(self, pred: np.ndarray, gt: np.ndarray, name: str = "", valid: np.ndarray | None = None) -> dict:
         row = {"name": name}
         for t in self.tolerances:
-            c = binary_counts(pred, gt, t)
+            c = binary_counts(pred, gt, t, valid)
             self.total[t] = self.total[t] + c
             for k, v in c.figures().items():
                 row[f"{k}_t{t}"] = v
@@ -132,11 +145,17 @@ class MapScorer:
         h = np.bincount(b.ravel(), minlength=self.n_bins + 1)
         return np.cumsum(h[::-1])[::-1][1:]
 
-    def add(self, crack_map: np.ndarray, gt: np.ndarray, name: str = "") -> None:
+    def add(self, crack_map: np.ndarray, gt: np.ndarray, name: str = "", valid: np.ndarray | None = None) -> None:
         m = np.asarray(crack_map, np.float32)
         gt = np.asarray(gt, bool)
         if m.shape != gt.shape:
             raise ValueError(f"{name}: map {m.shape} and mask {gt.shape} differ in size")
+        if valid is not None:
+            valid = np.asarray(valid, bool)
+            if valid.shape != gt.shape:
+                raise ValueError(f"{name}: valid mask {valid.shape} and mask {gt.shape} differ in size")
+            m = np.where(valid, m, np.float32(0))
+            gt = gt & valid
         self._pred.append(self._rcum(m))
         self._gt.append(int(np.count_nonzero(gt)))
         for t in self.tolerances:

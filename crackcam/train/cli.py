@@ -5,7 +5,7 @@ run folder (see docs/training.md).  ``--model upcracknet`` hands over to :mod:`c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -19,9 +19,11 @@ def _fail(msg: str, code: int = 2):
 
 @app.command()
 def train_cmd(
-    data: Optional[Path] = typer.Option(None, "--data", help="data folder: images/ + masks/ (flat) or "
-                                        "train|test/images + masks (Kaggle layout). Default: a tiny synthetic set "
-                                        "drawn into OUT/synthetic_data"),
+    data: Optional[List[Path]] = typer.Option(None, "--data", help="data folder: images/ + masks/ (flat), "
+                                              "train|test/images + masks (Kaggle), PaveSeg (images/, masks/, "
+                                              "masks_multiclass/, ignore/, clean_tiles/) or crack/ + no_crack/ "
+                                              "folders; repeat --data to mix sets. Default: a tiny synthetic set "
+                                              "drawn into OUT/synthetic_data"),
     model: str = typer.Option("simple_cnn", "--model", help="a name from crackcam.models.list_models(), or upcracknet"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
     epochs: int = typer.Option(0, "--epochs", help="0 = auto: about 24k tile presentations (12k with ImageNet weights), 4..40 epochs (8 on the synthetic default set)"),
@@ -33,7 +35,14 @@ def train_cmd(
     min_crack_px: int = typer.Option(40, "--min-crack-px", help="N: crack px needed inside the tile"),
     border: int = typer.Option(8, "--border", help="B: those crack px lie at least B px from the tile border"),
     margin: int = typer.Option(16, "--margin", help="M: crack-free only if no crack px within the tile grown by M"),
-    label_rule: str = typer.Option("auto", "--label-rule", help="auto | tiles | name (name: Kaggle noncrack* files)"),
+    label_rule: str = typer.Option("auto", "--label-rule", help="auto | tiles | name | folder (name: Kaggle "
+                                   "noncrack* files; folder: crack/ + no_crack/)"),
+    scale: float = typer.Option(1.0, "--scale", help="work scale: resize images by this before tiling (survey "
+                                "frames: so crack widths match what crack-run sees)"),
+    max_side: Optional[int] = typer.Option(None, "--max-side", help="work scale: also shrink images whose longer "
+                                           "side exceeds this (px)"),
+    hard_repeat: int = typer.Option(1, "--hard-repeat", help="repeat hard-negative training tiles (sealed cracks, "
+                                    "patches, manholes, joints) this many times"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="share of training IMAGES used for validation"),
     seed: int = typer.Option(0, "--seed"),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
@@ -57,6 +66,9 @@ def train_cmd(
     from crackcam.runtime.imageio import BadInputError
 
     if model == "upcracknet":
+        if data and len(data) > 1:
+            _fail("--model upcracknet takes one --data folder")
+        data = data[0] if data else None
         from crackcam.train import upcracknet
 
         kw = {}
@@ -82,14 +94,22 @@ def train_cmd(
 
     if model not in M.list_models():
         _fail(f"unknown model {model!r}; choose one of: {', '.join(M.list_models() + ['upcracknet'])}")
-    if label_rule not in ("auto", "tiles", "name"):
-        _fail(f"--label-rule must be auto, tiles or name (got {label_rule!r})")
+    if label_rule not in ("auto", "tiles", "name", "folder"):
+        _fail(f"--label-rule must be auto, tiles, name or folder (got {label_rule!r})")
+    if not 0 < scale <= 4:
+        _fail(f"--scale must lie in (0, 4] (got {scale})")
+    if max_side is not None and max_side < 16:
+        _fail(f"--max-side must be at least 16 px (got {max_side})")
+    if hard_repeat < 1:
+        _fail(f"--hard-repeat must be at least 1 (got {hard_repeat})")
+    data_arg = None if not data else (str(data[0]) if len(data) == 1 else [str(d) for d in data])
     if tile < 16:
         _fail(f"--tile must be at least 16 px (got {tile})")
     cfg = TrainConfig(
-        data=str(data) if data is not None else None, out=str(out), model=model, epochs=epochs, batch=batch, lr=lr,
+        data=data_arg, out=str(out), model=model, epochs=epochs, batch=batch, lr=lr,
         tile=tile, stride=stride, train_stride=train_stride, min_crack_px=min_crack_px, border=border,
-        margin=margin, label_rule=label_rule, val_fraction=val_fraction, seed=seed, pretrained=pretrained,
+        margin=margin, label_rule=label_rule, scale=scale, max_side=max_side, hard_repeat=hard_repeat,
+        val_fraction=val_fraction, seed=seed, pretrained=pretrained,
         weights=str(weights) if weights else None, augment=augment, double=double, max_tiles=max_tiles,
         workers=workers, device=device, threads=threads, resume=resume, overwrite=overwrite, test=test,
         progress=progress)

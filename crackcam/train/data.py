@@ -1,6 +1,6 @@
 """Crack data sets → (tile image, crack bit) pairs.
 
-Two folder layouts are read:
+Four folder layouts are read:
 
 * **kaggle** — the Kaggle "Crack Segmentation Dataset" layout: ``root/train/images``, ``root/train/masks``,
   ``root/test/images``, ``root/test/masks``.  A file whose name starts with ``noncrack`` is crack-free; every other
@@ -10,6 +10,18 @@ Two folder layouts are read:
   starting with ``train_`` / ``test_`` carry it (DeepCrack's official split); otherwise the files sorted by name are
   cut at 72/118 of their number: the first ``round(n·72/118)`` are train, the rest test — for CFD exactly
   001–072 train and 073–118 test.  Every image of these sets holds cracks, so labels come from the tile rule.
+* **paveseg** — road-survey frames: ``images/``, ``masks/`` (crack ∪ alligator), ``masks_multiclass/`` (0 background,
+  30 crack, 60 pothole, 90 sealed crack, 120 patch, 150 alligator, 180 utility cover, 210 expansion joint),
+  ``ignore/`` (areas pixel scores skip), ``labels.csv`` (frame class ``crack`` / ``sealed_crack_only`` /
+  ``no_crack``) and ``clean_tiles/`` + ``clean_tiles.csv`` (crack-free tiles cut from the frames).  Split **by
+  frame**, fixed (:func:`paveseg_split`): within each frame class, frames sorted by name, every 4th from the first
+  is test, every 4th from the second is val, the rest train; a clean tile takes its source frame's split.
+  Hard negatives (sealed cracks, patches, potholes, utility covers, joints) are crack-free tiles like any other
+  (the mask holds only crack ∪ alligator); the data card counts the crack-free tiles that contain each class.
+* **folders** — image-level labels only: ``root/crack/`` and ``root/no_crack/`` (also ``positive``/``negative``,
+  ``cracked``/``uncracked`` …), optionally under ``train/``, ``val/``, ``test/``.  Label rule ``folder``: one
+  image = one sample (resized to ``tile``×``tile``); without a ``test/`` folder, 20 % of the images (seeded, by
+  image) are test, and val is carved as everywhere.
 
 Validation images are carved from the training images **by image** (never by tile): a seeded permutation
 (``split_seed``, default 0) of the sorted training images, the first ``round(val_fraction·n)`` (default 20 %) go to
@@ -21,6 +33,10 @@ Validation images are carved from the training images **by image** (never by til
 * crack (1) — at least ``min_crack_px`` crack pixels lie at least ``border`` px inside the tile;
 * crack-free (0) — no crack pixel lies within the tile grown by ``margin`` px on every side;
 * otherwise the tile is dropped (ambiguous: a crack only grazes the border).
+
+**Work scale.**  Images are resized before tiling by ``work_scale(h, w, scale, max_side)``
+(:mod:`crackcam.runtime.survey`, the same rule ``crack-run`` and ``crack-eval`` apply to frames), so crack widths
+in pixels match between training and inference; a clean tile is resized by its source frame's work scale.
 
 Pixel positions never leave this module: datasets hold only uint8 tiles and their bits.
 """
@@ -34,10 +50,13 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import csv
+
 import cv2
 import numpy as np
 
 from crackcam.runtime.imageio import BadInputError, list_images, read_image, read_mask
+from crackcam.runtime.survey import work_scale
 
 SPLITS = ("train", "val", "test", "all")
 CFD_TRAIN_FRACTION = 72 / 118  # the CFD split: 001–072 train, 073–118 test
@@ -124,16 +143,33 @@ def cut_tiles(image: np.ndarray, origins, tile: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- file lists
+# PaveSeg multiclass values (masks_multiclass/); the hard negatives are the classes that are not cracks
+PAVESEG_CLASSES = {30: "crack", 60: "pothole", 90: "sealed_crack", 120: "patch", 150: "alligator_crack",
+                   180: "utility_cover", 210: "expansion_joint"}
+HARD_NEGATIVES = ("pothole", "sealed_crack", "patch", "utility_cover", "expansion_joint")
+FOLDER_POS = ("crack", "cracks", "cracked", "positive", "pos")
+FOLDER_NEG = ("no_crack", "no-crack", "nocrack", "non_crack", "noncrack", "uncracked", "negative", "neg")
+
+
 @dataclass
 class Item:
     image: Path
     mask: Path | None
     split: str  # train / val / test
-    name_label: int | None = None  # kaggle layout: bit from the file name
+    name_label: int | None = None  # image-level bit (kaggle: file name; folders: folder; paveseg: frame class)
+    ignore: Path | None = None  # paveseg: areas pixel scores skip
+    multiclass: Path | None = None  # paveseg: the original multiclass label
+    image_label: str | None = None  # paveseg: crack / sealed_crack_only / no_crack; clean_tile for clean tiles
+    frame: str | None = None  # the source frame's stem (clean tiles), else the image's own stem
+    frame_shape: tuple | None = None  # clean tiles: (H, W) of the source frame (its work scale applies)
 
     @property
     def stem(self) -> str:
         return self.image.stem
+
+    @property
+    def is_tile(self) -> bool:
+        return self.image_label == "clean_tile"
 
 
 def detect_layout(root: str | os.PathLike) -> str:
@@ -145,9 +181,109 @@ def detect_layout(root: str | os.PathLike) -> str:
     if (root / "train" / "images").is_dir():
         return "kaggle"
     if (root / "images").is_dir():
+        if (root / "labels.csv").is_file() or (root / "masks_multiclass").is_dir() or (root / "clean_tiles").is_dir():
+            return "paveseg"
         return "flat"
-    raise BadInputError(root, "no data found: expected images/ + masks/ (flat layout) or train/images + "
-                              "test/images (Kaggle layout)")
+    if _class_dirs(root) or any(_class_dirs(root / s) for s in ("train", "val", "test")):
+        return "folders"
+    raise BadInputError(root, "no data found: expected images/ + masks/ (flat layout), train/images + "
+                              "test/images (Kaggle layout), or crack/ + no_crack/ folders (image labels)")
+
+
+def _class_dirs(d: Path) -> tuple[Path, Path] | None:
+    """(crack folder, crack-free folder) directly inside ``d``, or None."""
+    if not d.is_dir():
+        return None
+    subs = {p.name.lower(): p for p in d.iterdir() if p.is_dir()}
+    pos = next((subs[n] for n in FOLDER_POS if n in subs), None)
+    neg = next((subs[n] for n in FOLDER_NEG if n in subs), None)
+    return (pos, neg) if pos is not None and neg is not None else None
+
+
+def paveseg_split(labels: dict[str, str]) -> dict[str, str]:
+    """The fixed by-frame split of a PaveSeg folder: ``{frame stem: split}``.  Within each frame class
+    (``labels.csv`` image_label), frames sorted by name: index % 4 == 0 → test, == 1 → val, else train."""
+    out = {}
+    by: dict[str, list[str]] = {}
+    for stem, lab in labels.items():
+        by.setdefault(lab, []).append(stem)
+    for lab, stems in by.items():
+        for i, stem in enumerate(sorted(stems)):
+            out[stem] = "test" if i % 4 == 0 else "val" if i % 4 == 1 else "train"
+    return out
+
+
+PAVESEG_SPLIT_TEXT = ("by frame, fixed: within each labels.csv image class, frames sorted by name, every 4th from "
+                      "the first is test, every 4th from the second is val, the rest train; clean tiles take "
+                      "their source frame's split")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    try:
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError) as exc:
+        raise BadInputError(path, f"cannot read CSV ({exc})") from None
+
+
+def _paveseg_items(root: Path) -> list[Item]:
+    imgs = list_images(root / "images")
+    labels: dict[str, str] = {}
+    if (root / "labels.csv").is_file():
+        for r in _read_csv(root / "labels.csv"):
+            name = (r.get("image") or "").strip()
+            if not name or "image_label" not in r:
+                raise BadInputError(root / "labels.csv", "needs the columns image and image_label")
+            labels[Path(name).stem] = r["image_label"].strip()
+    for p in imgs:  # frames missing from labels.csv: class from the mask (crack / no_crack)
+        if p.stem not in labels:
+            m = _mask_for(root / "masks", p)
+            labels[p.stem] = "crack" if m is not None and read_mask(m).any() else "no_crack"
+    split = paveseg_split({p.stem: labels[p.stem] for p in imgs})
+    items = []
+    shapes: dict[str, tuple] = {}
+    for p in imgs:
+        lab = labels[p.stem]
+        items.append(Item(p, _mask_for(root / "masks", p), split[p.stem], int(lab == "crack"),
+                          ignore=_mask_for(root / "ignore", p) if (root / "ignore").is_dir() else None,
+                          multiclass=_mask_for(root / "masks_multiclass", p)
+                          if (root / "masks_multiclass").is_dir() else None,
+                          image_label=lab, frame=p.stem))
+    tiles_dir = root / "clean_tiles"
+    if tiles_dir.is_dir():
+        src = {}
+        if (root / "clean_tiles.csv").is_file():
+            src = {Path(r.get("file", "")).stem: (r.get("source_image") or "").strip()
+                   for r in _read_csv(root / "clean_tiles.csv")}
+        frames = {p.stem: p for p in imgs}
+        for t in list_images(tiles_dir):
+            f = src.get(t.stem)
+            if f is None or f not in frames:
+                raise BadInputError(t, "clean tile without a source frame in clean_tiles.csv (needed to split "
+                                       "by frame)")
+            if f not in shapes:
+                shapes[f] = read_image(frames[f]).shape[:2]
+            items.append(Item(t, None, split[f], 0, image_label="clean_tile", frame=f, frame_shape=shapes[f]))
+    return items
+
+
+def _folder_items(root: Path, val_fraction: float, split_seed: int) -> tuple[list[Item], bool]:
+    """Items of the crack/ + no_crack/ layout; returns (items, has_test_folder)."""
+    items: list[Item] = []
+    subs = [s for s in ("train", "val", "test") if _class_dirs(root / s)]
+    roots = [(root / s, s) for s in subs] if subs else [(root, "train")]
+    for d, sp in roots:
+        pos, neg = _class_dirs(d)
+        for folder, lab in ((pos, 1), (neg, 0)):
+            for p in list_images(folder):
+                items.append(Item(p, None, sp, lab, frame=p.stem))
+    has_test = "test" in subs
+    if not has_test:  # carve a test split by image: 20 %, seeded
+        train = [it for it in items if it.split == "train"]
+        order = np.random.default_rng([split_seed, 17]).permutation(len(train))
+        for i in order[:int(round(0.2 * len(train)))] if len(train) >= 3 else []:
+            train[int(i)].split = "test"
+    return items, has_test
 
 
 def _mask_for(masks_dir: Path, image: Path) -> Path | None:
@@ -178,7 +314,14 @@ def list_items(root: str | os.PathLike, split: str = "all", *, val_fraction: flo
     root = Path(root)
     layout = layout or detect_layout(root)
     items: list[Item] = []
-    if layout == "kaggle":
+    carve = True
+    if layout == "paveseg":
+        items = _paveseg_items(root)
+        carve = False
+    elif layout == "folders":
+        items, _ = _folder_items(root, val_fraction, split_seed)
+        carve = not any(it.split == "val" for it in items)
+    elif layout == "kaggle":
         for sub in ("train", "test"):
             d = root / sub / "images"
             if not d.is_dir():
@@ -199,7 +342,8 @@ def list_items(root: str | os.PathLike, split: str = "all", *, val_fraction: flo
                 items.append(Item(p, _mask_for(root / "masks", p), "train" if i < n_train else "test"))
     if not items:
         raise BadInputError(root, "no images found (empty data folder)")
-    _carve_val([it for it in items if it.split == "train"], val_fraction, split_seed)
+    if carve:
+        _carve_val([it for it in items if it.split == "train"], val_fraction, split_seed)
     order = {"train": 0, "val": 1, "test": 2}
     items.sort(key=lambda it: (order[it.split], it.image.name))
     return items if split == "all" else [it for it in items if it.split == split]
@@ -216,6 +360,8 @@ class TileSet:
     n_images: int = 0
     n_dropped: int = 0
     image_names: list[str] = field(default_factory=list)
+    hard: np.ndarray | None = None  # bool per tile: a crack-free tile holding a hard negative (paveseg)
+    hard_counts: dict = field(default_factory=dict)  # crack-free tiles holding each hard-negative class
 
     def __len__(self) -> int:
         return int(len(self.labels))
@@ -223,55 +369,105 @@ class TileSet:
     def counts(self) -> dict:
         pos = int((self.labels == 1).sum())
         neg = int((self.labels == 0).sum())
-        return {"images": self.n_images, "crack": pos, "crack_free": neg, "dropped": self.n_dropped,
-                "total": pos + neg, "neg_per_pos": round(neg / pos, 4) if pos else None,
-                "crack_fraction": round(pos / (pos + neg), 4) if pos + neg else None}
+        out = {"images": self.n_images, "crack": pos, "crack_free": neg, "dropped": self.n_dropped,
+               "total": pos + neg, "neg_per_pos": round(neg / pos, 4) if pos else None,
+               "crack_fraction": round(pos / (pos + neg), 4) if pos + neg else None}
+        if self.hard is not None:
+            out["hard_negative_tiles"] = int(self.hard.sum())
+            out["hard_negatives"] = dict(sorted(self.hard_counts.items()))
+        return out
+
+
+def concat_sets(sets: list[TileSet]) -> TileSet:
+    """One TileSet from several (mixed data sets); hard-negative flags are kept where a set has them."""
+    sets = [t for t in sets if t is not None]
+    if len(sets) == 1:
+        return sets[0]
+    hard = None
+    if any(t.hard is not None for t in sets):
+        hard = np.concatenate([t.hard if t.hard is not None else np.zeros(len(t), bool) for t in sets])
+    counts: dict = {}
+    for t in sets:
+        for k, v in t.hard_counts.items():
+            counts[k] = counts.get(k, 0) + v
+    tile = sets[0].images.shape[1:]
+    imgs = [t.images for t in sets if len(t)]
+    return TileSet(sets[0].split, np.concatenate(imgs) if imgs else np.zeros((0,) + tile, np.uint8),
+                   np.concatenate([t.labels for t in sets]), sum(t.n_images for t in sets),
+                   sum(t.n_dropped for t in sets), [n for t in sets for n in t.image_names], hard, counts)
 
 
 def warn(msg: str) -> None:
     print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def load_split(items: list[Item], split: str, label_rule: str, rule: TileRule, *, max_tiles: int | None = None,
-               seed: int = 0, skipped: list[str] | None = None, progress: bool = False) -> TileSet:
-    """Read the images of ``split`` and make their tiles (or resized whole images for the name rule).
+def _resize(a: np.ndarray, s: float, interp) -> np.ndarray:
+    if s == 1.0:
+        return a
+    h, w = a.shape[:2]
+    return cv2.resize(a, (max(1, round(w * s)), max(1, round(h * s))), interpolation=interp)
 
-    A single bad file (unreadable, truncated, missing mask, mask size mismatch) is skipped with a warning line
-    (and its message appended to ``skipped``).
+
+def scaled_mask(mask: np.ndarray, s: float) -> np.ndarray:
+    """A bool mask at work scale ``s``: a pixel is crack when at least a quarter of its area was."""
+    if s == 1.0:
+        return np.asarray(mask, bool)
+    return _resize(np.asarray(mask, np.uint8) * 255, s, cv2.INTER_AREA) >= 64
+
+
+def load_split(items: list[Item], split: str, label_rule: str, rule: TileRule, *, max_tiles: int | None = None,
+               seed: int = 0, skipped: list[str] | None = None, progress: bool = False, scale: float = 1.0,
+               max_side: int | None = None) -> TileSet:
+    """Read the images of ``split`` and make their tiles (or resized whole images for the name/folder rule).
+
+    Before tiling, an image is resized by its work scale (``scale``, ``max_side``; a clean tile by its source
+    frame's).  A single bad file (unreadable, truncated, missing mask, mask size mismatch) is skipped with a
+    warning line (and its message appended to ``skipped``).
     """
     sel = [it for it in items if it.split == split]
     tiles: list[np.ndarray] = []
     labs: list[np.ndarray] = []
+    hards: list[np.ndarray] = []
+    hard_counts: dict[str, int] = {}
     names: list[str] = []
     dropped = 0
+    any_multiclass = any(it.multiclass is not None for it in sel)
     it_iter = sel
     if progress and len(sel) > 20:
         from tqdm import tqdm
 
-        it_iter = tqdm(sel, desc=f"reading {split}", unit="img", leave=False)
+        it_iter = tqdm(sel, desc=f"reading {split}", unit="img", leave=False, disable=None)
     for it in it_iter:
         try:
             img = read_image(it.image)
-            if label_rule == "name":
+            if label_rule in ("name", "folder"):
                 if it.name_label is None:
-                    raise BadInputError(it.image, "the name rule needs the Kaggle layout (noncrack* names)")
+                    raise BadInputError(it.image, f"the {label_rule} rule needs image-level labels (Kaggle "
+                                                  f"noncrack* names or crack/ + no_crack/ folders)")
                 t = rule.tile
                 interp = cv2.INTER_AREA if min(img.shape[:2]) > t else cv2.INTER_LINEAR
                 tiles.append(cv2.resize(img, (t, t), interpolation=interp)[None])
                 labs.append(np.array([it.name_label], np.int64))
+                hards.append(np.zeros(1, bool))
             else:
                 if it.mask is None:
-                    if it.name_label == 0:  # crack-free by name, no mask needed
+                    if it.name_label == 0:  # crack-free by name, folder or as a clean tile: no mask needed
                         mask = np.zeros(img.shape[:2], bool)
                     else:
                         raise BadInputError(it.image, "no mask with the same stem in masks/ (needed for tile labels)")
                 else:
                     mask = read_mask(it.mask, img.shape)
+                fh, fw = it.frame_shape or img.shape[:2]
+                s = work_scale(fh, fw, scale, max_side)
+                img = _resize(img, s, cv2.INTER_AREA)
+                mask = scaled_mask(mask, s)
                 origins, lab = tile_labels(mask, rule)
                 keep = lab >= 0
                 dropped += int((~keep).sum())
-                tiles.append(cut_tiles(img, [o for o, k in zip(origins, keep) if k], rule.tile))
+                kept = [o for o, k in zip(origins, keep) if k]
+                tiles.append(cut_tiles(img, kept, rule.tile))
                 labs.append(lab[keep])
+                hards.append(_hard_flags(it, kept, lab[keep], rule.tile, s, img.shape[:2], hard_counts))
             names.append(it.image.name)
         except BadInputError as exc:
             warn(f"skipping {exc}")
@@ -280,10 +476,47 @@ def load_split(items: list[Item], split: str, label_rule: str, rule: TileRule, *
     t = rule.tile
     images = np.concatenate(tiles) if tiles else np.zeros((0, t, t, 3), np.uint8)
     labels = np.concatenate(labs) if labs else np.zeros((0,), np.int64)
+    hard = np.concatenate(hards) if hards else np.zeros((0,), bool)
     if max_tiles is not None and len(labels) > max_tiles:
         keep = np.sort(np.random.default_rng(seed).permutation(len(labels))[:max_tiles])
-        images, labels = images[keep], labels[keep]
-    return TileSet(split, np.ascontiguousarray(images), labels, len(names), dropped, names)
+        images, labels, hard = images[keep], labels[keep], hard[keep]
+    return TileSet(split, np.ascontiguousarray(images), labels, len(names), dropped, names,
+                   hard if any_multiclass else None, hard_counts)
+
+
+def _hard_flags(it: Item, origins, labels, tile: int, s: float, shape, counts: dict) -> np.ndarray:
+    """Per kept tile: a crack-free tile holding a hard-negative class of the multiclass mask (counted by class)."""
+    flags = np.zeros(len(origins), bool)
+    if it.multiclass is None or not len(origins):
+        return flags
+    mc = read_mask_values(it.multiclass)
+    mc = _resize(mc, s, cv2.INTER_NEAREST)
+    if mc.shape[:2] != tuple(shape):
+        raise BadInputError(it.multiclass, f"size {mc.shape[1]}x{mc.shape[0]} differs from the image's")
+    mc = _pad_to(mc, tile)
+    hard_vals = {v: n for v, n in PAVESEG_CLASSES.items() if n in HARD_NEGATIVES}
+    for i, ((y, x), lab) in enumerate(zip(origins, labels)):
+        if lab != 0:
+            continue
+        present = set(np.unique(mc[y:y + tile, x:x + tile]).tolist()) & set(hard_vals)
+        if present:
+            flags[i] = True
+            for v in present:
+                counts[hard_vals[v]] = counts.get(hard_vals[v], 0) + 1
+    return flags
+
+
+def read_mask_values(path: Path) -> np.ndarray:
+    """A single-channel label image as uint8 values (multiclass masks)."""
+    data = np.fromfile(str(path), np.uint8) if Path(path).is_file() else None
+    if data is None or not data.size:
+        raise BadInputError(path, "file not found or empty")
+    m = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if m is None:
+        raise BadInputError(path, "not a readable image")
+    if m.ndim == 3:
+        m = m[..., 0]
+    return m.astype(np.uint8, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------- augmentation

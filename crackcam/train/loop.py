@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from crackcam.models import create_model, get_spec
 from crackcam.models.checkpoint import atomic_torch_save, atomic_write_bytes, save_state_dict, write_json
 from crackcam.runtime.imageio import BadInputError
+from crackcam.runtime.progress import mode as progress_mode
 
 from . import data as D
 from .metrics import binary_metrics
@@ -36,7 +37,7 @@ class TrainingInterrupted(Exception):
 
 @dataclass
 class TrainConfig:
-    data: str | None  # None → the embedded synthetic set, drawn into OUT/synthetic_data
+    data: str | list | None  # None → the embedded synthetic set, drawn into OUT/synthetic_data; a list = mixed sets
     out: str
     model: str = "simple_cnn"
     epochs: int = 0  # 0 → auto: about AUTO_TILE_STEPS tile presentations, clamped to [AUTO_MIN, AUTO_MAX]
@@ -49,7 +50,10 @@ class TrainConfig:
     min_crack_px: int = 40
     border: int = 8
     margin: int = 16
-    label_rule: str = "auto"  # auto | tiles | name
+    label_rule: str = "auto"  # auto | tiles | name | folder
+    scale: float = 1.0  # work scale: images are resized by this before tiling (survey frames: crack widths)
+    max_side: int | None = None  # and further so that the longer side is at most this
+    hard_repeat: int = 1  # hard-negative tiles (sealed cracks, patches, ...) appear this many times in training
     val_fraction: float = 0.2
     split_seed: int = 0
     seed: int = 0
@@ -75,7 +79,8 @@ SYNTH_EPOCHS = 8
 
 # values in a resumed run that must match the saved ones
 _RESUME_KEYS = ("model", "tile", "stride", "train_stride", "min_crack_px", "border", "margin", "label_rule",
-                "val_fraction", "split_seed", "seed", "batch", "augment", "double", "max_tiles")
+                "val_fraction", "split_seed", "seed", "batch", "augment", "double", "max_tiles", "scale", "max_side",
+                "hard_repeat")
 
 
 class TileDataset(Dataset):
@@ -194,61 +199,130 @@ def _pretrained_arg(cfg: TrainConfig):
     return bool(cfg.pretrained)
 
 
-def prepare_data(cfg: TrainConfig, out: Path, log=print):
-    """Read the data set, make tiles/bits for train/val/test, write the data card.  Returns (sets, card, sha, info)."""
-    if cfg.data is None:
-        from .synth import write_synthetic_dataset
-
-        root = out / "synthetic_data"
-        if not (root / "train" / "images").is_dir():
-            log(f"no --data given: drawing the embedded synthetic crack set into {root}")
-            write_synthetic_dataset(root, n_crack=SYNTH_PER_CLASS, n_free=SYNTH_PER_CLASS, size=(cfg.tile, cfg.tile),
-                                    layout="kaggle", seed=1234)
-    else:
-        root = Path(cfg.data)
-    layout = D.detect_layout(root)
-    items = D.list_items(root, "all", val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, layout=layout)
-    rule_name = cfg.label_rule if cfg.label_rule != "auto" else ("name" if layout == "kaggle" else "tiles")
-    if rule_name == "name" and layout != "kaggle":
+def _rule_for(layout: str, requested: str, root: Path) -> str:
+    if requested == "auto":
+        return {"kaggle": "name", "folders": "folder"}.get(layout, "tiles")
+    if requested == "name" and layout != "kaggle":
         raise BadInputError(root, "label rule 'name' needs the Kaggle layout (noncrack* file names)")
+    if requested == "folder" and layout != "folders":
+        raise BadInputError(root, "label rule 'folder' needs crack/ + no_crack/ folders")
+    if requested == "tiles" and layout == "folders":
+        raise BadInputError(root, "label rule 'tiles' needs masks; crack/ + no_crack/ folders have image labels "
+                                  "only (use --label-rule folder)")
+    return requested
+
+
+def data_roots(cfg: TrainConfig) -> list[str | None]:
+    """The training data folders of ``cfg`` (``[None]`` = the embedded synthetic set)."""
+    if cfg.data is None:
+        return [None]
+    return [cfg.data] if isinstance(cfg.data, str) else list(cfg.data)
+
+
+def prepare_data(cfg: TrainConfig, out: Path, log=print):
+    """Read the data set(s), make tiles/bits for train/val/test, write the data card.  Several sets (``cfg.data``
+    a list) are read one by one (each with its own layout, label rule and split) and concatenated; the card
+    reports each set.  Returns (sets, card, sha, info)."""
+    per_set, cards, skipped = [], [], []
     stride = cfg.stride or cfg.tile
-    train_stride = cfg.train_stride or (cfg.tile // 2 if rule_name == "tiles" else cfg.tile)
     base = dict(tile=cfg.tile, min_crack_px=cfg.min_crack_px, border=cfg.border, margin=cfg.margin)
-    rule_eval = D.TileRule(stride=stride, **base)
-    rule_train = D.TileRule(stride=train_stride, **base)
-    if rule_name == "tiles":
-        label_rule = rule_eval.as_dict()
-        label_rule["train_stride"] = train_stride
-        label_rule["text"] += f" (training tiles step {train_stride}px)"
-    else:
-        label_rule = D.name_rule_dict(cfg.tile)
-    skipped: list[str] = []
-    sets = {}
-    for split in ("train", "val", "test"):
-        if split == "test" and not cfg.test:
-            continue
-        rule = rule_train if split == "train" else rule_eval
-        sets[split] = D.load_split(items, split, rule_name, rule, max_tiles=cfg.max_tiles if split == "train" else None,
-                                   seed=cfg.seed, skipped=skipped, progress=cfg.progress)
+    for spec in data_roots(cfg):
+        if spec is None:
+            from .synth import write_synthetic_dataset
+
+            root = out / "synthetic_data"
+            if not (root / "train" / "images").is_dir():
+                log(f"no --data given: drawing the embedded synthetic crack set into {root}")
+                write_synthetic_dataset(root, n_crack=SYNTH_PER_CLASS, n_free=SYNTH_PER_CLASS,
+                                        size=(cfg.tile, cfg.tile), layout="kaggle", seed=1234)
+        else:
+            root = Path(spec)
+        layout = D.detect_layout(root)
+        items = D.list_items(root, "all", val_fraction=cfg.val_fraction, split_seed=cfg.split_seed, layout=layout)
+        rule_name = _rule_for(layout, cfg.label_rule, root)
+        train_stride = cfg.train_stride or (cfg.tile // 2 if rule_name == "tiles" else cfg.tile)
+        rule_eval = D.TileRule(stride=stride, **base)
+        rule_train = D.TileRule(stride=train_stride, **base)
+        if rule_name == "tiles":
+            label_rule = rule_eval.as_dict()
+            label_rule["train_stride"] = train_stride
+            label_rule["text"] += f" (training tiles step {train_stride}px)"
+            if layout == "paveseg":
+                label_rule["text"] += ("; the mask is crack + alligator crack: sealed cracks, patches, potholes, "
+                                       "utility covers and joints (masks_multiclass/) are crack-free tiles")
+        elif rule_name == "folder":
+            label_rule = {"name": "folder", "tile": int(cfg.tile),
+                          "text": f"image-level bit from the folder (crack/ = 1, no_crack/ = 0); image resized to "
+                                  f"{cfg.tile}x{cfg.tile}"}
+        else:
+            label_rule = D.name_rule_dict(cfg.tile)
+        if cfg.scale != 1.0 or cfg.max_side:
+            label_rule["work_scale"] = {"scale": cfg.scale, "max_side": cfg.max_side}
+            label_rule["text"] += (f"; images resized first by the work scale (scale {cfg.scale:g}"
+                                   + (f", longer side at most {cfg.max_side}px" if cfg.max_side else "") + ")")
+        sets = {}
+        for split in ("train", "val", "test"):
+            if split == "test" and not cfg.test:
+                continue
+            rule = rule_train if split == "train" else rule_eval
+            sets[split] = D.load_split(items, split, rule_name, rule,
+                                       max_tiles=cfg.max_tiles if split == "train" else None, seed=cfg.seed,
+                                       skipped=skipped, progress=cfg.progress, scale=cfg.scale,
+                                       max_side=cfg.max_side)
+        split_info = D.split_rule_dict(layout, items, cfg.val_fraction, cfg.split_seed)
+        card = D.build_card(root, layout, label_rule, sets, [], split_info)
+        per_set.append({"root": root, "layout": layout, "rule_name": rule_name, "label_rule": label_rule,
+                        "sets": sets, "items": items})
+        cards.append(card)
+    sets = {k: D.concat_sets([ps["sets"][k] for ps in per_set]) for k in per_set[0]["sets"]}
+    roots = ", ".join(str(ps["root"]) for ps in per_set)
     n_good = sum(ts.n_images for ts in sets.values())
     if n_good == 0:
-        raise BadInputError(root, "no readable images (every file was skipped)")
+        raise BadInputError(roots, "no readable images (every file was skipped)")
     if len(sets["train"]) == 0:
-        raise BadInputError(root, "no training tiles (no readable training images, or every tile was dropped)")
+        raise BadInputError(roots, "no training tiles (no readable training images, or every tile was dropped)")
     if len(set(sets["train"].labels.tolist())) < 2:
-        raise BadInputError(root, "training tiles hold only one class; adjust --tile/--min-crack-px/--margin")
+        raise BadInputError(roots, "training tiles hold only one class; adjust --tile/--min-crack-px/--margin")
     if len(sets["val"]) == 0:
-        raise BadInputError(root, "no validation tiles (too few training images to carve a validation split)")
-    split_info = D.split_rule_dict(layout, items, cfg.val_fraction, cfg.split_seed)
-    card = D.build_card(root, layout, label_rule, sets, skipped, split_info)
+        raise BadInputError(roots, "no validation tiles (too few training images to carve a validation split)")
+    if len(cards) == 1:
+        card = dict(cards[0])
+        card["skipped_files"] = list(skipped)
+    else:
+        card = {"format": 1, "data": [c["data"] for c in cards], "layout": "mixed",
+                "label_rule": {"name": "mixed", "text": "; ".join(f"{Path(c['data']).name}: {c['label_rule']['name']}"
+                                                                 for c in cards)},
+                "split_rule": {"text": "each set split by its own rule (see sets)"},
+                "splits": {k: v.counts() for k, v in sets.items()}, "class_names": ["crack_free", "crack"],
+                "sets": cards, "skipped_files": list(skipped)}
     if cfg.max_tiles:
         card["max_train_tiles"] = cfg.max_tiles
     sha = D.card_sha256(card)
     atomic_write_bytes(out / "data_card.json", D.card_bytes(card))
     D.write_card_png(out / "data_card.png", sets["train"], seed=cfg.seed)
-    info = {"root": str(root), "layout": layout, "label_rule": label_rule, "rule_name": rule_name,
-            "splits": {k: sorted({it.image.name for it in items if it.split == k}) for k in ("train", "val", "test")}}
+    first = per_set[0]
+    info = {"root": str(first["root"]), "roots": [str(ps["root"]) for ps in per_set],
+            "layout": first["layout"] if len(per_set) == 1 else "mixed",
+            "label_rule": first["label_rule"] if len(per_set) == 1 else card["label_rule"],
+            "rule_name": first["rule_name"], "sets": [
+                {"data": str(Path(ps["root"]).resolve()), "layout": ps["layout"], "label_rule": ps["label_rule"],
+                 "splits": {k: v.counts() for k, v in ps["sets"].items()}} for ps in per_set],
+            "splits": {k: sorted({f"{Path(ps['root']).name}/{it.image.name}" if len(per_set) > 1 else it.image.name
+                                  for ps in per_set for it in ps["items"] if it.split == k})
+                       for k in ("train", "val", "test")}}
     return sets, card, sha, info
+
+
+def repeat_hard(ts: D.TileSet, times: int) -> D.TileSet:
+    """The training set with every hard-negative tile (crack-free tile holding a sealed crack, patch, …)
+    present ``times`` times."""
+    if times <= 1 or ts.hard is None or not ts.hard.any():
+        return ts
+    idx = np.flatnonzero(ts.hard)
+    extra = np.repeat(idx, times - 1)
+    keep = np.concatenate([np.arange(len(ts)), extra])
+    return D.TileSet(ts.split, ts.images[keep], ts.labels[keep], ts.n_images, ts.n_dropped, ts.image_names,
+                     ts.hard[keep], ts.hard_counts)
 
 
 def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
@@ -295,6 +369,9 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
     log(D.format_card(card))
     log(f"label rule: {info['label_rule']['name']} — {info['label_rule']['text']}")
     tr, va = sets["train"], sets["val"]
+    if cfg.hard_repeat > 1:
+        tr = repeat_hard(tr, cfg.hard_repeat)
+        log(f"--hard-repeat {cfg.hard_repeat}: hard-negative tiles repeated → {len(tr)} training tiles")
     if cfg.double:
         tr = D.double_with_augmented(tr, cfg.seed)
         log(f"--double: training set doubled with rotated/flipped copies → {len(tr)} tiles")
@@ -344,6 +421,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
         "model": cfg.model, "model_kwargs": cfg.model_kwargs, "tile": cfg.tile, "stride": cfg.stride or cfg.tile,
         "mean": list(spec.mean), "std": list(spec.std), "target_layers": list(spec.target_layers),
         "label_rule": info["label_rule"], "data": str(Path(info["root"]).resolve()), "layout": info["layout"],
+        "datasets": info["sets"], "work_scale": {"scale": cfg.scale, "max_side": cfg.max_side},
         "splits": {"rule": card["split_rule"], **{k: v.counts() for k, v in sets.items()}},
         "val_images": info["splits"]["val"],
         "seed": cfg.seed, "epochs": epochs, "batch": cfg.batch, "lr": lr, "optimizer": "AdamW + OneCycleLR",
@@ -382,7 +460,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
             loader = DataLoader(ds, batch_size=cfg.batch, shuffle=True, generator=g, num_workers=cfg.workers,
                                 drop_last=len(ds) > cfg.batch, pin_memory=device.type == "cuda")
             tot, n = 0.0, 0
-            bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=not cfg.progress,
+            bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=not (cfg.progress and progress_mode() == "bar"),
                        file=sys.stderr)
             for xb, yb in bar:
                 x = to_input(xb, mean, std, device, channels_last)

@@ -1,0 +1,135 @@
+"""A model's frame steps, in one place: tile plan → model → gate/stitch → refine → frame map → post-process →
+frame decision.  NumPy + OpenCV only.
+
+:class:`FrameSteps` is built from a model's metadata (``survey``, ``refine``, ``postprocess``, ``threshold``) plus
+command-line overrides.  ``crack-run``'s pipeline calls its pieces from its threads (plan and cut in the inference
+thread, :meth:`FrameSteps.finish` in the post-processing pool); ``crack-eval``, the false-alarm tool and the
+benchmarks call :meth:`FrameSteps.process` on one frame with any session-like object (``.run(batch) -> (prob,
+map)``, ``.meta.fixed_size``): the same functions in the same order, so a figure from the evaluation is what the
+runtime runs (tests/test_survey.py pins the two together).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import cv2
+import numpy as np
+
+from . import survey as S
+from .cues import RefineConfig, refine
+from .postprocess import PostProcessConfig, PostResult, postprocess
+
+__all__ = ["FrameSteps", "FrameResult", "model_refine_block", "model_survey_block", "post_config_dict"]
+
+
+def model_refine_block(meta) -> dict | None:
+    """The metadata's ``refine`` step (a ``refine-<cam>`` recipe: the graph gives the CAM, the pixel cue and the
+    combination run on the frame), or None."""
+    rf = (getattr(meta, "raw", None) or {}).get("refine")
+    return dict(rf) if isinstance(rf, dict) else None
+
+
+def model_survey_block(meta) -> dict:
+    """The metadata's ``survey`` block ({} when the model has none: whole frames, no gate, no ROI)."""
+    sv = (getattr(meta, "raw", None) or {}).get("survey")
+    return dict(sv) if isinstance(sv, dict) else {}
+
+
+def post_config_dict(meta, refine_block: dict | None, threshold=None) -> dict:
+    """The post-processing settings of a model's frames: the refinement's own when it has one, else the
+    metadata's ``postprocess`` (with the top-level ``threshold`` when it has none); ``threshold`` overrides."""
+    src = refine_block if refine_block is not None else {"postprocess": meta.postprocess, "threshold": meta.threshold}
+    d = dict(src.get("postprocess") or {})
+    if "threshold" not in d and src.get("threshold") is not None:
+        d["threshold"] = src["threshold"]
+    if threshold is not None:
+        d["threshold"] = threshold
+    return d
+
+
+@dataclass
+class FrameResult:
+    map: np.ndarray  # float32 H×W on [0, 1] at frame size (0 outside the ROI)
+    prob: float  # frame probability: the largest tile probability inside the ROI
+    tile_probs: np.ndarray
+    post: PostResult
+    cracked: bool
+    plan: S.FramePlan | None = None
+    extra: dict = field(default_factory=dict)
+
+
+class FrameSteps:
+    """The survey, refinement and post-processing settings of one model, and the steps that use them."""
+
+    def __init__(self, survey: S.SurveyConfig, refine_cfg: RefineConfig | None, post: PostProcessConfig,
+                 fixed_size: tuple | None = None):
+        self.survey = survey
+        self.refine = refine_cfg
+        self.post = post
+        self.fixed_size = fixed_size
+
+    @classmethod
+    def from_meta(cls, meta, *, survey: dict | None = None, threshold=None, no_refine: bool = False,
+                  skeleton: bool = True) -> "FrameSteps":
+        """From a model's metadata; ``survey`` holds overrides (None values are ignored).  Bad settings raise
+        ValueError naming the key."""
+        rb = None if no_refine else model_refine_block(meta)
+        block = model_survey_block(meta)
+        if "gate" not in block:  # graphs without a survey block gate inside the graph (metadata 'gate')
+            block["gate"] = 0.0
+        over = dict(survey or {})
+        if over.pop("_clear_roi", False) or over.get("roi") is not None or over.get("roi_mask") is not None:
+            for k in ("roi", "roi_mask", "roi_size"):  # a new ROI (or --no-roi) replaces the model's
+                block.pop(k, None)
+        sv = S.SurveyConfig.from_dict(block).replace(**over)
+        pp = post_config_dict(meta, rb, threshold)
+        if not skeleton:
+            pp["skeleton"] = False
+        elif sv.min_length > 0:
+            pp["skeleton"] = True
+        return cls(sv, RefineConfig.from_dict(rb) if rb else None, PostProcessConfig.from_dict(pp),
+                   getattr(meta, "fixed_size", None))
+
+    # ------------------------------------------------------------------ the steps
+    def plan(self, image: np.ndarray) -> S.FramePlan:
+        return S.plan_frame(image.shape, self.survey, self.fixed_size)
+
+    def tiles(self, image: np.ndarray, plan: S.FramePlan) -> list[np.ndarray]:
+        return S.cut_tiles(image, plan)
+
+    def frame_map(self, image: np.ndarray, plan: S.FramePlan, probs, maps) -> tuple[np.ndarray, float, np.ndarray]:
+        """Gated, stitched tile maps → (refined) map at frame size with the ROI applied; frame prob; tile probs."""
+        work, prob, tprobs = S.merge_tiles(plan, probs, maps, self.survey)
+        if self.refine is not None:
+            wimg = S.work_image(image, plan)[:plan.work_shape[0], :plan.work_shape[1]]
+            gray = cv2.cvtColor(wimg, cv2.COLOR_BGR2GRAY) if wimg.ndim == 3 else wimg
+            work = refine(gray, work, self.refine)
+        return S.frame_map(work, plan, self.survey), prob, tprobs
+
+    def finish(self, image: np.ndarray, plan: S.FramePlan, probs, maps, mm_per_px: float | None = None
+               ) -> FrameResult:
+        """Everything after the model for one frame (BGR or gray uint8 ``image``)."""
+        cmap, prob, tprobs = self.frame_map(image, plan, probs, maps)
+        res = postprocess(cmap, self.post, mm_per_px=mm_per_px)
+        length = float(res.measures.get("length_px", 0.0))
+        cracked = S.decide_frame(length, bool(res.mask.any()), self.survey)
+        return FrameResult(cmap, prob, tprobs, res, cracked, plan)
+
+    def process(self, session, image_bgr: np.ndarray, mm_per_px: float | None = None,
+                batch: int | None = None) -> FrameResult:
+        """One frame through the whole chain with ``session`` (sequential: evaluation, tools, benchmarks)."""
+        plan = self.plan(image_bgr)
+        tiles = self.tiles(image_bgr, plan)
+        nb = getattr(getattr(session, "meta", None), "batch", None)
+        step = nb or batch or max(1, len(tiles))
+        probs, maps = [], []
+        for i in range(0, len(tiles), step):
+            chunk = np.stack(tiles[i:i + step])
+            n = len(chunk)
+            if nb and n < nb:  # a graph of fixed batch: pad with zeros
+                chunk = np.concatenate([chunk, np.zeros((nb - n,) + chunk.shape[1:], chunk.dtype)])
+            p, m = session.run(np.ascontiguousarray(chunk))
+            probs += [float(v) for v in np.asarray(p).reshape(-1)[:n]]
+            maps += [np.asarray(v, np.float32) for v in m[:n]]
+        return self.finish(image_bgr, plan, probs, maps, mm_per_px)

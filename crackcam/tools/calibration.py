@@ -1,0 +1,358 @@
+"""``crack-eval calibrate``: choose the recipe on VALIDATION images, under a false-alarm budget.
+
+The recipe is everything between the classifier and a crack mask: CAM method, per-tile gate, pixel-cue refinement,
+threshold, post-processing, minimum crack length for a frame to count as cracked, and whether to use the region of
+interest.  It is chosen on the validation split of the run's data sets only (the stems are written into the
+recipe), through the very frame steps ``crack-run`` runs (:class:`crackcam.runtime.steps.FrameSteps`):
+
+1. per validation frame and clean tile, the tile maps of every CAM method (one pass per tile batch);
+2. per (method, gate, refinement, ROI use): frame maps → threshold-free pixel ODS per data set; the best few go on;
+3. per (threshold around the ODS, min_area, closing): post-processed masks → pixel F1 (t=0, ``ignore/`` and
+   out-of-ROI pixels skipped), and per minimum length the frame decisions → detection rate on crack frames,
+   false-alarm rate on crack-free / sealed-only frames, share of clean tiles flagged;
+4. the **objective**: the best mean pixel F1 over the data sets among candidates that keep clean tiles flagged
+   ≤ ``budget`` (default 5 %), crack-free frames flagged ≤ ``frame_budget`` (20 %) and crack frames detected
+   ≥ ``min_detection`` (90 %) — the constraints a set cannot measure (no crack-free tiles or frames) drop out; when
+   no candidate meets them, the one with the fewest false alarms wins and the recipe says so.
+
+Close-up sets (every image cracked) contribute pixel F1 only; PaveSeg contributes all figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from crackcam.runtime import cues as C
+from crackcam.runtime.imageio import BadInputError, read_image, read_mask
+from crackcam.runtime.postprocess import PostProcessConfig, postprocess
+from crackcam.runtime.steps import FrameSteps
+from crackcam.runtime.survey import SurveyConfig, decide_frame, roi_mask
+from crackcam.tools import methods as M
+from crackcam.tools.metrics import Counts, MapScorer, binary_counts
+
+RECIPE = "recipe.json"
+GATES = (0.0, 0.3, 0.5, 0.7, 0.85)
+REFINE_GRID = ([None]
+               + [{"cue": "blackhat", "mode": "component", "dilate": d, "component_threshold": tc, "prior_power": pw}
+                  for d, tc, pw in ((16, 0.3, 1.0), (16, 0.3, 0.5))]
+               + [{"cue": "blackhat", "mode": "product", "dilate": 16, "prior_power": 0.5}])
+THR_FACTORS = (0.6, 0.75, 0.9, 1.0, 1.15, 1.3)
+PP_GRID = ((0, 0), (50, 0), (150, 0), (50, 1), (150, 1))  # (min_area, close_radius)
+MIN_LENGTHS = (0, 25, 50, 100, 200, 400)
+TOP_K = 4
+
+
+class CalibrationError(Exception):
+    """One-line user error (exit code 2)."""
+
+
+@dataclass
+class _Item:
+    set_name: str
+    name: str
+    tile: bool  # a clean tile (standalone image)
+    label: str  # crack / sealed_crack_only / no_crack / clean_tile
+    gt: np.ndarray | None
+    valid_roi: np.ndarray | None  # valid pixels with the ROI
+    valid_noroi: np.ndarray | None  # valid pixels without it
+    res: dict = field(default_factory=dict)  # CamPredictor output
+
+
+def _valid(it, shape, survey):
+    roi = roi_mask(shape, survey)
+    ign = read_mask(it.ignore, shape) if it.ignore is not None else None
+    if ign is None:
+        return roi
+    return ~ign if roi is None else (roi & ~ign)
+
+
+def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, layers: str | None = None,
+              mode: str = "tiles", tile: int | None = None, gate: float | None = None, budget: float = 0.05,
+              frame_budget: float = 0.20, min_detection: float = 0.90, survey: dict | None = None,
+              limit: int | None = None, out: Path | None = None, log=print) -> dict:
+    """Search the recipe on the validation split(s); write ``checkpoint/recipe.json`` (or ``out``)."""
+    from crackcam.models.checkpoint import read_config
+    from crackcam.train.data import list_items
+
+    if checkpoint is None:
+        raise CalibrationError("calibrate needs --checkpoint DIR (a crack-train run folder)")
+    checkpoint = Path(checkpoint)
+    try:
+        config = read_config(checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        raise CalibrationError(str(exc)) from None
+    if str(config.get("model", "")).startswith("upcracknet"):
+        raise CalibrationError(f"{checkpoint}: calibration of UP-CrackNet runs is not supported yet (issue 11); "
+                               f"score it with python -m crackcam.tools.upcracknet_eval")
+    roots = _roots(data, config)
+    tc = config.get("train_config", {})
+    ws = config.get("work_scale") or {}
+    base = {"scale": float(ws.get("scale") or 1.0), "max_side": ws.get("max_side")}
+    if mode == "tiles":
+        t = int(tile or config.get("tile") or 128)
+        base.update(tile=t, overlap=t // 4)
+    elif mode == "whole":
+        base.update(tile=None, overlap=0)
+    else:
+        raise CalibrationError(f"--mode must be tiles or whole, not {mode!r}")
+    try:
+        sv0 = SurveyConfig.from_dict(base).replace(**{k: v for k, v in (survey or {}).items() if v is not None})
+    except ValueError as exc:
+        raise CalibrationError(f"survey settings: {exc}") from None
+    roi_choices = [True, False] if sv0.has_roi else [False]
+    model, _ = M.MethodContext(checkpoint=checkpoint, config=config).classifier()
+    if methods:
+        cams = [m for m in methods if m in M.cam_method_names()]
+        if not cams:
+            raise CalibrationError(f"no CAM method among {methods}; choose from {', '.join(M.cam_method_names())}")
+    else:
+        cams = ["cam", "gradcam"] if getattr(model, "pool_kind", "avg") == "topk" else \
+            ["xgradcam", "gradcam++", "xgradcam-fusion", "gradcam++-fusion", "cam"]
+    gates = GATES if gate is None else (float(gate),)
+    ctx = M.MethodContext(checkpoint=checkpoint, config=config,
+                          layers=[s.strip() for s in layers.split(",")] if layers else None, survey=sv0.replace(gate=0.0))
+    ctx._model = model
+    groups: dict[bool, list[str]] = {}
+    for m in cams:
+        groups.setdefault(m.endswith("-fusion"), []).append(m)
+    preds = [M.CamPredictor(ctx, g) for g in groups.values()]
+
+    # ---- 1. tile maps of every validation frame / clean tile
+    items: list[_Item] = []
+    stems: dict[str, list[str]] = {}
+    t0 = time.perf_counter()
+    from crackcam.runtime.progress import progress
+
+    all_items = []
+    for root in roots:
+        vi = list_items(root, "val", val_fraction=float(tc.get("val_fraction", 0.2)),
+                        split_seed=int(tc.get("split_seed", 0)))
+        vi = [it for it in vi if it.mask is not None or it.is_tile]
+        if limit:
+            vi = vi[:limit]
+        if not vi:
+            raise CalibrationError(f"{root}: no validation images with masks")
+        stems[root.name] = [it.image.name for it in vi]
+        all_items += [(root, it) for it in vi]
+    log(f"calibrate: {len(all_items)} validation images of {', '.join(str(r) for r in roots)} "
+        f"({sum(it.is_tile for _, it in all_items)} clean tiles); CAM methods {cams}; gates {list(gates)}; "
+        f"survey {sv0.to_dict()}")
+    for root, it in progress(all_items, desc="calibrate: validation maps", unit="img", every=25):
+        try:
+            img = read_image(it.image)
+            gt = None if it.is_tile else read_mask(it.mask, img.shape[:2])
+            v_roi = None if it.is_tile else _valid(it, img.shape[:2], sv0)
+            v_no = None if it.is_tile else _valid(it, img.shape[:2], _no_roi(sv0))
+        except BadInputError as exc:
+            log(f"skipped {exc}")
+            continue
+        res = {}
+        for p in preds:
+            r = p(img)
+            res.setdefault("plan", r["plan"])
+            res.setdefault("bgr", r["bgr"])
+            res.setdefault("probs", r["probs"])
+            res.setdefault("maps", {}).update({k: [m.astype(np.float16) for m in v] for k, v in r["maps"].items()})
+        res["cues"] = {c: C.cue(img, c).astype(np.float16) for c in C.CUES}
+        label = it.image_label or ("clean_tile" if it.is_tile else ("crack" if gt is not None and gt.any()
+                                                                     else "no_crack"))
+        items.append(_Item(root.name, it.image.name, it.is_tile, label, gt, v_roi, v_no, res))
+    sec = (time.perf_counter() - t0) / max(1, len(items))
+    if not any(x.gt is not None and x.gt.any() for x in items):
+        raise CalibrationError("no validation image with a crack could be read")
+    sets = sorted({x.set_name for x in items})
+
+    # ---- 2. frame maps per (method, gate, refinement, ROI use) → pixel ODS per set
+    stage2 = []
+    combos = [(m, g, r, u) for m in cams for g in gates for r in REFINE_GRID for u in roi_choices]
+    for m, g, r, use_roi in progress(combos, desc="calibrate: gates x refinements", unit="combo", every=10):
+        sv = sv0.replace(gate=g) if use_roi else _no_roi(sv0.replace(gate=g))
+        steps = FrameSteps(sv, C.RefineConfig(**r) if r else None, PostProcessConfig(skeleton=False))
+        maps = []
+        scorers = {s: MapScorer(100, (0,)) for s in sets}
+        for x in items:
+            fm, prob, _ = steps.frame_map(x.res["bgr"], x.res["plan"], x.res["probs"],
+                                          [mm.astype(np.float32) for mm in x.res["maps"][m]])
+            maps.append(fm.astype(np.float16))
+            if x.gt is not None:
+                scorers[x.set_name].add(fm, x.gt, x.name, x.valid_roi if use_roi else x.valid_noroi)
+        ods = {s: scorers[s].ods(0) for s in sets if len(scorers[s])}
+        score = float(np.mean([o["f1"] for o in ods.values()]))
+        thr0 = float(np.median([o["threshold"] for o in ods.values()]))
+        stage2.append({"method": m, "gate": g, "refine": r, "roi": use_roi, "ods": {s: round(o["f1"], 4)
+                      for s, o in ods.items()}, "ods_mean": round(score, 4), "ods_thr": thr0,
+                       "thr_by_set": {s: o["threshold"] for s, o in ods.items()}, "maps": maps, "survey": sv})
+        # keep memory flat: only the best TOP_K per method keep their maps
+        mine = sorted([c for c in stage2 if c["method"] == m], key=lambda c: -c["ods_mean"])
+        for c in mine[TOP_K:]:
+            c["maps"] = None
+    for cname in C.CUES:  # the learning-free floor, calibrated alike (reported, never chosen)
+        for use_roi in roi_choices:
+            sv = sv0.replace(gate=0.0) if use_roi else _no_roi(sv0.replace(gate=0.0))
+            maps, scorers = [], {s_: MapScorer(100, (0,)) for s_ in sets}
+            for x in items:
+                fm = x.res["cues"][cname].astype(np.float32)
+                roi = roi_mask(fm.shape, sv)
+                if roi is not None:
+                    fm = fm * roi
+                maps.append(fm.astype(np.float16))
+                if x.gt is not None:
+                    scorers[x.set_name].add(fm, x.gt, x.name, x.valid_roi if use_roi else x.valid_noroi)
+            ods = {s_: scorers[s_].ods(0) for s_ in sets if len(scorers[s_])}
+            stage2.append({"method": cname, "learned": False, "gate": 0.0, "refine": None, "roi": use_roi,
+                           "ods": {s_: round(o["f1"], 4) for s_, o in ods.items()},
+                           "ods_mean": round(float(np.mean([o["f1"] for o in ods.values()])), 4),
+                           "thr_by_set": {s_: o["threshold"] for s_, o in ods.items()}, "maps": maps, "survey": sv})
+    best_per_method = {}
+    for c in stage2:
+        if c["method"] not in best_per_method or c["ods_mean"] > best_per_method[c["method"]]["ods_mean"]:
+            best_per_method[c["method"]] = c
+    learned = sorted([c for c in stage2 if c["maps"] is not None and c.get("learned", True)],
+                     key=lambda c: -c["ods_mean"])[:TOP_K * 2]
+    floors = [max((c for c in stage2 if c["method"] == n), key=lambda c: c["ods_mean"]) for n in C.CUES]
+    finalists = learned + floors
+    log("calibrate: best threshold-free ODS per method: " + ", ".join(
+        f"{m} {c['ods_mean']:.3f} (gate {c['gate']}, refine {'-' if not c['refine'] else c['refine']['mode']})"
+        for m, c in best_per_method.items()))
+
+    # ---- 3. thresholds x post-processing x min length → figures
+    rows = []
+    for c in progress(finalists, desc="calibrate: thresholds x post-processing", unit="cand", every=1):
+        thrs = sorted({round(min(0.99, max(0.01, t * f)), 3) for t in set(c["thr_by_set"].values())
+                       for f in THR_FACTORS})
+        for t in thrs:
+            for ma, cr in PP_GRID:
+                cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, skeleton=True)
+                counts = {s: Counts() for s in sets}
+                lengths = []
+                for x, fm in zip(items, c["maps"]):
+                    pr = postprocess(np.asarray(fm, np.float32), cfg)
+                    if x.gt is not None:
+                        v = x.valid_roi if c["roi"] else x.valid_noroi
+                        counts[x.set_name] = counts[x.set_name] + binary_counts(pr.mask, x.gt, 0, v)
+                    lengths.append((float(pr.measures.get("length_px", 0.0)), bool(pr.mask.any())))
+                f1 = {s: round(counts[s].figures()["f1"], 4) for s in sets if counts[s].gt > 0}
+                for ml in MIN_LENGTHS:
+                    fig = _frame_figures(items, lengths, ml, c["survey"])
+                    rows.append({"cand": c, "threshold": t, "min_area": ma, "close_radius": cr, "min_length": ml,
+                                 "f1": f1, "f1_mean": round(float(np.mean(list(f1.values()))), 4), **fig})
+    best, met = _choose([r for r in rows if r["cand"].get("learned", True)], budget, frame_budget, min_detection)
+    c = best["cand"]
+    method = ("refine-" + c["method"]) if c["refine"] else c["method"]
+    sv = c["survey"].replace(min_length=float(best["min_length"]))
+    n_frames = sum(not x.tile for x in items)
+    n_tiles = sum(x.tile for x in items)
+    chosen_on = (f"validation split of {', '.join(r.name for r in roots)} ({n_frames} frames, {n_tiles} clean "
+                 f"tiles)")
+    recipe = {
+        "method": method, "layers": ctx.layers, "threshold": best["threshold"],
+        "postprocess": {"min_area": best["min_area"], "close_radius": best["close_radius"], "open_radius": 0},
+        "gate": c["gate"], "refine": c["refine"], "survey": sv.to_dict(), "val_f1": best["f1_mean"],
+        "val": {"pixel_f1_t0": best["f1"], "clean_tiles_flagged": best["clean_rate"],
+                "false_alarm_frames": best["frame_fa"], "detection_rate": best["detection"]},
+        "budget": {"clean_tiles": budget, "false_alarm_frames": frame_budget, "min_detection": min_detection,
+                   "met": met},
+        "objective": ("best mean pixel F1 (t=0) over the data sets subject to the false-alarm budget"
+                      if met else "no candidate met the false-alarm budget: fewest false alarms, then pixel F1"),
+        "chosen_on": chosen_on, "masks_used": sum(1 for x in items if x.gt is not None),
+        "val_images": stems, "val_seconds_per_image_all_maps": round(sec, 3),
+        "roi_used": bool(c["roi"]), "selection": "crack-eval calibrate (crackcam.tools.calibration)",
+        "candidates": _candidates(rows, best_per_method, budget, frame_budget, min_detection),
+    }
+    target = Path(out) if out else checkpoint / RECIPE
+    if target.is_dir():
+        target = target / RECIPE
+    _write(target, recipe)
+    log(f"calibrate: {method} gate {c['gate']} threshold {best['threshold']} min_area {best['min_area']} close "
+        f"{best['close_radius']} min length {best['min_length']} ROI {'on' if c['roi'] else 'off'} — val pixel F1 "
+        f"{best['f1']}, clean tiles flagged {best['clean_rate']}, crack-free frames flagged {best['frame_fa']}, "
+        f"crack frames detected {best['detection']} ({'budget met' if met else 'BUDGET NOT MET'}) → {target}")
+    return recipe
+
+
+def _no_roi(sv: SurveyConfig) -> SurveyConfig:
+    return SurveyConfig.from_dict({**sv.to_dict(), "roi": None, "roi_mask": None, "roi_size": None})
+
+
+def _roots(data, config) -> list[Path]:
+    if data:
+        return [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    ds = config.get("datasets")
+    if ds:
+        return [Path(d["data"]) for d in ds]
+    if config.get("data"):
+        return [Path(config["data"])]
+    raise CalibrationError("--data PATH is required (no data in the run's config)")
+
+
+def _frame_figures(items, lengths, min_length, survey) -> dict:
+    sv = survey.replace(min_length=float(min_length))
+    det, fa, tiles = [], [], []
+    for x, (ln, anym) in zip(items, lengths):
+        cracked = decide_frame(ln, anym, sv)
+        if x.tile:
+            tiles.append(cracked)
+        elif x.label == "crack":
+            det.append(cracked)
+        else:
+            fa.append(cracked)
+    return {"detection": round(float(np.mean(det)), 4) if det else None,
+            "frame_fa": round(float(np.mean(fa)), 4) if fa else None,
+            "clean_rate": round(float(np.mean(tiles)), 4) if tiles else None}
+
+
+def _meets(r, budget, frame_budget, min_detection) -> bool:
+    return ((r["clean_rate"] is None or r["clean_rate"] <= budget)
+            and (r["frame_fa"] is None or r["frame_fa"] <= frame_budget)
+            and (r["detection"] is None or r["detection"] >= min_detection))
+
+
+def _choose(rows, budget, frame_budget, min_detection):
+    ok = [r for r in rows if _meets(r, budget, frame_budget, min_detection)]
+    if ok:
+        return max(ok, key=lambda r: (r["f1_mean"], -r["min_length"])), True
+
+    def badness(r):
+        return (max(0.0, (r["clean_rate"] or 0) - budget) + max(0.0, (r["frame_fa"] or 0) - frame_budget)
+                + max(0.0, min_detection - (r["detection"] if r["detection"] is not None else 1.0)))
+    return min(rows, key=lambda r: (round(badness(r), 3), -r["f1_mean"])), False
+
+
+def _candidates(rows, best_per_method, budget, frame_budget, min_detection) -> dict:
+    """Per CAM method (and its refine- variant): the best row, for the record and for `--method` overrides."""
+    out = {}
+    for r in rows:
+        c = r["cand"]
+        name = ("refine-" + c["method"]) if c["refine"] else c["method"]
+        ok = _meets(r, budget, frame_budget, min_detection)
+        prev = out.get(name)
+        key = (ok, r["f1_mean"])
+        if prev is None or key > prev["_key"]:
+            out[name] = {"_key": key, "learned": c.get("learned", True), "threshold": r["threshold"], "gate": c["gate"],
+                     "refine": c["refine"],
+                         "postprocess": {"min_area": r["min_area"], "close_radius": r["close_radius"],
+                                         "open_radius": 0},
+                         "survey": c["survey"].replace(min_length=float(r["min_length"])).to_dict(),
+                         "val_f1": r["f1_mean"], "val": {"pixel_f1_t0": r["f1"], "clean_tiles_flagged":
+                                                        r["clean_rate"], "false_alarm_frames": r["frame_fa"],
+                                                        "detection_rate": r["detection"]}, "budget_met": ok}
+    for m, c in best_per_method.items():
+        if m not in out and ("refine-" + m) not in out:
+            out[m] = {"_key": None, "val_ods_f1": c["ods_mean"], "gate": c["gate"], "note": "threshold-free ODS only"}
+    for v in out.values():
+        v.pop("_key", None)
+    return out
+
+
+def _write(path: Path, obj) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
