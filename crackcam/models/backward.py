@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._torchvision import import_torchvision
-from .efficientnet_lite import MBConv
+from .efficientnet_lite import FPNBody, MBConv
 from .nets import CrackClassifier, TopKMeanPool
 
 
@@ -328,12 +328,21 @@ def _gap(m: nn.AdaptiveAvgPool2d, x, rec):
     return y
 
 
+@register_rule(FPNBody)
+def _fpn(m: FPNBody, x, rec):
+    """Forward only: the CAM target of an FPN body is its output (the head's backward starts after it)."""
+    if rec.recording:
+        raise UnsupportedModuleError("explicit CAM backward: a target layer before or inside an FPNBody is not "
+                                     "supported (use the body output)")
+    return m(x)
+
+
 @register_rule(TopKMeanPool)
 def _topk(m: TopKMeanPool, z, rec):
     """Top-k mean over positions: the gradient is 1/k at the k largest positions, 0 elsewhere (the k-th largest
     value as the threshold: a TopK node in ONNX; ties at the threshold are improbable for float logits)."""
     flat = z.flatten(2)
-    k = m.k_of(z.shape[2] * z.shape[3])
+    k = m.k_of(int(z.shape[2]) * int(z.shape[3]))
     top = flat.topk(k, dim=2).values
     y = top.mean(dim=2)
     kth = top[:, :, -1:]

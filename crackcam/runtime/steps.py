@@ -119,9 +119,11 @@ class FrameSteps:
     def process(self, session, image_bgr: np.ndarray, mm_per_px: float | None = None,
                 batch: int | None = None) -> FrameResult:
         """One frame through the whole chain with ``session`` (sequential: evaluation, tools, benchmarks)."""
-        plan = self.plan(image_bgr)
+        meta = getattr(session, "meta", None)
+        fixed = self.fixed_size or getattr(meta, "fixed_size", None)
+        plan = S.plan_frame(image_bgr.shape, self.survey, fixed)
         tiles = self.tiles(image_bgr, plan)
-        nb = getattr(getattr(session, "meta", None), "batch", None)
+        nb = getattr(meta, "batch", None)
         step = nb or batch or max(1, len(tiles))
         probs, maps = [], []
         for i in range(0, len(tiles), step):

@@ -39,9 +39,12 @@ RECIPE = "recipe.json"
 GATES = (0.0, 0.3, 0.5, 0.7, 0.85)
 REFINE_GRID = ([None]
                + [{"cue": "blackhat", "mode": "component", "dilate": d, "component_threshold": tc, "prior_power": pw}
-                  for d, tc, pw in ((16, 0.3, 1.0), (16, 0.3, 0.5))]
-               + [{"cue": "blackhat", "mode": "product", "dilate": 16, "prior_power": 0.5}])
-THR_FACTORS = (0.6, 0.75, 0.9, 1.0, 1.15, 1.3)
+                  for d, tc, pw in ((16, 0.3, 1.0), (32, 0.3, 0.5))]
+               + [{"cue": c, "mode": "product", "dilate": d, "prior_power": 0.5}
+                  for c, d in (("blackhat", 16), ("bh+ridge", 8), ("ridge", 8))])
+THR_STEPS = (-1.2, -0.8, -0.4, 0.0, 0.4, 0.8)  # around each set's ODS threshold, in logit units (works for
+#                                                 saturated probability maps as for cue maps)
+N_BINS = 1000
 PP_GRID = ((0, 0), (50, 0), (150, 0), (50, 1), (150, 1))  # (min_area, close_radius)
 MIN_LENGTHS = (0, 25, 50, 100, 200, 400)
 TOP_K = 4
@@ -174,7 +177,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         sv = sv0.replace(gate=g) if use_roi else _no_roi(sv0.replace(gate=g))
         steps = FrameSteps(sv, C.RefineConfig(**r) if r else None, PostProcessConfig(skeleton=False))
         maps = []
-        scorers = {s: MapScorer(100, (0,)) for s in sets}
+        scorers = {s: MapScorer(N_BINS, (0,)) for s in sets}
         for x in items:
             fm, prob, _ = steps.frame_map(x.res["bgr"], x.res["plan"], x.res["probs"],
                                           [mm.astype(np.float32) for mm in x.res["maps"][m]])
@@ -194,7 +197,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     for cname in C.CUES:  # the learning-free floor, calibrated alike (reported, never chosen)
         for use_roi in roi_choices:
             sv = sv0.replace(gate=0.0) if use_roi else _no_roi(sv0.replace(gate=0.0))
-            maps, scorers = [], {s_: MapScorer(100, (0,)) for s_ in sets}
+            maps, scorers = [], {s_: MapScorer(N_BINS, (0,)) for s_ in sets}
             for x in items:
                 fm = x.res["cues"][cname].astype(np.float32)
                 roi = roi_mask(fm.shape, sv)
@@ -223,8 +226,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     # ---- 3. thresholds x post-processing x min length → figures
     rows = []
     for c in progress(finalists, desc="calibrate: thresholds x post-processing", unit="cand", every=1):
-        thrs = sorted({round(min(0.99, max(0.01, t * f)), 3) for t in set(c["thr_by_set"].values())
-                       for f in THR_FACTORS})
+        thrs = sorted({_shift(t, d) for t in set(c["thr_by_set"].values()) for d in THR_STEPS})
         for t in thrs:
             for ma, cr in PP_GRID:
                 cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, skeleton=True)
@@ -263,6 +265,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         "val_images": stems, "val_seconds_per_image_all_maps": round(sec, 3),
         "roi_used": bool(c["roi"]), "selection": "crack-eval calibrate (crackcam.tools.calibration)",
         "candidates": _candidates(rows, best_per_method, budget, frame_budget, min_detection),
+        "threshold_free": [{k: c[k] for k in ("method", "gate", "refine", "roi", "ods", "ods_mean")} for c in stage2],
     }
     target = Path(out) if out else checkpoint / RECIPE
     if target.is_dir():
@@ -273,6 +276,13 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         f"{best['f1']}, clean tiles flagged {best['clean_rate']}, crack-free frames flagged {best['frame_fa']}, "
         f"crack frames detected {best['detection']} ({'budget met' if met else 'BUDGET NOT MET'}) → {target}")
     return recipe
+
+
+def _shift(t: float, d: float) -> float:
+    """``t`` moved by ``d`` in logit units, kept inside (0.002, 0.998), rounded to 4 decimals."""
+    t = min(0.998, max(0.002, float(t)))
+    z = np.log(t / (1 - t)) + d
+    return round(float(min(0.998, max(0.002, 1 / (1 + np.exp(-z))))), 4)
 
 
 def _no_roi(sv: SurveyConfig) -> SurveyConfig:
@@ -291,19 +301,21 @@ def _roots(data, config) -> list[Path]:
 
 
 def _frame_figures(items, lengths, min_length, survey) -> dict:
+    """Frame decisions at ``min_length``: per data set with crack-free data (tiles or frames) its detection rate,
+    false-alarm rate and clean tiles flagged; the constraints use the worst set (sets of cracked close-ups, where
+    nothing can be a false alarm, do not dilute the detection rate of the survey set)."""
     sv = survey.replace(min_length=float(min_length))
-    det, fa, tiles = [], [], []
+    per: dict[str, dict[str, list]] = {}
     for x, (ln, anym) in zip(items, lengths):
         cracked = decide_frame(ln, anym, sv)
-        if x.tile:
-            tiles.append(cracked)
-        elif x.label == "crack":
-            det.append(cracked)
-        else:
-            fa.append(cracked)
-    return {"detection": round(float(np.mean(det)), 4) if det else None,
-            "frame_fa": round(float(np.mean(fa)), 4) if fa else None,
-            "clean_rate": round(float(np.mean(tiles)), 4) if tiles else None}
+        d = per.setdefault(x.set_name, {"det": [], "fa": [], "tiles": []})
+        (d["tiles"] if x.tile else d["det"] if x.label == "crack" else d["fa"]).append(cracked)
+    measurable = {k: v for k, v in per.items() if v["fa"] or v["tiles"]} or per
+
+    def worst(key, fn):
+        vals = [float(np.mean(v[key])) for v in measurable.values() if v[key]]
+        return round(fn(vals), 4) if vals else None
+    return {"detection": worst("det", min), "frame_fa": worst("fa", max), "clean_rate": worst("tiles", max)}
 
 
 def _meets(r, budget, frame_budget, min_detection) -> bool:

@@ -225,7 +225,7 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
              threshold=None, layers: str | None = None, mode: str = "whole", tile: int | None = None,
              flips: bool = False, tolerance: int = 2, out: Path | None = None, limit: int | None = None,
              gate: float | None = None, refine: dict | None = None, postprocess_cfg: dict | None = None,
-             recipe_path: Path | None = None, n_bins: int = 100, n_overlays: int = 8, log=print,
+             recipe_path: Path | None = None, n_bins: int = 1000, n_overlays: int = 8, log=print,
              options: dict | None = None, survey: dict | None = None):
     """Score ``method`` (or a comma-separated list of methods, scored in one pass over the images; CAM methods
     then share one forward/backward per tile batch) on ``data``/``split``.  Returns the summary dict (a list of
