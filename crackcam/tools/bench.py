@@ -5,6 +5,7 @@ with the reference measured in the same run.
   crack-bench export       Grad-CAM++ folded ONNX graph vs grad-cam vs plain ONNX forward (448², batch 1 and 8)
   crack-bench runtime      bare ONNX Runtime FPS vs crack-run end-to-end FPS; post-processing ms per frame
   crack-bench postprocess  shared OpenCV post-processing vs a scikit-image-only pipeline
+  crack-bench survey       survey frames (1280x1080): crack-run FPS end to end vs the model alone, per-step ms
 
 Options after AREA go to that benchmark (``crack-bench export --help``).
 """
@@ -19,6 +20,7 @@ AREAS = {
     "export": "crackcam.tools.bench_export",
     "runtime": "crackcam.tools.bench_runtime",
     "postprocess": "crackcam.tools.bench_postprocess",
+    "survey": "crackcam.tools.bench_survey",
 }
 
 

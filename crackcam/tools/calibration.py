@@ -77,8 +77,9 @@ def _valid(it, shape, survey):
 def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, layers: str | None = None,
               mode: str = "tiles", tile: int | None = None, gate: float | None = None, budget: float = 0.05,
               frame_budget: float = 0.20, min_detection: float = 0.90, survey: dict | None = None,
-              limit: int | None = None, out: Path | None = None, log=print) -> dict:
-    """Search the recipe on the validation split(s); write ``checkpoint/recipe.json`` (or ``out``)."""
+              limit: int | None = None, out: Path | None = None, quick: bool = False, log=print) -> dict:
+    """Search the recipe on the validation split(s); write ``checkpoint/recipe.json`` (or ``out``).
+    ``quick``: a smaller grid (2 gates, 2 refinements, fewer post-processing settings) for the demo and tests."""
     from crackcam.models.checkpoint import read_config
     from crackcam.train.data import list_items
 
@@ -115,8 +116,12 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             raise CalibrationError(f"no CAM method among {methods}; choose from {', '.join(M.cam_method_names())}")
     else:
         cams = ["cam", "gradcam"] if getattr(model, "pool_kind", "avg") == "topk" else \
-            ["xgradcam", "gradcam++", "xgradcam-fusion", "gradcam++-fusion", "cam"]
-    gates = GATES if gate is None else (float(gate),)
+            (["xgradcam", "gradcam++", "xgradcam-fusion", "gradcam++-fusion", "cam"] if not quick else
+             ["xgradcam", "xgradcam-fusion"])
+    gates = (GATES if not quick else (0.0, 0.5)) if gate is None else (float(gate),)
+    refine_grid = REFINE_GRID if not quick else REFINE_GRID[:1] + REFINE_GRID[-3:-2]
+    pp_grid = PP_GRID if not quick else PP_GRID[:3]
+    top_k = TOP_K if not quick else 2
     ctx = M.MethodContext(checkpoint=checkpoint, config=config,
                           layers=[s.strip() for s in layers.split(",")] if layers else None, survey=sv0.replace(gate=0.0))
     ctx._model = model
@@ -172,7 +177,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
 
     # ---- 2. frame maps per (method, gate, refinement, ROI use) → pixel ODS per set
     stage2 = []
-    combos = [(m, g, r, u) for m in cams for g in gates for r in REFINE_GRID for u in roi_choices]
+    combos = [(m, g, r, u) for m in cams for g in gates for r in refine_grid for u in roi_choices]
     for m, g, r, use_roi in progress(combos, desc="calibrate: gates x refinements", unit="combo", every=10):
         sv = sv0.replace(gate=g) if use_roi else _no_roi(sv0.replace(gate=g))
         steps = FrameSteps(sv, C.RefineConfig(**r) if r else None, PostProcessConfig(skeleton=False))
@@ -192,7 +197,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                        "thr_by_set": {s: o["threshold"] for s, o in ods.items()}, "maps": maps, "survey": sv})
         # keep memory flat: only the best TOP_K per method keep their maps
         mine = sorted([c for c in stage2 if c["method"] == m], key=lambda c: -c["ods_mean"])
-        for c in mine[TOP_K:]:
+        for c in mine[top_k:]:
             c["maps"] = None
     for cname in C.CUES:  # the learning-free floor, calibrated alike (reported, never chosen)
         for use_roi in roi_choices:
@@ -216,7 +221,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         if c["method"] not in best_per_method or c["ods_mean"] > best_per_method[c["method"]]["ods_mean"]:
             best_per_method[c["method"]] = c
     learned = sorted([c for c in stage2 if c["maps"] is not None and c.get("learned", True)],
-                     key=lambda c: -c["ods_mean"])[:TOP_K * 2]
+                     key=lambda c: -c["ods_mean"])[:top_k * 2]
     floors = [max((c for c in stage2 if c["method"] == n), key=lambda c: c["ods_mean"]) for n in C.CUES]
     finalists = learned + floors
     log("calibrate: best threshold-free ODS per method: " + ", ".join(
@@ -228,7 +233,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     for c in progress(finalists, desc="calibrate: thresholds x post-processing", unit="cand", every=1):
         thrs = sorted({_shift(t, d) for t in set(c["thr_by_set"].values()) for d in THR_STEPS})
         for t in thrs:
-            for ma, cr in PP_GRID:
+            for ma, cr in pp_grid:
                 cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, skeleton=True)
                 counts = {s: Counts() for s in sets}
                 lengths = []

@@ -3,7 +3,8 @@
 The shared data sets have cracks in every image, so a crack map's false-alarm rate cannot be read off their
 test splits.  Their tile labels can: this command cuts a split into tiles with the training tile rule (crack /
 crack-free / dropped, one bit per tile from the mask), runs the model on every tile exactly as ``crack-run`` does
-(ONNX Runtime session, the metadata's refinement and post-processing), and prints the share of tiles of each class
+(ONNX Runtime session, the model's frame steps: survey tiling and gate, refinement, post-processing, frame
+decision), and prints the share of tiles of each class
 whose mask is non-empty.  ``--gate P`` additionally requires the tile's crack probability to reach P (the graph's
 own gate is applied anyway).  The last line printed is a JSON object with the figures.
 
@@ -19,29 +20,22 @@ from pathlib import Path
 
 import numpy as np
 
-from crackcam.runtime.cues import RefineConfig
-from crackcam.runtime.pipeline import model_refine_block, post_config_dict, refine_frame
-from crackcam.runtime.postprocess import PostProcessConfig, postprocess
 from crackcam.runtime.sessions import open_session
+from crackcam.runtime.steps import FrameSteps
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.onnx"
 
 
 def flag_rates(model, tiles_rgb: np.ndarray, labels: np.ndarray, gate: float = 0.0, batch: int = 16) -> dict:
-    """Per class (0 crack-free, 1 crack): tiles, flagged share (non-empty mask and prob >= gate), mean prob."""
+    """Per class (0 crack-free, 1 crack): tiles, flagged share (the frame decision of crack-run's steps on the tile
+    as an image, and prob >= gate), mean prob."""
     sess = open_session(model, provider="cpu", log=lambda m: None)
-    rf = model_refine_block(sess.meta)
-    rcfg = RefineConfig.from_dict(rf) if rf else None
-    pcfg = PostProcessConfig.from_dict({**post_config_dict(sess.meta, rf), "skeleton": False})
+    steps = FrameSteps.from_meta(sess.meta)
     flagged, probs = [], []
-    for i in range(0, len(tiles_rgb), batch):
-        bgr = np.ascontiguousarray(tiles_rgb[i:i + batch, ..., ::-1])
-        prob, maps = sess.run(bgr)
-        for img, p, m in zip(bgr, prob, maps):
-            if rcfg is not None:
-                m = refine_frame(img, m, rcfg)
-            flagged.append(bool(postprocess(m, pcfg).mask.any()) and float(p) >= gate)
-            probs.append(float(p))
+    for img in tiles_rgb:
+        r = steps.process(sess, np.ascontiguousarray(img[..., ::-1]), batch=batch)
+        flagged.append(bool(r.cracked) and r.prob >= gate)
+        probs.append(float(r.prob))
     flagged, probs, labels = np.array(flagged), np.array(probs), np.asarray(labels)
     out = {}
     for lab, name in ((0, "crack_free"), (1, "crack")):

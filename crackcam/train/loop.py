@@ -76,6 +76,7 @@ AUTO_TILE_STEPS = 24_000
 AUTO_MIN, AUTO_MAX = 4, 40
 SYNTH_PER_CLASS = 250  # the embedded default set (no --data): 250 crack + 250 crack-free images
 SYNTH_EPOCHS = 8
+SYNTH_PAINT = 0.35  # share of drawn images with a painted lane line (hard negatives, as on survey frames)
 
 # values in a resumed run that must match the saved ones
 _RESUME_KEYS = ("model", "tile", "stride", "train_stride", "min_crack_px", "border", "margin", "label_rule",
@@ -234,7 +235,7 @@ def prepare_data(cfg: TrainConfig, out: Path, log=print):
             if not (root / "train" / "images").is_dir():
                 log(f"no --data given: drawing the embedded synthetic crack set into {root}")
                 write_synthetic_dataset(root, n_crack=SYNTH_PER_CLASS, n_free=SYNTH_PER_CLASS,
-                                        size=(cfg.tile, cfg.tile), layout="kaggle", seed=1234)
+                                        size=(cfg.tile, cfg.tile), layout="kaggle", seed=1234, paint=SYNTH_PAINT)
         else:
             root = Path(spec)
         layout = D.detect_layout(root)

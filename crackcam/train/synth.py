@@ -64,12 +64,24 @@ def draw_crack_image(rng: np.random.Generator, h: int = 128, w: int = 128, n_cra
     return np.clip(img, 0, 255).astype(np.uint8), mask
 
 
+def draw_paint(rng: np.random.Generator, img: np.ndarray, width: tuple[int, int] = (6, 14)) -> np.ndarray:
+    """A bright painted lane line (or its edge) across an RGB image: the hard negative of road survey (its borders
+    are sharp dark/bright edges that fool darkness cues)."""
+    h, w = img.shape[:2]
+    x0, x1 = int(rng.integers(-w // 4, w + w // 4)), int(rng.integers(-w // 4, w + w // 4))
+    v = int(rng.integers(200, 245))
+    cv2.line(img, (x0, 0), (x1, h), (v, v, v - 5), int(rng.integers(*width)), cv2.LINE_AA)
+    return img
+
+
 def write_synthetic_dataset(root: str | Path, n_crack: int = 24, n_free: int = 24, size: tuple[int, int] = (128, 128),
-                            layout: str = "kaggle", seed: int = 0, test_fraction: float = 0.25) -> Path:
+                            layout: str = "kaggle", seed: int = 0, test_fraction: float = 0.25,
+                            paint: float = 0.0) -> Path:
     """Write a tiny crack data set.
 
     ``layout="kaggle"``: ``train|test/images/*.jpg`` + ``train|test/masks/*.png``, crack-free files named
     ``noncrack_*``.  ``layout="flat"``: ``images/`` + ``masks/`` (every image has cracks, like the shared sets).
+    ``paint``: share of the images (of either class) that also get a painted lane line (:func:`draw_paint`).
     """
     root = Path(root)
     rng = np.random.default_rng(seed)
@@ -83,6 +95,9 @@ def write_synthetic_dataset(root: str | Path, n_crack: int = 24, n_free: int = 2
         (sub / "images").mkdir(parents=True, exist_ok=True)
         (sub / "masks").mkdir(parents=True, exist_ok=True)
         img, mask = draw_crack_image(rng, h, w, n_cracks=0 if kind == "noncrack" else None)
+        if paint and rng.random() < paint:
+            img = draw_paint(rng, np.ascontiguousarray(img))
+            img[mask] = np.minimum(img[mask], 90)  # a crack crossing the paint stays dark
         stem = f"{kind}_{i:04d}" if layout != "flat" else f"{i:03d}"
         cv2.imwrite(str(sub / "images" / f"{stem}.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, 95])

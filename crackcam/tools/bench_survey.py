@@ -1,0 +1,149 @@
+"""``crack-bench survey``: survey frames end to end — crack-run FPS on full-size frames next to the model alone,
+with the per-frame cost of every step, in one run.
+
+    crack-bench survey                                  # packaged model, ../shared/datasets/paveseg/images
+    crack-bench survey --model m.onnx --frames DIR --batch 8 --repeats 3
+
+Prints (side by side, same model, provider and frames): bare ONNX Runtime FPS on the frames' tiles (preloaded, the
+model alone), crack-run FPS end to end (decode → tiles → model → gate/stitch → refine → post-processing →
+results.jsonl, the threaded pipeline), and the per-frame breakdown of a sequential pass (decode, plan + cut, model,
+merge + refine + ROI, post-processing + decision) so that throughput elsewhere can be planned from it.  The last
+line is a JSON object with the figures.  Without the shared frames, 1280×1080 frames are drawn in code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from crackcam.runtime import survey as S
+from crackcam.runtime.imageio import list_images, read_image
+from crackcam.runtime.pipeline import Pipeline, RunConfig
+from crackcam.runtime.sessions import open_session
+from crackcam.runtime.sources import ImageListSource
+from crackcam.runtime.steps import FrameSteps
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.onnx"
+SHARED_FRAMES = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "paveseg" / "images"
+TARGET_FPS = 10.0
+
+
+def _frames(arg: str | None, n: int, workdir: Path) -> tuple[list[Path], str]:
+    folder = Path(arg) if arg else (SHARED_FRAMES if SHARED_FRAMES.is_dir() else None)
+    if folder is not None:
+        paths = list_images(folder)[:n]
+        if paths:
+            return paths, str(folder)
+    from crackcam.train.synth import draw_crack_image
+
+    rng = np.random.default_rng(0)
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        img = draw_crack_image(rng, 1080, 1280)[0]
+        p = workdir / f"frame{i:03d}.jpg"
+        cv2.imwrite(str(p), img[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+        paths.append(p)
+    return paths, f"{n} drawn 1280x1080 frames (shared PaveSeg frames absent)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="crack-bench survey", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
+    ap.add_argument("--frames", default=None, help="folder of frames (default: the shared PaveSeg frames)")
+    ap.add_argument("--n", type=int, default=50, help="frames to use")
+    ap.add_argument("--batch", type=int, default=8, help="tiles per inference call")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
+    ap.add_argument("--provider", default="cpu")
+    a = ap.parse_args(argv)
+    model = Path(a.model) if a.model else DEFAULT_MODEL
+    work = Path(tempfile.mkdtemp(prefix="crackbench_survey_"))
+    try:
+        paths, where = _frames(a.frames, a.n, work / "frames")
+        sess = open_session(model, provider=a.provider, log=print, threads=a.threads, spin=False)
+        steps = FrameSteps.from_meta(sess.meta)
+        imgs = [np.ascontiguousarray(read_image(p)[..., ::-1]) for p in paths]
+        h, w = imgs[0].shape[:2]
+        # 1. the model alone on every frame's tiles, preloaded
+        plans = [steps.plan(im) for im in imgs]
+        tiles = [t for im, pl in zip(imgs, plans) for t in steps.tiles(im, pl)]
+        nb = sess.meta.batch or a.batch
+        batches = []
+        for i in range(0, len(tiles), nb):
+            b = np.stack(tiles[i:i + nb])
+            if sess.meta.batch and len(b) < nb:
+                b = np.concatenate([b, np.zeros((nb - len(b),) + b.shape[1:], b.dtype)])
+            batches.append(b)
+        sess.run(batches[0])
+        bare = []
+        for _ in range(a.repeats):
+            t = time.perf_counter()
+            for b in batches:
+                sess.run(b)
+            bare.append(len(imgs) / (time.perf_counter() - t))
+        # 2. crack-run end to end
+        e2e, summ = [], None
+        for r in range(a.repeats):
+            out = work / f"run{r}"
+            shutil.rmtree(out, ignore_errors=True)
+            src = ImageListSource(paths, str(Path(paths[0]).parent), log=lambda m: None)
+            summ = Pipeline(sess, src, RunConfig(out=out, batch=a.batch, progress=False, resume=False),
+                            log=lambda m: None).run()
+            e2e.append(summ["fps"])
+        # 3. per-frame breakdown, sequential
+        parts = {"decode": [], "plan_cut": [], "model": [], "merge_refine_roi": [], "post_decide": []}
+        for p in paths[: min(len(paths), 20)]:
+            t0 = time.perf_counter()
+            im = np.ascontiguousarray(read_image(p)[..., ::-1])
+            t1 = time.perf_counter()
+            pl = steps.plan(im)
+            tl = steps.tiles(im, pl)
+            t2 = time.perf_counter()
+            probs, maps = [], []
+            for i in range(0, len(tl), nb):
+                b = np.stack(tl[i:i + nb])
+                n = len(b)
+                if sess.meta.batch and n < nb:
+                    b = np.concatenate([b, np.zeros((nb - n,) + b.shape[1:], b.dtype)])
+                pr, mp = sess.run(b)
+                probs += list(pr[:n])
+                maps += list(mp[:n])
+            t3 = time.perf_counter()
+            cmap, prob, _ = steps.frame_map(im, pl, probs, maps)
+            t4 = time.perf_counter()
+            from crackcam.runtime.postprocess import postprocess
+
+            res = postprocess(cmap, steps.post)
+            S.decide_frame(float(res.measures.get("length_px", 0.0)), bool(res.mask.any()), steps.survey)
+            t5 = time.perf_counter()
+            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                parts[k].append(1000 * v)
+        ms = {k: round(float(np.median(v)), 2) for k, v in parts.items()}
+        best_e2e = max(e2e)
+        print(f"crack-bench survey: {len(paths)} frames {w}x{h} from {where}; model {model.name} "
+              f"({sess.provider}), {plans[0].n_tiles} tiles of {plans[0].tile[0]}x{plans[0].tile[1]} per frame at "
+              f"work scale {plans[0].scale:g}, batch {nb}")
+        print(f"  {'bare ONNX Runtime (model alone, tiles preloaded)':<52} {max(bare):7.2f} FPS")
+        print(f"  {'crack-run end to end':<52} {best_e2e:7.2f} FPS   (target >= {TARGET_FPS:g}; "
+              f"{best_e2e / max(bare):.2f}x the model alone)")
+        print("  per frame (sequential, median ms): " + ", ".join(f"{k} {v}" for k, v in ms.items()))
+        print(json.dumps({"frames": len(paths), "frame_size": [w, h], "source": where, "model": str(model),
+                          "provider": sess.provider, "tiles_per_frame": plans[0].n_tiles,
+                          "tile": list(plans[0].tile), "work_scale": plans[0].scale, "bare_fps": round(max(bare), 2),
+                          "e2e_fps": round(best_e2e, 2), "e2e_all": e2e, "bare_all": [round(b, 2) for b in bare],
+                          "ms_per_frame": ms, "target_fps": TARGET_FPS, "cracked": summ["cracked"]}))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
