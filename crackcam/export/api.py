@@ -103,6 +103,8 @@ def build_cam_graph(model, config: dict, settings: ExportSettings, recipe: dict 
         meta["refine"] = refine  # an addition to the contract's keys (docs/export.md): the recipe's pixel-cue step
     if recipe.get("survey"):
         meta["survey"] = dict(recipe["survey"])  # frame geometry, per-tile gate, ROI, minimum crack length
+    if recipe.get("_profiles"):
+        meta["profiles"] = recipe["_profiles"]  # per camera (frame size): survey, refinement, post-processing
     return graph, meta
 
 
@@ -161,6 +163,18 @@ def _resolve_survey_recipe(recipe: dict, method_override: str | None) -> dict:
         out["method"] = method[len("refine-"):]
         out["_refine"] = {"method": method, **dict(entry.get("refine") or {}), "threshold": entry.get("threshold"),
                           "postprocess": dict(entry.get("postprocess") or {})}
+    profiles = {}
+    for size, e in (recipe.get("profiles") or {}).items() if not method_override else ():
+        base = str(e.get("method", ""))
+        if base.replace("refine-", "") != str(method).replace("refine-", ""):
+            continue  # the graph computes one CAM method; a profile can only change what follows it
+        profiles[size] = {"method": base, "survey": dict(e.get("survey") or {}), "threshold": e.get("threshold"),
+                          "postprocess": dict(e.get("postprocess") or {}),
+                          "refine": ({"method": base, **dict(e.get("refine") or {}), "threshold": e.get("threshold"),
+                                      "postprocess": dict(e.get("postprocess") or {})}
+                                     if base.startswith("refine-") else None)}
+    if profiles:
+        out["_profiles"] = profiles
     return out
 
 

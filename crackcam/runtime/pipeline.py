@@ -34,7 +34,7 @@ from . import survey as S
 from .meta import ModelFileError
 from .progress import bar as progress_bar
 from .sources import Frame, Source
-from .steps import FrameSteps, model_refine_block, model_survey_block, post_config_dict  # noqa: F401 (re-exported)
+from .steps import FrameSteps, ModelSteps, model_refine_block, model_survey_block, post_config_dict  # noqa: F401
 
 _END = object()
 
@@ -73,6 +73,7 @@ class _Plan:
     t_read: float
     plan: S.FramePlan
     tiles: list  # list of uint8 arrays (h, w, 3), same shape
+    steps: FrameSteps | None = None
     probs: list = field(default_factory=list)
     maps: list = field(default_factory=list)
     infer_s: float = 0.0
@@ -112,7 +113,8 @@ class Pipeline:
         # The model's frame steps: survey geometry and gate, the refine-<cam> pixel-cue step (the graph gives the
         # CAM, the cue and the combination run here with the refined map's own threshold), post-processing.
         self.refine_block: dict | None = None if cfg.no_refine else model_refine_block(self.meta)
-        self.steps = self._frame_steps()
+        self.model_steps = self._frame_steps()
+        self.steps = self.model_steps.default
         self.refine_cfg = self.steps.refine
         self.pp_cfg = self.steps.post
         self.stop = cfg.stop_event or threading.Event()
@@ -143,13 +145,13 @@ class Pipeline:
         self._reader_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ config
-    def _frame_steps(self) -> FrameSteps:
+    def _frame_steps(self) -> ModelSteps:
         c = self.cfg
         over = {"tile": c.tile, "overlap": c.overlap, "max_side": c.max_side, **(c.survey or {})}
         if self.fixed is not None:
             over.pop("tile", None)  # a fixed-size graph takes its own size
         try:
-            return FrameSteps.from_meta(self.meta, survey=over, threshold=c.threshold, no_refine=c.no_refine)
+            return ModelSteps(self.meta, survey=over, threshold=c.threshold, no_refine=c.no_refine)
         except S.RoiError:
             raise
         except (ValueError, TypeError) as e:
@@ -159,8 +161,9 @@ class Pipeline:
     # ------------------------------------------------------------------ planning (tiling)
     def plan(self, fr: Frame) -> _Plan:
         t0 = time.perf_counter()
-        plan = self.steps.plan(fr.image)
-        return _Plan(fr, t0, plan, self.steps.tiles(fr.image, plan))
+        steps = self.model_steps.for_shape(fr.image.shape)
+        plan = steps.plan(fr.image)
+        return _Plan(fr, t0, plan, steps.tiles(fr.image, plan), steps)
 
     # ------------------------------------------------------------------ stages
     def _put(self, q: queue.Queue, item) -> bool:
@@ -265,11 +268,12 @@ class Pipeline:
         t = time.perf_counter()
         fr = p.frame
         H, W = fr.image.shape[:2]
-        r = self.steps.finish(fr.image, p.plan, p.probs, p.maps, mm_per_px=self.cfg.mm_per_px)
+        steps = p.steps or self.steps
+        r = steps.finish(fr.image, p.plan, p.probs, p.maps, mm_per_px=self.cfg.mm_per_px)
         res = r.post
-        rec = self._record(fr, r, W, H)
+        rec = self._record(fr, r, W, H, steps)
         if self.cfg.save:
-            rec["files"] = self._save(fr, res, H, W)
+            rec["files"] = self._save(fr, res, H, W, steps)
         post_s = time.perf_counter() - t
         rec["infer_ms"] = round(p.infer_s * 1000, 3)
         rec["post_ms"] = round(post_s * 1000, 3)
@@ -278,9 +282,9 @@ class Pipeline:
             rec["_show"] = (fr.image, res.mask, res.skeleton)
         return rec
 
-    def _record(self, fr: Frame, r, W: int, H: int) -> dict:
+    def _record(self, fr: Frame, r, W: int, H: int, steps: FrameSteps) -> dict:
         m = r.post.measures
-        gate = self.steps.survey.gate
+        gate = steps.survey.gate
         rec = {"key": fr.key, "source": fr.source, "frame": fr.index, "timestamp": fr.timestamp,
                "width": W, "height": H, "prob": round(r.prob, 6), "cracked": bool(r.cracked),
                "threshold": round(float(r.post.threshold), 6),
@@ -297,7 +301,7 @@ class Pipeline:
             rec["lat"], rec["lon"] = (round(loc[0], 8), round(loc[1], 8)) if loc else (None, None)
         return rec
 
-    def _save(self, fr: Frame, res, H: int, W: int) -> dict:
+    def _save(self, fr: Frame, res, H: int, W: int, steps: FrameSteps) -> dict:
         stem = sinks.output_stem(fr.source, fr.index, self.source.kind, self.cfg.source_root)
         files = {}
         if "masks" in self.cfg.save:
@@ -311,7 +315,7 @@ class Pipeline:
             files["skeleton"] = str(f.relative_to(self.out))
         if "overlays" in self.cfg.save:
             f = self.out / "overlays" / f"{stem}.jpg"
-            roi = S.roi_mask((H, W), self.steps.survey)
+            roi = S.roi_mask((H, W), steps.survey)
             sinks.write_jpeg(f, sinks.overlay(fr.image, res.mask, res.skeleton, roi=roi))
             files["overlay"] = str(f.relative_to(self.out))
         return files

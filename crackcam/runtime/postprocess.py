@@ -44,6 +44,9 @@ class PostProcessConfig:
         than the disk — keep 0 for 1–2 px cracks) and a closing (bridges small gaps), 0 = off.  Closing runs first.
     min_area: connected components (8-connectivity) with fewer pixels are removed, 0 = off.
     skeleton: compute the skeleton and the length/width measures.
+    hysteresis: 0 = off; else a fraction f in (0, 1): pixels at or above ``f × threshold`` are kept when their
+        8-connected piece of such pixels also holds a pixel at or above the threshold (as Canny's edge
+        hysteresis: a thin crack whose map is strong in places keeps its weaker stretches in between).
     """
 
     threshold: float | str = 0.5
@@ -51,6 +54,7 @@ class PostProcessConfig:
     close_radius: int = 0
     min_area: int = 0
     skeleton: bool = True
+    hysteresis: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +68,8 @@ class PostProcessConfig:
             raise ValueError(f"unknown post-processing keys: {sorted(unknown)}")
         cfg = cls(**d)
         resolve_threshold(np.zeros((1, 1), np.float32), cfg.threshold)  # validates the threshold spelling
+        if not 0.0 <= float(cfg.hysteresis) < 1.0:
+            raise ValueError(f"hysteresis {cfg.hysteresis!r} must lie in [0, 1) (0 = off)")
         return cfg
 
 
@@ -334,6 +340,22 @@ def _with_mm(out: dict[str, Any], mm_per_px: float | None) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------- pipeline
+def hysteresis(crack_map: np.ndarray, strong: np.ndarray, low: float) -> np.ndarray:
+    """The 8-connected pieces of ``map >= low`` (and > 0) that contain a ``strong`` pixel (bool H×W)."""
+    weak = (crack_map >= low) & (crack_map > 0)
+    x0, y0, bw, bh = cv2.boundingRect(weak.view(np.uint8))
+    if bw == 0:
+        return strong
+    sub = weak[y0:y0 + bh, x0:x0 + bw].view(np.uint8)
+    n, lab = cv2.connectedComponents(sub, connectivity=8)
+    keep = np.zeros(n, bool)
+    keep[np.unique(lab[strong[y0:y0 + bh, x0:x0 + bw]])] = True
+    keep[0] = False
+    out = np.zeros_like(strong)
+    out[y0:y0 + bh, x0:x0 + bw] = keep[lab]
+    return out | strong
+
+
 def postprocess(crack_map: np.ndarray, cfg: PostProcessConfig | None = None, mm_per_px: float | None = None
                 ) -> PostResult:
     """Threshold, clean and (if ``cfg.skeleton``) skeletonise and measure one crack map (float H×W on [0, 1])."""
@@ -343,6 +365,8 @@ def postprocess(crack_map: np.ndarray, cfg: PostProcessConfig | None = None, mm_
         raise ValueError(f"crack map must be H×W, got shape {cmap.shape}")
     t = resolve_threshold(cmap, cfg.threshold)
     mask = binarize(cmap, t)
+    if cfg.hysteresis > 0 and mask.any():
+        mask = hysteresis(cmap, mask, cfg.hysteresis * t)
     m = mask.view(np.uint8)
     if cfg.close_radius > 0:
         m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, disk(cfg.close_radius))

@@ -36,6 +36,20 @@ def model_survey_block(meta) -> dict:
     return dict(sv) if isinstance(sv, dict) else {}
 
 
+def profile_key(shape) -> str:
+    """The profile name of a frame of ``shape`` (H, W[, C]): ``"WxH"``."""
+    return f"{int(shape[1])}x{int(shape[0])}"
+
+
+def model_profile(meta, shape) -> dict | None:
+    """The metadata's camera profile for frames of ``shape`` (``profiles["WxH"]``), or None."""
+    pr = (getattr(meta, "raw", None) or {}).get("profiles")
+    if not isinstance(pr, dict) or shape is None:
+        return None
+    p = pr.get(profile_key(shape))
+    return dict(p) if isinstance(p, dict) else None
+
+
 def post_config_dict(meta, refine_block: dict | None, threshold=None) -> dict:
     """The post-processing settings of a model's frames: the refinement's own when it has one, else the
     metadata's ``postprocess`` (with the top-level ``threshold`` when it has none); ``threshold`` overrides."""
@@ -59,6 +73,31 @@ class FrameResult:
     extra: dict = field(default_factory=dict)
 
 
+class ModelSteps:
+    """The FrameSteps of one model for every frame size it meets (camera profiles; one cache entry per size)."""
+
+    def __init__(self, meta, **kw):
+        self.meta = meta
+        self.kw = kw
+        self._by: dict[tuple, FrameSteps] = {}
+        self.default = FrameSteps.from_meta(meta, **kw)  # checks the settings once, before any frame
+        profiles = (getattr(meta, "raw", None) or {}).get("profiles") or {}
+        for name in profiles:  # and every profile's
+            w, _, h = str(name).partition("x")
+            FrameSteps.from_meta(meta, shape=(int(h), int(w)), **kw)
+
+    def for_shape(self, shape) -> "FrameSteps":
+        key = (int(shape[0]), int(shape[1]))
+        st = self._by.get(key)
+        if st is None:
+            st = FrameSteps.from_meta(self.meta, shape=key, **self.kw) if model_profile(self.meta, key) else \
+                self.default
+            if len(self._by) > 64:
+                self._by.clear()
+            self._by[key] = st
+        return st
+
+
 class FrameSteps:
     """The survey, refinement and post-processing settings of one model, and the steps that use them."""
 
@@ -71,9 +110,20 @@ class FrameSteps:
 
     @classmethod
     def from_meta(cls, meta, *, survey: dict | None = None, threshold=None, no_refine: bool = False,
-                  skeleton: bool = True) -> "FrameSteps":
-        """From a model's metadata; ``survey`` holds overrides (None values are ignored).  Bad settings raise
-        ValueError naming the key."""
+                  skeleton: bool = True, shape=None) -> "FrameSteps":
+        """From a model's metadata (its camera profile for frames of ``shape`` when it has one, else the top-level
+        settings); ``survey`` holds overrides (None values are ignored).  Bad settings raise ValueError naming
+        the key."""
+        prof = model_profile(meta, shape)
+        if prof is not None:
+            class _M:  # the profile's blocks in place of the top-level ones
+                fixed_size = getattr(meta, "fixed_size", None)
+                postprocess = dict(prof.get("postprocess") or {})
+                threshold_ = prof.get("threshold")
+                raw = {**(getattr(meta, "raw", None) or {}), "survey": prof.get("survey") or {},
+                       "refine": prof.get("refine")}
+            _M.threshold = _M.threshold_
+            meta = _M
         rb = None if no_refine else model_refine_block(meta)
         block = model_survey_block(meta)
         if "gate" not in block:  # graphs without a survey block gate inside the graph (metadata 'gate')

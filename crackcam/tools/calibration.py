@@ -38,14 +38,14 @@ from crackcam.tools.metrics import Counts, MapScorer, binary_counts
 RECIPE = "recipe.json"
 GATES = (0.0, 0.3, 0.5, 0.7, 0.85)
 REFINE_GRID = ([None]
-               + [{"cue": "blackhat", "mode": "component", "dilate": d, "component_threshold": tc, "prior_power": pw}
-                  for d, tc, pw in ((16, 0.3, 1.0), (32, 0.3, 0.5))]
-               + [{"cue": c, "mode": "product", "dilate": d, "prior_power": 0.5}
-                  for c, d in (("blackhat", 16), ("bh+ridge", 8), ("ridge", 8))])
-THR_STEPS = (-1.2, -0.8, -0.4, 0.0, 0.4, 0.8)  # around each set's ODS threshold, in logit units (works for
+               + [{"cue": cue, "mode": "component", "dilate": d, "component_threshold": 0.3, "prior_power": pw}
+                  for cue, d, pw in (("blackhat", 8, 1.0), ("blackhat", 16, 0.5), ("blackhat-fine", 8, 1.0))]
+               + [{"cue": "blackhat", "mode": "product", "dilate": 16, "prior_power": 0.5}])
+THR_STEPS = (-1.2, -0.6, 0.0, 0.6, 1.2)  # around each set's ODS threshold, in logit units (works for
 #                                                 saturated probability maps as for cue maps)
 N_BINS = 1000
-PP_GRID = ((0, 0), (50, 0), (150, 0), (50, 1), (150, 1))  # (min_area, close_radius)
+PP_GRID = ((0, 0, 0.0), (50, 0, 0.0), (150, 0, 0.0), (50, 1, 0.0), (0, 0, 0.3), (50, 0, 0.3), (50, 0, 0.5))
+#          (min_area, close_radius, hysteresis)
 MIN_LENGTHS = (0, 25, 50, 100, 200, 400)
 TOP_K = 4
 
@@ -64,6 +64,7 @@ class _Item:
     valid_roi: np.ndarray | None  # valid pixels with the ROI
     valid_noroi: np.ndarray | None  # valid pixels without it
     res: dict = field(default_factory=dict)  # CamPredictor output
+    size: tuple = ()  # (H, W) of the image
 
 
 def _valid(it, shape, survey):
@@ -77,7 +78,8 @@ def _valid(it, shape, survey):
 def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, layers: str | None = None,
               mode: str = "tiles", tile: int | None = None, gate: float | None = None, budget: float = 0.05,
               frame_budget: float = 0.20, min_detection: float = 0.90, survey: dict | None = None,
-              limit: int | None = None, out: Path | None = None, quick: bool = False, log=print) -> dict:
+              limit: int | None = None, out: Path | None = None, quick: bool = False, profile: bool = True,
+              log=print) -> dict:
     """Search the recipe on the validation split(s); write ``checkpoint/recipe.json`` (or ``out``).
     ``quick``: a smaller grid (2 gates, 2 refinements, fewer post-processing settings) for the demo and tests."""
     from crackcam.models.checkpoint import read_config
@@ -119,8 +121,8 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             (["xgradcam", "gradcam++", "xgradcam-fusion", "gradcam++-fusion", "cam"] if not quick else
              ["xgradcam", "xgradcam-fusion"])
     gates = (GATES if not quick else (0.0, 0.5)) if gate is None else (float(gate),)
-    refine_grid = REFINE_GRID if not quick else REFINE_GRID[:1] + REFINE_GRID[-3:-2]
-    pp_grid = PP_GRID if not quick else PP_GRID[:3]
+    refine_grid = REFINE_GRID if not quick else REFINE_GRID[:2]
+    pp_grid = PP_GRID if not quick else PP_GRID[:2] + PP_GRID[5:6]
     top_k = TOP_K if not quick else 2
     ctx = M.MethodContext(checkpoint=checkpoint, config=config,
                           layers=[s.strip() for s in layers.split(",")] if layers else None, survey=sv0.replace(gate=0.0))
@@ -169,7 +171,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         res["cues"] = {c: C.cue(img, c).astype(np.float16) for c in C.CUES}
         label = it.image_label or ("clean_tile" if it.is_tile else ("crack" if gt is not None and gt.any()
                                                                      else "no_crack"))
-        items.append(_Item(root.name, it.image.name, it.is_tile, label, gt, v_roi, v_no, res))
+        items.append(_Item(root.name, it.image.name, it.is_tile, label, gt, v_roi, v_no, res, tuple(img.shape[:2])))
     sec = (time.perf_counter() - t0) / max(1, len(items))
     if not any(x.gt is not None and x.gt.any() for x in items):
         raise CalibrationError("no validation image with a crack could be read")
@@ -196,9 +198,13 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                       for s, o in ods.items()}, "ods_mean": round(score, 4), "ods_thr": thr0,
                        "thr_by_set": {s: o["threshold"] for s, o in ods.items()}, "maps": maps, "survey": sv})
         # keep memory flat: only the best TOP_K per method keep their maps
-        mine = sorted([c for c in stage2 if c["method"] == m], key=lambda c: -c["ods_mean"])
-        for c in mine[top_k:]:
-            c["maps"] = None
+        mine = [c for c in stage2 if c["method"] == m]
+        keep = {id(c) for c in sorted(mine, key=lambda c: -c["ods_mean"])[:top_k]}
+        for s_ in sets:
+            keep |= {id(c) for c in sorted(mine, key=lambda c: -c["ods"].get(s_, 0.0))[:max(1, top_k // 2)]}
+        for c in mine:
+            if id(c) not in keep:
+                c["maps"] = None
     for cname in C.CUES:  # the learning-free floor, calibrated alike (reported, never chosen)
         for use_roi in roi_choices:
             sv = sv0.replace(gate=0.0) if use_roi else _no_roi(sv0.replace(gate=0.0))
@@ -220,8 +226,12 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     for c in stage2:
         if c["method"] not in best_per_method or c["ods_mean"] > best_per_method[c["method"]]["ods_mean"]:
             best_per_method[c["method"]] = c
-    learned = sorted([c for c in stage2 if c["maps"] is not None and c.get("learned", True)],
-                     key=lambda c: -c["ods_mean"])[:top_k * 2]
+    with_maps = [c for c in stage2 if c["maps"] is not None and c.get("learned", True)]
+    learned = sorted(with_maps, key=lambda c: -c["ods_mean"])[:top_k]
+    for s_ in sets:  # and the best few of each data set alone (candidates for its camera profile)
+        for c in sorted(with_maps, key=lambda c: -c["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
+            if all(c is not d for d in learned):
+                learned.append(c)
     floors = [max((c for c in stage2 if c["method"] == n), key=lambda c: c["ods_mean"]) for n in C.CUES]
     finalists = learned + floors
     log("calibrate: best threshold-free ODS per method: " + ", ".join(
@@ -233,9 +243,9 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     for c in progress(finalists, desc="calibrate: thresholds x post-processing", unit="cand", every=1):
         thrs = sorted({_shift(t, d) for t in set(c["thr_by_set"].values()) for d in THR_STEPS})
         for t in thrs:
-            for ma, cr in pp_grid:
-                cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, skeleton=True)
-                counts = {s: Counts() for s in sets}
+            for ma, cr, hy in pp_grid:
+                cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, hysteresis=hy, skeleton=True)
+                counts = {s_: Counts() for s_ in sets}
                 lengths = []
                 for x, fm in zip(items, c["maps"]):
                     pr = postprocess(np.asarray(fm, np.float32), cfg)
@@ -243,44 +253,96 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                         v = x.valid_roi if c["roi"] else x.valid_noroi
                         counts[x.set_name] = counts[x.set_name] + binary_counts(pr.mask, x.gt, 0, v)
                     lengths.append((float(pr.measures.get("length_px", 0.0)), bool(pr.mask.any())))
-                f1 = {s: round(counts[s].figures()["f1"], 4) for s in sets if counts[s].gt > 0}
+                f1 = {s_: round(counts[s_].figures()["f1"], 4) for s_ in sets if counts[s_].gt > 0}
                 for ml in MIN_LENGTHS:
                     fig = _frame_figures(items, lengths, ml, c["survey"])
-                    rows.append({"cand": c, "threshold": t, "min_area": ma, "close_radius": cr, "min_length": ml,
-                                 "f1": f1, "f1_mean": round(float(np.mean(list(f1.values()))), 4), **fig})
-    best, met = _choose([r for r in rows if r["cand"].get("learned", True)], budget, frame_budget, min_detection)
+                    rows.append({"cand": c, "threshold": t, "min_area": ma, "close_radius": cr, "hysteresis": hy,
+                                 "min_length": ml, "f1": f1, "f1_mean": round(float(np.mean(list(f1.values()))), 4),
+                                 **fig, "per_set": _frame_figures_per_set(items, lengths, ml, c["survey"])})
+    learned_rows = [r for r in rows if r["cand"].get("learned", True)]
+    best, met = _choose(learned_rows, budget, frame_budget, min_detection)
     c = best["cand"]
-    method = ("refine-" + c["method"]) if c["refine"] else c["method"]
-    sv = c["survey"].replace(min_length=float(best["min_length"]))
     n_frames = sum(not x.tile for x in items)
     n_tiles = sum(x.tile for x in items)
     chosen_on = (f"validation split of {', '.join(r.name for r in roots)} ({n_frames} frames, {n_tiles} clean "
                  f"tiles)")
-    recipe = {
-        "method": method, "layers": ctx.layers, "threshold": best["threshold"],
-        "postprocess": {"min_area": best["min_area"], "close_radius": best["close_radius"], "open_radius": 0},
-        "gate": c["gate"], "refine": c["refine"], "survey": sv.to_dict(), "val_f1": best["f1_mean"],
-        "val": {"pixel_f1_t0": best["f1"], "clean_tiles_flagged": best["clean_rate"],
-                "false_alarm_frames": best["frame_fa"], "detection_rate": best["detection"]},
-        "budget": {"clean_tiles": budget, "false_alarm_frames": frame_budget, "min_detection": min_detection,
-                   "met": met},
-        "objective": ("best mean pixel F1 (t=0) over the data sets subject to the false-alarm budget"
-                      if met else "no candidate met the false-alarm budget: fewest false alarms, then pixel F1"),
-        "chosen_on": chosen_on, "masks_used": sum(1 for x in items if x.gt is not None),
-        "val_images": stems, "val_seconds_per_image_all_maps": round(sec, 3),
-        "roi_used": bool(c["roi"]), "selection": "crack-eval calibrate (crackcam.tools.calibration)",
-        "candidates": _candidates(rows, best_per_method, budget, frame_budget, min_detection),
-        "threshold_free": [{k: c[k] for k in ("method", "gate", "refine", "roi", "ods", "ods_mean")} for c in stage2],
-    }
+    recipe = {**_entry(best), "layers": ctx.layers,
+              "budget": {"clean_tiles": budget, "false_alarm_frames": frame_budget, "min_detection": min_detection,
+                         "met": met},
+              "objective": ("best mean pixel F1 (t=0) over the data sets subject to the false-alarm budget"
+                            if met else "no candidate met the false-alarm budget: fewest false alarms, then pixel F1"),
+              "chosen_on": chosen_on, "masks_used": sum(1 for x in items if x.gt is not None),
+              "val_images": stems, "val_seconds_per_image_all_maps": round(sec, 3),
+              "selection": "crack-eval calibrate (crackcam.tools.calibration)"}
+    profiles = _profiles(items, learned_rows, best, budget, frame_budget, min_detection) if profile else {}
+    if profiles:
+        recipe["profiles"] = profiles
+        recipe["profiles_note"] = ("per camera (frame size): the settings chosen on that data set's own validation "
+                                   "frames; frames of any other size use the top-level settings")
+    recipe["candidates"] = _candidates(rows, stage2, budget, frame_budget, min_detection)
+    recipe["threshold_free"] = [{k: c_[k] for k in ("method", "gate", "refine", "roi", "ods", "ods_mean")}
+                                for c_ in stage2]
     target = Path(out) if out else checkpoint / RECIPE
     if target.is_dir():
         target = target / RECIPE
     _write(target, recipe)
-    log(f"calibrate: {method} gate {c['gate']} threshold {best['threshold']} min_area {best['min_area']} close "
-        f"{best['close_radius']} min length {best['min_length']} ROI {'on' if c['roi'] else 'off'} — val pixel F1 "
+    log(f"calibrate: {recipe['method']} gate {c['gate']} threshold {best['threshold']} post-processing "
+        f"{recipe['postprocess']} min length {best['min_length']} ROI {'on' if c['roi'] else 'off'} — val pixel F1 "
         f"{best['f1']}, clean tiles flagged {best['clean_rate']}, crack-free frames flagged {best['frame_fa']}, "
         f"crack frames detected {best['detection']} ({'budget met' if met else 'BUDGET NOT MET'}) → {target}")
+    for size, e in profiles.items():
+        log(f"calibrate: profile {size} ({e['chosen_on']}): {e['method']} threshold {e['threshold']} "
+            f"post-processing {e['postprocess']} refine {e['refine']} — val pixel F1 {e['val']['pixel_f1_t0']}, "
+            f"crack-free frames flagged {e['val']['false_alarm_frames']}, detected {e['val']['detection_rate']}")
     return recipe
+
+
+def _entry(r: dict) -> dict:
+    """The recipe entry (method, threshold, post-processing, gate, refinement, survey, validation figures) of a row."""
+    c = r["cand"]
+    return {"method": ("refine-" + c["method"]) if c["refine"] else c["method"], "threshold": r["threshold"],
+            "postprocess": {"min_area": r["min_area"], "close_radius": r["close_radius"], "open_radius": 0,
+                            "hysteresis": r["hysteresis"]},
+            "gate": c["gate"], "refine": c["refine"],
+            "survey": c["survey"].replace(min_length=float(r["min_length"])).to_dict(), "val_f1": r["f1_mean"],
+            "val": {"pixel_f1_t0": r["f1"], "clean_tiles_flagged": r["clean_rate"],
+                    "false_alarm_frames": r["frame_fa"], "detection_rate": r["detection"]},
+            "roi_used": bool(c["roi"])}
+
+
+def _profiles(items, rows, best, budget, frame_budget, min_detection) -> dict:
+    """Per data set whose validation frames share one size: the best row on that set alone (its own detection and
+    false-alarm constraints; the same CAM method as the top level, which is the graph's output), kept when it
+    beats the top-level settings on that set by at least 0.01 F1."""
+    base = best["cand"]["method"]
+    sizes: dict[str, set] = {}
+    for x in items:
+        if x.gt is not None and not x.tile:
+            sizes.setdefault(x.set_name, set()).add(x.size)
+    owner: dict[tuple, list] = {}
+    for s_, sz in sizes.items():
+        if len(sz) == 1:
+            owner.setdefault(next(iter(sz)), []).append(s_)
+    out = {}
+    for sz, owners in owner.items():
+        if len(owners) != 1:
+            continue
+        s_ = owners[0]
+        cand = [r for r in rows if r["cand"]["method"] == base and s_ in r["f1"]]
+        ok = [r for r in cand if _meets(r["per_set"][s_], 1.0, frame_budget, min_detection)]
+        if not ok:
+            continue
+        pick = max(ok, key=lambda r: (r["f1"][s_], -r["min_length"]))
+        if pick["f1"][s_] < best["f1"].get(s_, 0.0) + 0.01:
+            continue
+        e = _entry(pick)
+        ps = pick["per_set"][s_]
+        e["val"] = {"pixel_f1_t0": {s_: pick["f1"][s_]}, "false_alarm_frames": ps["frame_fa"],
+                    "detection_rate": ps["detection"], "clean_tiles_flagged": None}
+        e["val_f1"] = pick["f1"][s_]
+        e["chosen_on"] = f"validation frames of {s_} ({sz[1]}x{sz[0]})"
+        out[f"{sz[1]}x{sz[0]}"] = e
+    return out
 
 
 def _shift(t: float, d: float) -> float:
@@ -303,6 +365,20 @@ def _roots(data, config) -> list[Path]:
     if config.get("data"):
         return [Path(config["data"])]
     raise CalibrationError("--data PATH is required (no data in the run's config)")
+
+
+def _frame_figures_per_set(items, lengths, min_length, survey) -> dict:
+    """{set: detection / false-alarm rate of its frames (clean tiles not included)} at ``min_length``."""
+    sv = survey.replace(min_length=float(min_length))
+    per: dict[str, dict[str, list]] = {}
+    for x, (ln, anym) in zip(items, lengths):
+        if x.tile:
+            continue
+        d = per.setdefault(x.set_name, {"det": [], "fa": []})
+        (d["det"] if x.label == "crack" else d["fa"]).append(decide_frame(ln, anym, sv))
+    return {k: {"detection": round(float(np.mean(v["det"])), 4) if v["det"] else None,
+                "frame_fa": round(float(np.mean(v["fa"])), 4) if v["fa"] else None, "clean_rate": None}
+            for k, v in per.items()}
 
 
 def _frame_figures(items, lengths, min_length, survey) -> dict:
@@ -340,7 +416,7 @@ def _choose(rows, budget, frame_budget, min_detection):
     return min(rows, key=lambda r: (round(badness(r), 3), -r["f1_mean"])), False
 
 
-def _candidates(rows, best_per_method, budget, frame_budget, min_detection) -> dict:
+def _candidates(rows, stage2, budget, frame_budget, min_detection) -> dict:
     """Per CAM method (and its refine- variant): the best row, for the record and for `--method` overrides."""
     out = {}
     for r in rows:
@@ -353,14 +429,16 @@ def _candidates(rows, best_per_method, budget, frame_budget, min_detection) -> d
             out[name] = {"_key": key, "learned": c.get("learned", True), "threshold": r["threshold"], "gate": c["gate"],
                      "refine": c["refine"],
                          "postprocess": {"min_area": r["min_area"], "close_radius": r["close_radius"],
-                                         "open_radius": 0},
+                                         "open_radius": 0, "hysteresis": r["hysteresis"]},
                          "survey": c["survey"].replace(min_length=float(r["min_length"])).to_dict(),
                          "val_f1": r["f1_mean"], "val": {"pixel_f1_t0": r["f1"], "clean_tiles_flagged":
                                                         r["clean_rate"], "false_alarm_frames": r["frame_fa"],
                                                         "detection_rate": r["detection"]}, "budget_met": ok}
-    for m, c in best_per_method.items():
-        if m not in out and ("refine-" + m) not in out:
-            out[m] = {"_key": None, "val_ods_f1": c["ods_mean"], "gate": c["gate"], "note": "threshold-free ODS only"}
+    for c in stage2:  # every method / refinement that did not reach the threshold grid: its threshold-free ODS
+        name = ("refine-" + c["method"]) if c["refine"] else c["method"]
+        if name not in out or (out[name].get("_key") is None and c["ods_mean"] > out[name]["val_ods_f1"]):
+            out[name] = {"_key": None, "learned": c.get("learned", True), "val_ods_f1": c["ods_mean"],
+                         "gate": c["gate"], "refine": c["refine"], "note": "threshold-free ODS only"}
     for v in out.values():
         v.pop("_key", None)
     return out

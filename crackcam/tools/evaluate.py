@@ -149,12 +149,9 @@ class _Job:
         self.__dict__.update(kw)
 
 
-def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, gate, refine, postprocess_cfg,
-         data, split, tols, n_bins, limit, out, log, options=None, survey=None) -> _Job:
-    source = None
-    rec_entry: dict = {}
-    if recipe is not None:
-        rec_entry = recipe if recipe.get("method") == method else (recipe.get("candidates", {}).get(method) or {})
+def _settings(method, rec_entry, recipe, *, checkpoint, threshold, layers, mode, tile, flips, gate, refine,
+              postprocess_cfg, survey, options):
+    """One method's settings from its recipe entry and the command-line overrides."""
     spec = M.resolve(method)
     if spec.needs_checkpoint and checkpoint is None:
         raise EvalError(f"method {method!r} needs --checkpoint DIR")
@@ -179,16 +176,35 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
     pp["skeleton"] = sv.min_length > 0
     pcfg = PostProcessConfig.from_dict({**pp, "threshold": thr})
     rcfg = C.RefineConfig.from_dict({**(rec_entry.get("refine") or {}), **(refine or {})})
-    gate_v = sv.gate
     if layers is None and rec_entry.get("layers"):
         layers = ",".join(rec_entry["layers"])
-    ctx = _context(checkpoint, layers, mode, tile, flips, gate_v, rcfg, sv if spec.needs_checkpoint else None)
+    ctx = _context(checkpoint, layers, mode, tile, flips, sv.gate, rcfg, sv if spec.needs_checkpoint else None)
     ctx.options.update({k: v for k, v in (options or {}).items() if v is not None})
+    return _Job(spec=spec, ctx=ctx, thr=thr, source=source, pcfg=pcfg, survey=sv, layers=layers, rcfg=rcfg,
+                fn=None)
+
+
+def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, gate, refine, postprocess_cfg,
+         data, split, tols, n_bins, limit, out, log, options=None, survey=None) -> _Job:
+    rec_entry: dict = {}
+    if recipe is not None:
+        rec_entry = recipe if recipe.get("method") == method else (recipe.get("candidates", {}).get(method) or {})
+    kw = dict(checkpoint=checkpoint, threshold=threshold, layers=layers, mode=mode, tile=tile, flips=flips,
+              gate=gate, refine=refine, postprocess_cfg=postprocess_cfg, survey=survey, options=options)
+    base = _settings(method, rec_entry, recipe, **kw)
+    profiles = {}
+    if recipe is not None and recipe.get("method") == method:  # camera profiles (per frame size) of the recipe
+        for size, e in (recipe.get("profiles") or {}).items():
+            if str(e.get("method")) == method:
+                profiles[size] = _settings(method, {**e, "layers": rec_entry.get("layers")}, recipe, **kw)
     out.mkdir(parents=True, exist_ok=True)
+
+    def _k(v):
+        return {"threshold": v.thr, "pp": v.pcfg.to_dict(), "refine": v.rcfg.to_dict(), "survey": v.survey.to_dict()}
     key = {"method": method, "data": str(Path(data).resolve()), "split": split, "checkpoint": str(checkpoint),
-           "threshold": thr, "pp": pcfg.to_dict(), "refine": rcfg.to_dict(), "survey": sv.to_dict(),
-           "layers": layers, "mode": mode, "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins,
-           "limit": limit, "options": {k: str(v) for k, v in sorted(ctx.options.items())}}
+           **_k(base), "profiles": {k: _k(v) for k, v in profiles.items()}, "layers": base.layers, "mode": mode,
+           "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit,
+           "options": {k: str(v) for k, v in sorted(base.ctx.options.items())}}
     state_path = out / ".eval_state.pkl"
     state = None
     if state_path.is_file():
@@ -203,8 +219,20 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
                  "thumbs": [], "done": set(), "skipped": [], "seconds": [], "frames": [], "worst": []}
     elif state["done"]:
         log(f"resuming {method}: {len(state['done'])} images already scored in {out}")
-    return _Job(method=method, spec=spec, ctx=ctx, thr=thr, source=source, pcfg=pcfg, gate=gate_v, out=out,
-                state=state, state_path=state_path, fn=None, survey=sv)
+    job = _Job(method=method, spec=base.spec, ctx=base.ctx, thr=base.thr, source=base.source, pcfg=base.pcfg,
+               gate=base.survey.gate, out=out, state=state, state_path=state_path, fn=None, survey=base.survey,
+               base=base, profiles=profiles, used=set())
+
+    def variant(shape):
+        """The settings (and map function) for frames of ``shape``: its camera profile, else the top level."""
+        v = profiles.get(f"{shape[1]}x{shape[0]}", base)
+        if v.fn is None:
+            v.fn = v.spec.factory(v.ctx)
+        job.used.add(f"{shape[1]}x{shape[0]}" if v is not base else "default")
+        return v
+
+    job.variant = variant
+    return job
 
 
 def _valid_mask(it, shape, survey) -> np.ndarray | None:
@@ -261,11 +289,11 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     frames = [it for it in items if not it.is_tile]
     overlay_every = max(1, len(frames) // max(1, n_overlays))
     for j in jobs:
-        j.fn = j.spec.factory(j.ctx)
         n_t = sum(it.is_tile for it in items)
         log(f"crack-eval: {j.method} on {data} [{split}] — {len(frames)} frames" + (f" + {n_t} clean tiles" if n_t
             else "") + f", threshold {j.thr} ({j.source}), post-processing {j.pcfg.to_dict()}, survey "
-            f"{_survey_text(j.survey)}, out {j.out}")
+            f"{_survey_text(j.survey)}" + (f"; camera profiles {', '.join(j.profiles)}" if j.profiles else "")
+            + f", out {j.out}")
     from crackcam.runtime.progress import progress
     from crackcam.runtime.survey import decide_frame
 
@@ -283,7 +311,6 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
         try:
             img = read_image(it.image)
             gt = read_mask(it.mask, img.shape[:2]) if it.mask is not None else None
-            valid = _valid_mask(it, img.shape[:2], jobs[0].survey) if gt is not None else None
         except BadInputError as exc:
             log(f"skipped {exc}")
             for j in todo:
@@ -292,14 +319,14 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
             continue
         for j in todo:
             st = j.state
-            if valid is not None and j is not jobs[0] and j.survey.to_dict() != jobs[0].survey.to_dict():
-                valid = _valid_mask(it, img.shape[:2], j.survey)
+            v = j.variant(img.shape)
+            valid = _valid_mask(it, img.shape[:2], v.survey) if gt is not None else None
             t0 = time.perf_counter()
-            m, prob = j.fn(img)
+            m, prob = v.fn(img)
             m = np.asarray(m, np.float32)
-            res = postprocess(m, j.pcfg)
+            res = postprocess(m, v.pcfg)
             dt = time.perf_counter() - t0
-            cracked = decide_frame(float(res.measures.get("length_px", 0.0)), bool(res.mask.any()), j.survey)
+            cracked = decide_frame(float(res.measures.get("length_px", 0.0)), bool(res.mask.any()), v.survey)
             label = it.image_label or ({1: "crack", 0: "no_crack"}.get(it.name_label) if gt is None else None)
             if label is None and gt is not None:
                 label = "crack" if gt.any() else "no_crack"
@@ -328,8 +355,11 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
         _atomic_write(j.state_path, pickle.dumps(j.state))
         if not j.state["frames"]:
             raise EvalError(f"{data}: no image could be scored")
-        s = _summary(j.method, j.spec, j.ctx, data, split, j.thr, j.source, j.pcfg, j.gate, j.state, tols, recipe,
-                     j.survey)
+        used = [k for k in j.used if k != "default"]
+        v = j.profiles[used[0]] if len(used) == 1 and "default" not in j.used else j.base
+        s = _summary(j.method, j.spec, v.ctx, data, split, v.thr, v.source, v.pcfg, v.survey.gate, j.state, tols,
+                     recipe, v.survey)
+        s["profiles_used"] = sorted(j.used)
         if len(jobs) > 1:
             s["seconds_note"] = "CAM methods of one layer group share a forward pass: the first one carries its cost"
         _write_outputs(j.out, s, j.state, j.state["scorer"], tols, j.method)

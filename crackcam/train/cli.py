@@ -41,6 +41,8 @@ def train_cmd(
                                 "frames: so crack widths match what crack-run sees)"),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="work scale: also shrink images whose longer "
                                            "side exceeds this (px)"),
+    topk: Optional[float] = typer.Option(None, "--topk", help="MIL models (edge_mil, edge_fpn, simple_cnn with "
+                                         "pool topk): the share of positions whose mean is the tile logit"),
     hard_repeat: int = typer.Option(1, "--hard-repeat", help="repeat hard-negative training tiles (sealed cracks, "
                                     "patches, manholes, joints) this many times"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="share of training IMAGES used for validation"),
@@ -102,6 +104,11 @@ def train_cmd(
         _fail(f"--max-side must be at least 16 px (got {max_side})")
     if hard_repeat < 1:
         _fail(f"--hard-repeat must be at least 1 (got {hard_repeat})")
+    model_kwargs = {}
+    if topk is not None:
+        if not 0 < topk <= 1:
+            _fail(f"--topk must lie in (0, 1] (got {topk})")
+        model_kwargs["topk"] = topk
     data_arg = None if not data else (str(data[0]) if len(data) == 1 else [str(d) for d in data])
     if tile < 16:
         _fail(f"--tile must be at least 16 px (got {tile})")
@@ -111,7 +118,7 @@ def train_cmd(
         margin=margin, label_rule=label_rule, scale=scale, max_side=max_side, hard_repeat=hard_repeat,
         val_fraction=val_fraction, seed=seed, pretrained=pretrained,
         weights=str(weights) if weights else None, augment=augment, double=double, max_tiles=max_tiles,
-        workers=workers, device=device, threads=threads, resume=resume, overwrite=overwrite, test=test,
+        model_kwargs=model_kwargs, workers=workers, device=device, threads=threads, resume=resume, overwrite=overwrite, test=test,
         progress=progress)
     try:
         train(cfg, stop_after=stop_after, log=lambda s: typer.echo(s))
