@@ -335,9 +335,16 @@ def test_eval_path_equals_run_path(tmp_path):
     recipe = {"method": "refine-cam", "layers": None, "threshold": 0.3, "gate": 0.55,
               "postprocess": {"min_area": 5, "close_radius": 0, "open_radius": 0},
               "refine": {"cue": "blackhat", "mode": "product", "dilate": 4, "prior_power": 0.5}, "survey": survey}
+    # a camera profile for frames of 170x150 (the test frame): another threshold, cue and hysteresis
+    recipe["profiles"] = {"170x150": {"method": "refine-cam", "threshold": 0.2, "gate": 0.55,
+                                      "postprocess": {"min_area": 3, "close_radius": 0, "open_radius": 0,
+                                                      "hysteresis": 0.5},
+                                      "refine": {"cue": "blackhat-fine", "mode": "component", "dilate": 4},
+                                      "survey": {**survey, "min_length": 2.0}}}
     (run / "recipe.json").write_text(json.dumps(recipe))
     res = export_checkpoint(run, tmp_path / "m.onnx", ExportSettings(), log=lambda m: None)
     assert res.metadata["input"]["height"] == 32 and res.metadata["survey"]["gate"] == 0.55
+    assert res.metadata["profiles"]["170x150"]["refine"]["cue"] == "blackhat-fine"
     rng = np.random.default_rng(3)
     img = cv2.GaussianBlur(rng.integers(60, 200, (150, 170, 3), dtype=np.uint8), (0, 0), 2)
     cv2.line(img, (10, 30), (150, 60), (20, 20, 20), 2)
@@ -347,18 +354,38 @@ def test_eval_path_equals_run_path(tmp_path):
     job = _job("refine-cam", checkpoint=run, recipe=recipe, threshold=None, layers=None, mode="whole", tile=None,
                flips=False, gate=None, refine=None, postprocess_cfg=None, data=tmp_path, split="all", tols=(0,),
                n_bins=10, limit=None, out=tmp_path / "ev", log=lambda m: None)
-    fn = job.spec.factory(job.ctx)
-    m_eval, p_eval = fn(img)
+    v = job.variant(img.shape)
+    assert v.thr == 0.2 and v.pcfg.hysteresis == 0.5 and v.survey.min_length == 2.0  # the profile
+    assert job.variant((99, 77)).thr == 0.3  # another frame size: the top-level settings
+    m_eval, p_eval = v.fn(img)
     from crackcam.runtime.postprocess import postprocess
 
-    mask_eval = postprocess(m_eval, job.pcfg).mask
+    mask_eval = postprocess(m_eval, v.pcfg).mask
     # crack-run's path
+    from crackcam.runtime.steps import ModelSteps
+
     sess = open_session(tmp_path / "m.onnx", provider="cpu", log=lambda m: None)
-    steps = FrameSteps.from_meta(sess.meta)
+    ms = ModelSteps(sess.meta)
+    steps = ms.for_shape(img.shape)
+    assert ms.for_shape((99, 77)).post.threshold == 0.3 and steps.post.threshold == 0.2
     r = steps.process(sess, np.ascontiguousarray(img[..., ::-1]))
-    assert steps.survey.to_dict() == job.survey.to_dict()
+    assert steps.survey.to_dict() == v.survey.to_dict()
     assert r.map.shape == m_eval.shape and np.abs(r.map - m_eval).max() < 1e-4
     assert abs(r.prob - p_eval) < 1e-5
     assert np.array_equal(r.post.mask, mask_eval)
     assert r.map[int(0.8 * 150) + 1:].max() == 0  # ROI from the metadata
     assert M.resolve("refine-cam").needs_checkpoint
+
+
+def test_hysteresis_keeps_weak_stretches_of_strong_pieces():
+    from crackcam.runtime.postprocess import postprocess
+
+    m = np.zeros((20, 40), np.float32)
+    m[5, 2:30] = 0.3  # a weak line ...
+    m[5, 10] = 0.9  # ... with one strong pixel
+    m[15, 2:30] = 0.3  # a weak line alone
+    off = postprocess(m, PostProcessConfig(threshold=0.5, skeleton=False)).mask
+    on = postprocess(m, PostProcessConfig(threshold=0.5, hysteresis=0.5, skeleton=False)).mask
+    assert off.sum() == 1 and on[5, 2:30].all() and not on[15].any()
+    with pytest.raises(ValueError, match="hysteresis"):
+        PostProcessConfig.from_dict({"hysteresis": 1.5})
