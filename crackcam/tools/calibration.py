@@ -67,6 +67,61 @@ class _Item:
     size: tuple = ()  # (H, W) of the image
 
 
+@dataclass
+class _ItemMeta:
+    """What the choice needs to know of a validation image once its maps are scored."""
+
+    set_name: str
+    tile: bool
+    size: tuple
+    has_gt: bool
+
+
+def _cache_key(checkpoint: Path, roots, sv0, cams, gates, limit, quick, layers) -> str:
+    w = checkpoint / "best.pt"
+    st = w.stat() if w.is_file() else None
+    return json.dumps({"weights": [str(w), st.st_size if st else None, st.st_mtime_ns if st else None],
+                       "config": (checkpoint / "config.json").read_text() if (checkpoint / "config.json").is_file()
+                       else None, "roots": [str(Path(r).resolve()) for r in roots], "survey": sv0.to_dict(),
+                       "cams": cams, "gates": list(gates), "limit": limit, "quick": quick, "layers": layers,
+                       "grids": [REFINE_GRID, PP_GRID, THR_STEPS, MIN_LENGTHS, TOP_K, list(C.CUES)],
+                       "version": 2}, sort_keys=True, default=str)
+
+
+def _strip(c: dict) -> dict:
+    return {k: v for k, v in c.items() if k != "maps"}
+
+
+def _write_cache(path: Path, key: str, rows, stage2, best_per_method, meta_items, stems, sec) -> None:
+    import os
+    import pickle
+
+    s2 = [_strip(c) for c in stage2]
+    ids = {id(c): i for i, c in enumerate(stage2)}
+    rows_ = [{**r, "cand": ids[id(r["cand"])]} for r in rows]
+    bpm = {m: ids[id(c)] for m, c in best_per_method.items()}
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(pickle.dumps({"key": key, "rows": rows_, "stage2": s2, "bpm": bpm, "items": meta_items,
+                                  "stems": stems, "sec": sec}))
+    os.replace(tmp, path)
+
+
+def _read_cache(path: Path, key: str):
+    import pickle
+
+    if not path.is_file():
+        return None
+    try:
+        d = pickle.loads(path.read_bytes())
+    except Exception:  # noqa: BLE001 - a broken cache is simply ignored
+        return None
+    if d.get("key") != key:
+        return None
+    s2 = d["stage2"]
+    rows = [{**r, "cand": s2[r["cand"]]} for r in d["rows"]]
+    return rows, s2, {m: s2[i] for m, i in d["bpm"].items()}, d["items"], d["stems"], d["sec"]
+
+
 def _valid(it, shape, survey):
     roi = roi_mask(shape, survey)
     ign = read_mask(it.ignore, shape) if it.ignore is not None else None
@@ -132,135 +187,145 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         groups.setdefault(m.endswith("-fusion"), []).append(m)
     preds = [M.CamPredictor(ctx, g) for g in groups.values()]
 
-    # ---- 1. tile maps of every validation frame / clean tile
-    items: list[_Item] = []
-    stems: dict[str, list[str]] = {}
-    t0 = time.perf_counter()
-    from crackcam.runtime.progress import progress
+    key = _cache_key(checkpoint, roots, sv0, cams, gates, limit, quick, ctx.layers)
+    cache = checkpoint / ".calibration_cache.pkl"
+    cached = _read_cache(cache, key)
+    if cached is not None:
+        log(f"calibrate: reusing the validation search of an earlier run ({cache}); delete it to search again")
+        rows, stage2, best_per_method, meta_items, stems, sec = cached
+    else:
+        # ---- 1. tile maps of every validation frame / clean tile
+        items: list[_Item] = []
+        stems: dict[str, list[str]] = {}
+        t0 = time.perf_counter()
+        from crackcam.runtime.progress import progress
 
-    all_items = []
-    for root in roots:
-        vi = list_items(root, "val", val_fraction=float(tc.get("val_fraction", 0.2)),
-                        split_seed=int(tc.get("split_seed", 0)))
-        vi = [it for it in vi if it.mask is not None or it.is_tile]
-        if limit:
-            vi = vi[:limit]
-        if not vi:
-            raise CalibrationError(f"{root}: no validation images with masks")
-        stems[root.name] = [it.image.name for it in vi]
-        all_items += [(root, it) for it in vi]
-    log(f"calibrate: {len(all_items)} validation images of {', '.join(str(r) for r in roots)} "
-        f"({sum(it.is_tile for _, it in all_items)} clean tiles); CAM methods {cams}; gates {list(gates)}; "
-        f"survey {sv0.to_dict()}")
-    for root, it in progress(all_items, desc="calibrate: validation maps", unit="img", every=25):
-        try:
-            img = read_image(it.image)
-            gt = None if it.is_tile else read_mask(it.mask, img.shape[:2])
-            v_roi = None if it.is_tile else _valid(it, img.shape[:2], sv0)
-            v_no = None if it.is_tile else _valid(it, img.shape[:2], _no_roi(sv0))
-        except BadInputError as exc:
-            log(f"skipped {exc}")
-            continue
-        res = {}
-        for p in preds:
-            r = p(img)
-            res.setdefault("plan", r["plan"])
-            res.setdefault("bgr", r["bgr"])
-            res.setdefault("probs", r["probs"])
-            res.setdefault("maps", {}).update({k: [m.astype(np.float16) for m in v] for k, v in r["maps"].items()})
-        res["cues"] = {c: C.cue(img, c).astype(np.float16) for c in C.CUES}
-        label = it.image_label or ("clean_tile" if it.is_tile else ("crack" if gt is not None and gt.any()
-                                                                     else "no_crack"))
-        items.append(_Item(root.name, it.image.name, it.is_tile, label, gt, v_roi, v_no, res, tuple(img.shape[:2])))
-    sec = (time.perf_counter() - t0) / max(1, len(items))
-    if not any(x.gt is not None and x.gt.any() for x in items):
-        raise CalibrationError("no validation image with a crack could be read")
-    sets = sorted({x.set_name for x in items})
+        all_items = []
+        for root in roots:
+            vi = list_items(root, "val", val_fraction=float(tc.get("val_fraction", 0.2)),
+                            split_seed=int(tc.get("split_seed", 0)))
+            vi = [it for it in vi if it.mask is not None or it.is_tile]
+            if limit:
+                vi = vi[:limit]
+            if not vi:
+                raise CalibrationError(f"{root}: no validation images with masks")
+            stems[root.name] = [it.image.name for it in vi]
+            all_items += [(root, it) for it in vi]
+        log(f"calibrate: {len(all_items)} validation images of {', '.join(str(r) for r in roots)} "
+            f"({sum(it.is_tile for _, it in all_items)} clean tiles); CAM methods {cams}; gates {list(gates)}; "
+            f"survey {sv0.to_dict()}")
+        for root, it in progress(all_items, desc="calibrate: validation maps", unit="img", every=25):
+            try:
+                img = read_image(it.image)
+                gt = None if it.is_tile else read_mask(it.mask, img.shape[:2])
+                v_roi = None if it.is_tile else _valid(it, img.shape[:2], sv0)
+                v_no = None if it.is_tile else _valid(it, img.shape[:2], _no_roi(sv0))
+            except BadInputError as exc:
+                log(f"skipped {exc}")
+                continue
+            res = {}
+            for p in preds:
+                r = p(img)
+                res.setdefault("plan", r["plan"])
+                res.setdefault("bgr", r["bgr"])
+                res.setdefault("probs", r["probs"])
+                res.setdefault("maps", {}).update({k: [m.astype(np.float16) for m in v] for k, v in r["maps"].items()})
+            res["cues"] = {c: C.cue(img, c).astype(np.float16) for c in C.CUES}
+            label = it.image_label or ("clean_tile" if it.is_tile else ("crack" if gt is not None and gt.any()
+                                                                         else "no_crack"))
+            items.append(_Item(root.name, it.image.name, it.is_tile, label, gt, v_roi, v_no, res, tuple(img.shape[:2])))
+        sec = (time.perf_counter() - t0) / max(1, len(items))
+        if not any(x.gt is not None and x.gt.any() for x in items):
+            raise CalibrationError("no validation image with a crack could be read")
+        sets = sorted({x.set_name for x in items})
 
-    # ---- 2. frame maps per (method, gate, refinement, ROI use) → pixel ODS per set
-    stage2 = []
-    combos = [(m, g, r, u) for m in cams for g in gates for r in refine_grid for u in roi_choices]
-    for m, g, r, use_roi in progress(combos, desc="calibrate: gates x refinements", unit="combo", every=10):
-        sv = sv0.replace(gate=g) if use_roi else _no_roi(sv0.replace(gate=g))
-        steps = FrameSteps(sv, C.RefineConfig(**r) if r else None, PostProcessConfig(skeleton=False))
-        maps = []
-        scorers = {s: MapScorer(N_BINS, (0,)) for s in sets}
-        for x in items:
-            fm, prob, _ = steps.frame_map(x.res["bgr"], x.res["plan"], x.res["probs"],
-                                          [mm.astype(np.float32) for mm in x.res["maps"][m]])
-            maps.append(fm.astype(np.float16))
-            if x.gt is not None:
-                scorers[x.set_name].add(fm, x.gt, x.name, x.valid_roi if use_roi else x.valid_noroi)
-        ods = {s: scorers[s].ods(0) for s in sets if len(scorers[s])}
-        score = float(np.mean([o["f1"] for o in ods.values()]))
-        thr0 = float(np.median([o["threshold"] for o in ods.values()]))
-        stage2.append({"method": m, "gate": g, "refine": r, "roi": use_roi, "ods": {s: round(o["f1"], 4)
-                      for s, o in ods.items()}, "ods_mean": round(score, 4), "ods_thr": thr0,
-                       "thr_by_set": {s: o["threshold"] for s, o in ods.items()}, "maps": maps, "survey": sv})
-        # keep memory flat: only the best TOP_K per method keep their maps
-        mine = [c for c in stage2 if c["method"] == m]
-        keep = {id(c) for c in sorted(mine, key=lambda c: -c["ods_mean"])[:top_k]}
-        for s_ in sets:
-            keep |= {id(c) for c in sorted(mine, key=lambda c: -c["ods"].get(s_, 0.0))[:max(1, top_k // 2)]}
-        for c in mine:
-            if id(c) not in keep:
-                c["maps"] = None
-    for cname in C.CUES:  # the learning-free floor, calibrated alike (reported, never chosen)
-        for use_roi in roi_choices:
-            sv = sv0.replace(gate=0.0) if use_roi else _no_roi(sv0.replace(gate=0.0))
-            maps, scorers = [], {s_: MapScorer(N_BINS, (0,)) for s_ in sets}
+        # ---- 2. frame maps per (method, gate, refinement, ROI use) → pixel ODS per set
+        stage2 = []
+        combos = [(m, g, r, u) for m in cams for g in gates for r in refine_grid for u in roi_choices]
+        for m, g, r, use_roi in progress(combos, desc="calibrate: gates x refinements", unit="combo", every=10):
+            sv = sv0.replace(gate=g) if use_roi else _no_roi(sv0.replace(gate=g))
+            steps = FrameSteps(sv, C.RefineConfig(**r) if r else None, PostProcessConfig(skeleton=False))
+            maps = []
+            scorers = {s: MapScorer(N_BINS, (0,)) for s in sets}
             for x in items:
-                fm = x.res["cues"][cname].astype(np.float32)
-                roi = roi_mask(fm.shape, sv)
-                if roi is not None:
-                    fm = fm * roi
+                fm, prob, _ = steps.frame_map(x.res["bgr"], x.res["plan"], x.res["probs"],
+                                              [mm.astype(np.float32) for mm in x.res["maps"][m]])
                 maps.append(fm.astype(np.float16))
                 if x.gt is not None:
                     scorers[x.set_name].add(fm, x.gt, x.name, x.valid_roi if use_roi else x.valid_noroi)
-            ods = {s_: scorers[s_].ods(0) for s_ in sets if len(scorers[s_])}
-            stage2.append({"method": cname, "learned": False, "gate": 0.0, "refine": None, "roi": use_roi,
-                           "ods": {s_: round(o["f1"], 4) for s_, o in ods.items()},
-                           "ods_mean": round(float(np.mean([o["f1"] for o in ods.values()])), 4),
-                           "thr_by_set": {s_: o["threshold"] for s_, o in ods.items()}, "maps": maps, "survey": sv})
-    best_per_method = {}
-    for c in stage2:
-        if c["method"] not in best_per_method or c["ods_mean"] > best_per_method[c["method"]]["ods_mean"]:
-            best_per_method[c["method"]] = c
-    with_maps = [c for c in stage2 if c["maps"] is not None and c.get("learned", True)]
-    learned = sorted(with_maps, key=lambda c: -c["ods_mean"])[:top_k]
-    for s_ in sets:  # and the best few of each data set alone (candidates for its camera profile)
-        for c in sorted(with_maps, key=lambda c: -c["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
-            if all(c is not d for d in learned):
-                learned.append(c)
-    floors = [max((c for c in stage2 if c["method"] == n), key=lambda c: c["ods_mean"]) for n in C.CUES]
-    finalists = learned + floors
-    log("calibrate: best threshold-free ODS per method: " + ", ".join(
-        f"{m} {c['ods_mean']:.3f} (gate {c['gate']}, refine {'-' if not c['refine'] else c['refine']['mode']})"
-        for m, c in best_per_method.items()))
-
-    # ---- 3. thresholds x post-processing x min length → figures
-    rows = []
-    for c in progress(finalists, desc="calibrate: thresholds x post-processing", unit="cand", every=1):
-        thrs = sorted({_shift(t, d) for t in set(c["thr_by_set"].values()) for d in THR_STEPS})
-        for t in thrs:
-            for ma, cr, hy in pp_grid:
-                cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, hysteresis=hy, skeleton=True)
-                counts = {s_: Counts() for s_ in sets}
-                lengths = []
-                for x, fm in zip(items, c["maps"]):
-                    pr = postprocess(np.asarray(fm, np.float32), cfg)
+            ods = {s: scorers[s].ods(0) for s in sets if len(scorers[s])}
+            score = float(np.mean([o["f1"] for o in ods.values()]))
+            thr0 = float(np.median([o["threshold"] for o in ods.values()]))
+            stage2.append({"method": m, "gate": g, "refine": r, "roi": use_roi, "ods": {s: round(o["f1"], 4)
+                          for s, o in ods.items()}, "ods_mean": round(score, 4), "ods_thr": thr0,
+                           "thr_by_set": {s: o["threshold"] for s, o in ods.items()}, "maps": maps, "survey": sv})
+            # keep memory flat: only the best TOP_K per method keep their maps
+            mine = [c for c in stage2 if c["method"] == m]
+            keep = {id(c) for c in sorted(mine, key=lambda c: -c["ods_mean"])[:top_k]}
+            for s_ in sets:
+                keep |= {id(c) for c in sorted(mine, key=lambda c: -c["ods"].get(s_, 0.0))[:max(1, top_k // 2)]}
+            for c in mine:
+                if id(c) not in keep:
+                    c["maps"] = None
+        for cname in C.CUES:  # the learning-free floor, calibrated alike (reported, never chosen)
+            for use_roi in roi_choices:
+                sv = sv0.replace(gate=0.0) if use_roi else _no_roi(sv0.replace(gate=0.0))
+                maps, scorers = [], {s_: MapScorer(N_BINS, (0,)) for s_ in sets}
+                for x in items:
+                    fm = x.res["cues"][cname].astype(np.float32)
+                    roi = roi_mask(fm.shape, sv)
+                    if roi is not None:
+                        fm = fm * roi
+                    maps.append(fm.astype(np.float16))
                     if x.gt is not None:
-                        v = x.valid_roi if c["roi"] else x.valid_noroi
-                        counts[x.set_name] = counts[x.set_name] + binary_counts(pr.mask, x.gt, 0, v)
-                    lengths.append((float(pr.measures.get("length_px", 0.0)), bool(pr.mask.any())))
-                f1 = {s_: round(counts[s_].figures()["f1"], 4) for s_ in sets if counts[s_].gt > 0}
-                for ml in MIN_LENGTHS:
-                    fig = _frame_figures(items, lengths, ml, c["survey"])
-                    rows.append({"cand": c, "threshold": t, "min_area": ma, "close_radius": cr, "hysteresis": hy,
-                                 "min_length": ml, "f1": f1, "f1_mean": round(float(np.mean(list(f1.values()))), 4),
-                                 **fig, "per_set": _frame_figures_per_set(items, lengths, ml, c["survey"])})
+                        scorers[x.set_name].add(fm, x.gt, x.name, x.valid_roi if use_roi else x.valid_noroi)
+                ods = {s_: scorers[s_].ods(0) for s_ in sets if len(scorers[s_])}
+                stage2.append({"method": cname, "learned": False, "gate": 0.0, "refine": None, "roi": use_roi,
+                               "ods": {s_: round(o["f1"], 4) for s_, o in ods.items()},
+                               "ods_mean": round(float(np.mean([o["f1"] for o in ods.values()])), 4),
+                               "thr_by_set": {s_: o["threshold"] for s_, o in ods.items()}, "maps": maps, "survey": sv})
+        best_per_method = {}
+        for c in stage2:
+            if c["method"] not in best_per_method or c["ods_mean"] > best_per_method[c["method"]]["ods_mean"]:
+                best_per_method[c["method"]] = c
+        with_maps = [c for c in stage2 if c["maps"] is not None and c.get("learned", True)]
+        learned = sorted(with_maps, key=lambda c: -c["ods_mean"])[:top_k]
+        for s_ in sets:  # and the best few of each data set alone (candidates for its camera profile)
+            for c in sorted(with_maps, key=lambda c: -c["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
+                if all(c is not d for d in learned):
+                    learned.append(c)
+        floors = [max((c for c in stage2 if c["method"] == n), key=lambda c: c["ods_mean"]) for n in C.CUES]
+        finalists = learned + floors
+        log("calibrate: best threshold-free ODS per method: " + ", ".join(
+            f"{m} {c['ods_mean']:.3f} (gate {c['gate']}, refine {'-' if not c['refine'] else c['refine']['mode']})"
+            for m, c in best_per_method.items()))
+
+        # ---- 3. thresholds x post-processing x min length → figures
+        rows = []
+        for c in progress(finalists, desc="calibrate: thresholds x post-processing", unit="cand", every=1):
+            thrs = sorted({_shift(t, d) for t in set(c["thr_by_set"].values()) for d in THR_STEPS})
+            for t in thrs:
+                for ma, cr, hy in pp_grid:
+                    cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, hysteresis=hy, skeleton=True)
+                    counts = {s_: Counts() for s_ in sets}
+                    lengths = []
+                    for x, fm in zip(items, c["maps"]):
+                        pr = postprocess(np.asarray(fm, np.float32), cfg)
+                        if x.gt is not None:
+                            v = x.valid_roi if c["roi"] else x.valid_noroi
+                            counts[x.set_name] = counts[x.set_name] + binary_counts(pr.mask, x.gt, 0, v)
+                        lengths.append((float(pr.measures.get("length_px", 0.0)), bool(pr.mask.any())))
+                    f1 = {s_: round(counts[s_].figures()["f1"], 4) for s_ in sets if counts[s_].gt > 0}
+                    for ml in MIN_LENGTHS:
+                        fig = _frame_figures(items, lengths, ml, c["survey"])
+                        rows.append({"cand": c, "threshold": t, "min_area": ma, "close_radius": cr, "hysteresis": hy,
+                                     "min_length": ml, "f1": f1, "f1_mean": round(float(np.mean(list(f1.values()))), 4),
+                                     **fig, "per_set": _frame_figures_per_set(items, lengths, ml, c["survey"])})
+        meta_items = [_ItemMeta(x.set_name, x.tile, x.size, x.gt is not None) for x in items]
+        _write_cache(cache, key, rows, stage2, best_per_method, meta_items, stems, sec)
+    items = meta_items
     learned_rows = [r for r in rows if r["cand"].get("learned", True)]
-    best, met = _choose(learned_rows, budget, frame_budget, min_detection)
+    best, met, level = _choose(learned_rows, budget, frame_budget, min_detection)
     c = best["cand"]
     n_frames = sum(not x.tile for x in items)
     n_tiles = sum(x.tile for x in items)
@@ -269,9 +334,8 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     recipe = {**_entry(best), "layers": ctx.layers,
               "budget": {"clean_tiles": budget, "false_alarm_frames": frame_budget, "min_detection": min_detection,
                          "met": met},
-              "objective": ("best mean pixel F1 (t=0) over the data sets subject to the false-alarm budget"
-                            if met else "no candidate met the false-alarm budget: fewest false alarms, then pixel F1"),
-              "chosen_on": chosen_on, "masks_used": sum(1 for x in items if x.gt is not None),
+              "objective": "best mean pixel F1 (t=0) over the data sets subject to the false-alarm budget; " + level,
+              "chosen_on": chosen_on, "masks_used": sum(1 for x in items if x.has_gt),
               "val_images": stems, "val_seconds_per_image_all_maps": round(sec, 3),
               "selection": "crack-eval calibrate (crackcam.tools.calibration)"}
     profiles = _profiles(items, learned_rows, best, budget, frame_budget, min_detection) if profile else {}
@@ -289,7 +353,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     log(f"calibrate: {recipe['method']} gate {c['gate']} threshold {best['threshold']} post-processing "
         f"{recipe['postprocess']} min length {best['min_length']} ROI {'on' if c['roi'] else 'off'} — val pixel F1 "
         f"{best['f1']}, clean tiles flagged {best['clean_rate']}, crack-free frames flagged {best['frame_fa']}, "
-        f"crack frames detected {best['detection']} ({'budget met' if met else 'BUDGET NOT MET'}) → {target}")
+        f"crack frames detected {best['detection']} ({level}) → {target}")
     for size, e in profiles.items():
         log(f"calibrate: profile {size} ({e['chosen_on']}): {e['method']} threshold {e['threshold']} "
             f"post-processing {e['postprocess']} refine {e['refine']} — val pixel F1 {e['val']['pixel_f1_t0']}, "
@@ -317,7 +381,7 @@ def _profiles(items, rows, best, budget, frame_budget, min_detection) -> dict:
     base = best["cand"]["method"]
     sizes: dict[str, set] = {}
     for x in items:
-        if x.gt is not None and not x.tile:
+        if x.has_gt and not x.tile:
             sizes.setdefault(x.set_name, set()).add(x.size)
     owner: dict[tuple, list] = {}
     for s_, sz in sizes.items():
@@ -329,7 +393,11 @@ def _profiles(items, rows, best, budget, frame_budget, min_detection) -> dict:
             continue
         s_ = owners[0]
         cand = [r for r in rows if r["cand"]["method"] == base and s_ in r["f1"]]
-        ok = [r for r in cand if _meets(r["per_set"][s_], 1.0, frame_budget, min_detection)]
+        ok = []
+        for which in (("fa", "det"), ("fa",)):
+            ok = [r for r in cand if _meets_some(r["per_set"][s_], which, 1.0, frame_budget, min_detection)]
+            if ok:
+                break
         if not ok:
             continue
         pick = max(ok, key=lambda r: (r["f1"][s_], -r["min_length"]))
@@ -405,15 +473,35 @@ def _meets(r, budget, frame_budget, min_detection) -> bool:
             and (r["detection"] is None or r["detection"] >= min_detection))
 
 
-def _choose(rows, budget, frame_budget, min_detection):
-    ok = [r for r in rows if _meets(r, budget, frame_budget, min_detection)]
-    if ok:
-        return max(ok, key=lambda r: (r["f1_mean"], -r["min_length"])), True
+RELAX = (("clean", "fa", "det"), ("clean", "fa"), ("clean",), ())
+RELAX_TEXT = {("clean", "fa", "det"): "every constraint met",
+              ("clean", "fa"): "detection rate relaxed (no candidate detected enough crack frames within the "
+                               "false-alarm budget)",
+              ("clean",): "frame false-alarm and detection constraints relaxed (only the clean-tile budget met)",
+              (): "no candidate met the clean-tile budget: fewest false alarms"}
 
-    def badness(r):
-        return (max(0.0, (r["clean_rate"] or 0) - budget) + max(0.0, (r["frame_fa"] or 0) - frame_budget)
-                + max(0.0, min_detection - (r["detection"] if r["detection"] is not None else 1.0)))
-    return min(rows, key=lambda r: (round(badness(r), 3), -r["f1_mean"])), False
+
+def _meets_some(r, which, budget, frame_budget, min_detection) -> bool:
+    ok = True
+    if "clean" in which:
+        ok &= r["clean_rate"] is None or r["clean_rate"] <= budget
+    if "fa" in which:
+        ok &= r["frame_fa"] is None or r["frame_fa"] <= frame_budget
+    if "det" in which:
+        ok &= r["detection"] is None or r["detection"] >= min_detection
+    return bool(ok)
+
+
+def _choose(rows, budget, frame_budget, min_detection):
+    """The best mean pixel F1 among rows meeting every constraint; else the constraints are dropped one at a time
+    (detection first, then frame false alarms) — the clean-tile budget last.  Returns (row, met, level text)."""
+    for which in RELAX[:-1]:
+        ok = [r for r in rows if _meets_some(r, which, budget, frame_budget, min_detection)]
+        if ok:
+            return (max(ok, key=lambda r: (r["f1_mean"], r["detection"] or 0, -r["min_length"])),
+                    which == RELAX[0], RELAX_TEXT[which])
+    return (min(rows, key=lambda r: ((r["clean_rate"] or 0) + (r["frame_fa"] or 0), -r["f1_mean"])), False,
+            RELAX_TEXT[()])
 
 
 def _candidates(rows, stage2, budget, frame_budget, min_detection) -> dict:

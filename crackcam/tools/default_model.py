@@ -2,18 +2,22 @@
 
 The packaged model is made by the project's own commands only, and its provenance is written beside it:
 
-1. ``crack-train --data DATA --model simple_cnn --out RUN`` (skipped when RUN already holds a finished run),
-2. ``crack-eval calibrate --checkpoint RUN`` (recipe chosen on RUN's *validation* images; skipped when present),
+1. ``crack-train --data A [--data B] --model edge_mil ... --out RUN`` (skipped when RUN holds a finished run),
+2. ``crack-eval calibrate --checkpoint RUN ...`` (recipe chosen on RUN's *validation* images, under the
+   false-alarm budget; skipped when present),
 3. the export of ``crack-export --checkpoint RUN --out crackcam/assets/default.onnx`` (verified against PyTorch),
-4. ``crackcam/assets/default_model.json``: the commands, the data card (counts, tile rule, digest), the data set's
+4. ``crackcam/assets/default_model.json``: the commands, the data card (counts, tile rule, digest), each data set's
    licence (its ``SOURCE.md``), the recipe and the model's sha256.
 
-    python -m crackcam.tools.default_model --data ../shared/datasets/deepcrack --run runs/dc
+    python -m crackcam.tools.default_model          # the survey-capable default: PaveSeg train frames + DeepCrack
+
+The PaveSeg *test* frames never reach it: training reads the train split, calibration the val split.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import datetime as _dt
 import hashlib
 import json
@@ -23,6 +27,10 @@ import sys
 from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_TRAIN_ARGS = ("--tile 64 --min-crack-px 12 --border 4 --margin 8 --max-side 640 --epochs 8 --max-tiles 8000 "
+                      "--topk 0.1")
+# the PaveSeg camera's hood line: the bottom 12 % of its 1280x1080 frames (read off training frames)
+DEFAULT_CALIBRATE_ARGS = "--tile 128 --roi '0,0 1,0 1,0.88 0,0.88' --roi-size 1280x1080"
 
 
 def _sha256(path: Path) -> str:
@@ -52,7 +60,8 @@ def _run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
-def provenance(run: Path, data: Path, out: Path, commands: list[str]) -> dict:
+def provenance(run: Path, data, out: Path, commands: list[str]) -> dict:
+    datas = list(data) if isinstance(data, (list, tuple)) else [data]
     cfg = json.loads((run / "config.json").read_text())
     card = json.loads((run / "data_card.json").read_text()) if (run / "data_card.json").is_file() else {}
     recipe = json.loads((run / "recipe.json").read_text()) if (run / "recipe.json").is_file() else {}
@@ -67,30 +76,40 @@ def provenance(run: Path, data: Path, out: Path, commands: list[str]) -> dict:
         "model": cfg.get("model"),
         "tile": cfg.get("tile"),
         "label_rule": cfg.get("label_rule"),
-        "data": {"path": str(data), "name": Path(data).name, "card": card.get("splits") or card.get("counts"),
+        "data": {"path": [str(d) for d in datas], "name": [Path(d).name for d in datas],
+                 "card": card.get("splits") or card.get("counts"),
+                 "sets": [{"data": c.get("data"), "layout": c.get("layout"), "splits": c.get("splits")}
+                          for c in card.get("sets", [])] or None,
                  "data_card_sha256": cfg.get("data_card_sha256"),
                  "masks": "read only to derive one crack/crack-free bit per training tile (tile rule above)"},
-        "licence_of_the_data": _licence_lines(data) or ["see the data set's own terms"],
-        "licence_note": ("The weights were learned from this data set; use the model under the data set's terms "
-                         "(for DeepCrack and CFD: non-commercial research and education). For other use, train "
-                         "your own with crack-train on your images and rebuild with this command."),
+        "licence_of_the_data": {Path(d).name: (_licence_lines(d) or ["see the data set's own terms"]) for d in datas},
+        "licence_note": ("The weights were learned from these data sets; use the model under their terms "
+                         "(DeepCrack and CFD: non-commercial research and education; PaveSeg: research and "
+                         "evaluation, non-commercial for the full set). For other use, train your own with "
+                         "crack-train on your images and rebuild with this command."),
         "validation_tiles": {"best_epoch": metrics.get("best_epoch"),
                              **{k: best.get(k) for k in ("n", "f1", "precision", "recall", "auc") if k in best}},
-        "recipe": {k: recipe.get(k) for k in ("method", "threshold", "gate", "postprocess", "refine", "val_f1",
-                                              "chosen_on") if k in recipe},
+        "recipe": {k: recipe.get(k) for k in ("method", "threshold", "gate", "postprocess", "refine", "survey",
+                                              "val_f1", "val", "budget", "chosen_on", "masks_used", "profiles")
+                   if k in recipe},
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--data", type=Path, default=Path("../shared/datasets/deepcrack"))
-    ap.add_argument("--run", type=Path, default=Path("runs/dc"))
-    ap.add_argument("--model", default="simple_cnn")
+    ap.add_argument("--data", type=Path, action="append", default=None,
+                    help="training data (repeat to mix; default: PaveSeg + DeepCrack from ../shared/datasets)")
+    ap.add_argument("--run", type=Path, default=Path("runs/default"))
+    ap.add_argument("--model", default="edge_mil")
+    ap.add_argument("--train-args", default=DEFAULT_TRAIN_ARGS, help="further crack-train options")
+    ap.add_argument("--calibrate-args", default=DEFAULT_CALIBRATE_ARGS, help="further crack-eval calibrate options")
     ap.add_argument("--out", type=Path, default=ASSETS / "default.onnx")
     a = ap.parse_args(argv)
+    a.data = a.data or [Path("../shared/datasets/paveseg"), Path("../shared/datasets/deepcrack")]
     exe = Path(sys.executable).parent
-    train = [str(exe / "crack-train"), "--data", str(a.data), "--model", a.model, "--out", str(a.run)]
-    calib = [str(exe / "crack-eval"), "calibrate", "--checkpoint", str(a.run)]
+    train = [str(exe / "crack-train"), *[x for d in a.data for x in ("--data", str(d))], "--model", a.model,
+             *shlex.split(a.train_args), "--out", str(a.run)]
+    calib = [str(exe / "crack-eval"), "calibrate", "--checkpoint", str(a.run), *shlex.split(a.calibrate_args)]
     export = [str(exe / "crack-export"), "--checkpoint", str(a.run), "--format", "onnx", "--out", str(a.out)]
     if not (a.run / "best.pt").is_file():
         _run(train)
@@ -98,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         _run(calib)
     _run(export)
     rel = os.path.relpath(a.out)
-    shown = [" ".join(["crack-train", *train[1:]]), " ".join(["crack-eval", *calib[1:]]),
-             " ".join(["crack-export", *export[1:-1], rel])]
+    shown = [shlex.join(["crack-train", *train[1:]]), shlex.join(["crack-eval", *calib[1:]]),
+             shlex.join(["crack-export", *export[1:-1], rel])]
     prov = provenance(a.run, a.data, a.out, shown)
     side = a.out.with_name(a.out.stem + "_model.json")  # not NAME.json: that name is an engine's metadata side-car
     tmp = side.with_name(side.name + ".tmp")
