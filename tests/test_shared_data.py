@@ -80,3 +80,39 @@ def test_packaged_model_beats_black_hat_on_cfd(tmp_path):
     names = sorted(p.name for p in (CFD / "images").glob("*.jpg"))[72::5]  # 10 images of the CFD test split
     f1, floor = _runtime_f1(CFD, names, tmp_path)
     assert f1 > floor + 0.03 and f1 > 0.35, (f1, floor)  # cross-data set: trained on DeepCrack only
+
+
+PAVESEG = SHARED / "paveseg"
+needs_paveseg = pytest.mark.skipif(not (PAVESEG / "images").is_dir(), reason=f"{PAVESEG} not present")
+
+
+@needs_paveseg
+def test_paveseg_split_by_frame_and_clean_tiles_follow_their_frames():
+    from crackcam.train.data import list_items
+
+    items = list_items(PAVESEG, "all")
+    frames = {it.stem: it for it in items if not it.is_tile}
+    by = {s: sorted(k for k, it in frames.items() if it.split == s) for s in ("train", "val", "test")}
+    assert {s: len(v) for s, v in by.items()} == {"train": 24, "val": 13, "test": 13}
+    for s in ("val", "test"):  # every split keeps the frame classes: crack, sealed-only and crack-free frames
+        assert {frames[k].image_label for k in by[s]} == {"crack", "sealed_crack_only", "no_crack"}
+    tiles = [it for it in items if it.is_tile]
+    assert len(tiles) == 286 and all(it.split == frames[it.frame].split for it in tiles)
+    # the training run reads no pixel of a test frame: neither its tiles nor its clean tiles
+    train = {it.image.name for it in list_items(PAVESEG, "train")}
+    assert not train & {frames[k].image.name for k in by["test"]}
+    assert not {t.frame for t in list_items(PAVESEG, "train") if t.is_tile} & set(by["test"])
+
+
+@needs_paveseg
+def test_packaged_default_was_never_fit_on_paveseg_test_frames():
+    """Its provenance names the calibration stems: validation frames only; its training split excludes test."""
+    from crackcam.train.data import list_items
+
+    prov = json.loads((Path(__file__).resolve().parents[1] / "crackcam" / "assets" / "default_model.json").read_text())
+    recipe_stems = set((prov.get("recipe") or {}).get("val_images", {}).get("paveseg", []))
+    if not recipe_stems:
+        pytest.skip("the packaged default was not calibrated on PaveSeg")
+    val = {it.image.name for it in list_items(PAVESEG, "val")}
+    test = {it.image.name for it in list_items(PAVESEG, "test")}
+    assert recipe_stems <= val and not recipe_stems & test

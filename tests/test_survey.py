@@ -356,7 +356,8 @@ def test_eval_path_equals_run_path(tmp_path):
                n_bins=10, limit=None, out=tmp_path / "ev", log=lambda m: None)
     v = job.variant(img.shape)
     assert v.thr == 0.2 and v.pcfg.hysteresis == 0.5 and v.survey.min_length == 2.0  # the profile
-    assert job.variant((99, 77)).thr == 0.3  # another frame size: the top-level settings
+    assert job.variant((99, 77)).thr == 0.3  # another frame size (more than 2x fewer pixels): the top level
+    assert job.variant((120, 180)).thr == 0.2  # a similar size: the nearest profile
     m_eval, p_eval = v.fn(img)
     from crackcam.runtime.postprocess import postprocess
 
@@ -368,6 +369,7 @@ def test_eval_path_equals_run_path(tmp_path):
     ms = ModelSteps(sess.meta)
     steps = ms.for_shape(img.shape)
     assert ms.for_shape((99, 77)).post.threshold == 0.3 and steps.post.threshold == 0.2
+    assert ms.for_shape((120, 180)).post.threshold == 0.2
     r = steps.process(sess, np.ascontiguousarray(img[..., ::-1]))
     assert steps.survey.to_dict() == v.survey.to_dict()
     assert r.map.shape == m_eval.shape and np.abs(r.map - m_eval).max() < 1e-4
@@ -389,3 +391,51 @@ def test_hysteresis_keeps_weak_stretches_of_strong_pieces():
     assert off.sum() == 1 and on[5, 2:30].all() and not on[15].any()
     with pytest.raises(ValueError, match="hysteresis"):
         PostProcessConfig.from_dict({"hysteresis": 1.5})
+
+
+def test_calibration_reads_only_validation_images_and_respects_the_budget(tmp_path):
+    """Calibrate a tiny MIL checkpoint on a drawn PaveSeg-like folder: the recipe names exactly the validation
+    stems it read, carries the survey block and its figures, and says which constraints held."""
+    torch = pytest.importorskip("torch")
+    from crackcam.models import create_model, get_spec
+    from crackcam.tools.calibration import calibrate
+    from crackcam.train.data import list_items
+
+    root = _paveseg(tmp_path / "pv")
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", widths=(4, 8, 8, 8), pool="topk", topk=0.05)
+    torch.save(model.state_dict(), run / "best.pt")
+    spec = get_spec("simple_cnn")
+    (run / "config.json").write_text(json.dumps({
+        "model": "simple_cnn", "model_kwargs": {"widths": [4, 8, 8, 8], "pool": "topk", "topk": 0.05}, "tile": 32,
+        "mean": list(spec.mean), "std": list(spec.std), "target_layers": list(spec.target_layers),
+        "data": str(root), "train_config": {}}))
+    r = calibrate(checkpoint=run, quick=True, log=lambda m: None)
+    val = [it.image.name for it in list_items(root, "val")]
+    test = {it.image.name for it in list_items(root, "test")}
+    assert r["val_images"] == {"pv": val} and not set(val) & test
+    assert set(r["val"]) >= {"pixel_f1_t0", "clean_tiles_flagged", "false_alarm_frames", "detection_rate"}
+    assert r["survey"]["tile"] == 32 and r["method"].split("-")[-1] in ("cam", "gradcam")
+    met = r["budget"]["met"]
+    if met:
+        assert r["val"]["clean_tiles_flagged"] <= 0.05 and r["val"]["false_alarm_frames"] <= 0.2
+    assert ("every constraint met" in r["objective"]) == met
+    # the search is cached: a second call with the same settings reuses it and chooses the same
+    logs = []
+    r2 = calibrate(checkpoint=run, quick=True, log=logs.append)
+    assert any("reusing" in m for m in logs) and r2["threshold"] == r["threshold"]
+
+
+def test_max_width_removes_blobs_keeps_thin_cracks():
+    from crackcam.runtime.postprocess import postprocess
+
+    m = np.zeros((80, 120), np.float32)
+    cv2.line(m, (5, 10), (110, 20), 1.0, 3)  # a crack: 3 px wide
+    cv2.circle(m, (60, 55), 15, 1.0, -1)  # a blob (a tree, a car): ~30 px wide
+    keep = postprocess(m, PostProcessConfig(threshold=0.5, max_width=8.0))
+    assert keep.mask[10:21, :].any() and not keep.mask[45:70, 45:75].any()
+    assert keep.measures["components"] == 1
+    both = postprocess(m, PostProcessConfig(threshold=0.5))
+    assert both.measures["components"] == 2 and both.mask[55, 60]

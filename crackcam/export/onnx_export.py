@@ -341,6 +341,9 @@ def _write_checked(proto, graph, out: Path, meta: dict, *, verify, tol_map, tol_
                 raise vf.VerificationError(f"{out}: not written: the ONNX graph differs from PyTorch beyond tolerance "
                                            f"({report.worst()})")
         os.replace(tmp, out)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(out, 0o666 & ~umask)  # mkstemp made it private; a model file is for everyone who runs it
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

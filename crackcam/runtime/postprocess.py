@@ -47,6 +47,8 @@ class PostProcessConfig:
     hysteresis: 0 = off; else a fraction f in (0, 1): pixels at or above ``f × threshold`` are kept when their
         8-connected piece of such pixels also holds a pixel at or above the threshold (as Canny's edge
         hysteresis: a thin crack whose map is strong in places keeps its weaker stretches in between).
+    max_width: 0 = off; else components whose mean width (area / skeleton pixels) exceeds this many px are removed:
+        cracks are thin and long, blobs (trees, vehicles, shadows, stains) are not.
     """
 
     threshold: float | str = 0.5
@@ -55,6 +57,7 @@ class PostProcessConfig:
     min_area: int = 0
     skeleton: bool = True
     hysteresis: float = 0.0
+    max_width: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +73,8 @@ class PostProcessConfig:
         resolve_threshold(np.zeros((1, 1), np.float32), cfg.threshold)  # validates the threshold spelling
         if not 0.0 <= float(cfg.hysteresis) < 1.0:
             raise ValueError(f"hysteresis {cfg.hysteresis!r} must lie in [0, 1) (0 = off)")
+        if not float(cfg.max_width) >= 0.0:
+            raise ValueError(f"max_width {cfg.max_width!r} must be >= 0 (0 = off)")
         return cfg
 
 
@@ -373,7 +378,36 @@ def postprocess(crack_map: np.ndarray, cfg: PostProcessConfig | None = None, mm_
     if cfg.open_radius > 0:
         m = cv2.morphologyEx(m, cv2.MORPH_OPEN, disk(cfg.open_radius))
     mask, ncomp = remove_small(m, cfg.min_area, return_count=True)
+    sk = None
+    if cfg.max_width > 0 and ncomp:
+        mask, sk, ncomp = remove_wide(mask, cfg.max_width)
     if not cfg.skeleton:
         return PostResult(mask, None, {"area_px": int(cv2.countNonZero(mask.view(np.uint8))), "components": ncomp}, t)
-    sk = skeletonize(mask)
+    if sk is None:
+        sk = skeletonize(mask)
     return PostResult(mask, sk, measure(mask, sk, mm_per_px, components=ncomp), t)
+
+
+def remove_wide(mask: np.ndarray, max_width: float, skeleton: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Drop the 8-connected components whose mean width (pixels / skeleton pixels) exceeds ``max_width``.
+    Returns (mask, its skeleton, components kept); ``skeleton``: the mask's, when already known."""
+    m8 = mask.view(np.uint8) if mask.dtype == bool else (mask != 0).astype(np.uint8)
+    sk = skeletonize(m8.view(bool)) if skeleton is None else np.asarray(skeleton, bool)
+    x0, y0, bw, bh = cv2.boundingRect(m8)
+    if bw == 0:
+        return m8.view(bool), sk, 0
+    sub = m8[y0:y0 + bh, x0:x0 + bw]
+    n, lab = cv2.connectedComponents(sub, connectivity=8)
+    area = np.bincount(lab.ravel(), minlength=n)
+    skl = np.bincount(lab[sk[y0:y0 + bh, x0:x0 + bw]], minlength=n)
+    wide = area > max_width * np.maximum(skl, 1)
+    wide[0] = False
+    if not wide.any():
+        return m8.view(bool), sk, n - 1
+    out = m8.copy()
+    o = out[y0:y0 + bh, x0:x0 + bw]
+    o[wide[lab]] = 0
+    sko = sk.copy()
+    sko[y0:y0 + bh, x0:x0 + bw][wide[lab]] = False
+    return out.view(bool), sko, int(n - 1 - wide[1:].sum())

@@ -41,12 +41,41 @@ def profile_key(shape) -> str:
     return f"{int(shape[1])}x{int(shape[0])}"
 
 
+PROFILE_AREA_FACTOR = 2.0  # a profile also serves frames within this factor of its pixel count
+
+
+def choose_profile(names, shape) -> str | None:
+    """The camera profile for frames of ``shape``: the one of exactly that size, else the one whose frame size is
+    nearest in pixel count within a factor of :data:`PROFILE_AREA_FACTOR` (cameras of similar resolution see cracks
+    at similar widths), else None (the top-level settings)."""
+    import math
+
+    if shape is None:
+        return None
+    names = [n for n in names if isinstance(n, str) and "x" in n]
+    key = profile_key(shape)
+    if key in names:
+        return key
+    area = float(shape[0]) * float(shape[1])
+    best, best_d = None, math.log(PROFILE_AREA_FACTOR) + 1e-9
+    for n in names:
+        try:
+            w, _, h = n.partition("x")
+            d = abs(math.log(area / (float(w) * float(h))))
+        except (ValueError, ZeroDivisionError):
+            continue
+        if d <= best_d:
+            best, best_d = n, d
+    return best
+
+
 def model_profile(meta, shape) -> dict | None:
-    """The metadata's camera profile for frames of ``shape`` (``profiles["WxH"]``), or None."""
+    """The metadata's camera profile for frames of ``shape`` (:func:`choose_profile`), or None."""
     pr = (getattr(meta, "raw", None) or {}).get("profiles")
     if not isinstance(pr, dict) or shape is None:
         return None
-    p = pr.get(profile_key(shape))
+    name = choose_profile(list(pr), shape)
+    p = pr.get(name) if name else None
     return dict(p) if isinstance(p, dict) else None
 
 

@@ -90,7 +90,8 @@ def provenance(run: Path, data, out: Path, commands: list[str]) -> dict:
         "validation_tiles": {"best_epoch": metrics.get("best_epoch"),
                              **{k: best.get(k) for k in ("n", "f1", "precision", "recall", "auc") if k in best}},
         "recipe": {k: recipe.get(k) for k in ("method", "threshold", "gate", "postprocess", "refine", "survey",
-                                              "val_f1", "val", "budget", "chosen_on", "masks_used", "profiles")
+                                              "val_f1", "val", "budget", "chosen_on", "masks_used", "profiles",
+                                              "val_images", "objective")
                    if k in recipe},
     }
 

@@ -224,11 +224,15 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
                base=base, profiles=profiles, used=set())
 
     def variant(shape):
-        """The settings (and map function) for frames of ``shape``: its camera profile, else the top level."""
-        v = profiles.get(f"{shape[1]}x{shape[0]}", base)
+        """The settings (and map function) for frames of ``shape``: its camera profile (the runtime's rule,
+        crackcam.runtime.steps.choose_profile), else the top level."""
+        from crackcam.runtime.steps import choose_profile
+
+        name = choose_profile(list(profiles), shape)
+        v = profiles[name] if name else base
         if v.fn is None:
             v.fn = v.spec.factory(v.ctx)
-        job.used.add(f"{shape[1]}x{shape[0]}" if v is not base else "default")
+        job.used.add(name or "default")
         return v
 
     job.variant = variant
