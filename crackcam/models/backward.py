@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._torchvision import import_torchvision
-from .efficientnet_lite import FPNBody, MBConv
+from .efficientnet_lite import MBConv
 from .nets import CrackClassifier, TopKMeanPool
 
 
@@ -326,15 +326,6 @@ def _gap(m: nn.AdaptiveAvgPool2d, x, rec):
 
     rec.push(step)
     return y
-
-
-@register_rule(FPNBody)
-def _fpn(m: FPNBody, x, rec):
-    """Forward only: the CAM target of an FPN body is its output (the head's backward starts after it)."""
-    if rec.recording:
-        raise UnsupportedModuleError("explicit CAM backward: a target layer before or inside an FPNBody is not "
-                                     "supported (use the body output)")
-    return m(x)
 
 
 @register_rule(TopKMeanPool)

@@ -41,7 +41,7 @@ def train_cmd(
                                 "frames: so crack widths match what crack-run sees)"),
     max_side: Optional[int] = typer.Option(None, "--max-side", help="work scale: also shrink images whose longer "
                                            "side exceeds this (px)"),
-    topk: Optional[float] = typer.Option(None, "--topk", help="MIL models (edge_mil, edge_fpn, simple_cnn with "
+    topk: Optional[float] = typer.Option(None, "--topk", help="MIL models (edge_mil, simple_cnn with "
                                          "pool topk): the share of positions whose mean is the tile logit"),
     hard_repeat: int = typer.Option(1, "--hard-repeat", help="repeat hard-negative training tiles (sealed cracks, "
                                     "patches, manholes, joints) this many times"),
