@@ -10,7 +10,6 @@ from torch import nn
 import crackcam.models as M  # before pytorch_grad_cam (it imports torchvision)
 from crackcam.models.backward import UnsupportedModuleError, logit_and_grads
 from crackcam.models.cam import CAM_METHODS, CamHead, CamModel, list_methods, minmax, parse_method
-from crackcam.models.infer import output_stride, predict_map
 from crackcam.models.nets import CrackClassifier
 from crackcam.train.synth import draw_crack_image
 
@@ -254,75 +253,3 @@ def test_onnx_export_dynamic_shapes(tmp_path):
         assert np.abs(p - prob.numpy()).max() < 1e-5 and np.abs(m - ref.numpy()).max() < 1e-4
 
 
-# ------------------------------------------------------------------------------------------ whole-image maps
-def _float_model(name="simple_cnn"):
-    torch.manual_seed(7)
-    model = M.create_model(name).eval()
-    _randomise_bn(model, 3)
-    return model
-
-
-def test_whole_image_map_equals_cammodel():
-    model = _float_model()
-    spec = model.spec
-    img, _ = draw_crack_image(np.random.default_rng(0), 96, 128)
-    cam = CamModel(model, "gradcam++", gate=None)
-    prob, m = predict_map(cam, img, spec.mean, spec.std, mode="whole")
-    x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1)) \
-        / torch.tensor(spec.std).view(1, 3, 1, 1)
-    with torch.no_grad():
-        p_ref, m_ref = cam(x)
-    assert m.dtype == np.float32 and m.shape == (96, 128)
-    assert prob == pytest.approx(float(p_ref[0]), abs=1e-6)
-    assert np.abs(m - m_ref[0].numpy()).max() < 1e-5
-    # sizes not divisible by the stride are padded and cropped back
-    prob2, m2 = predict_map(cam, img[:91, :117], mode="whole")
-    assert m2.shape == (91, 117) and 0.0 <= m2.min() and m2.max() == pytest.approx(1.0, abs=1e-5)
-    assert output_stride(model) == 8
-
-
-def test_flips_are_equivariant():
-    model = _float_model()
-    cam = CamModel(model, "layercam", gate=None)
-    img, _ = draw_crack_image(np.random.default_rng(1), 64, 96)
-    p1, m1 = predict_map(cam, img, mode="whole", flips=True)
-    p2, m2 = predict_map(cam, np.ascontiguousarray(img[:, ::-1]), mode="whole", flips=True)
-    assert p1 == pytest.approx(p2, abs=1e-6)
-    assert np.abs(m1[:, ::-1] - m2).max() < 1e-5
-    _, m0 = predict_map(cam, img, mode="whole")
-    assert np.abs(m0 - m1).max() > 1e-3  # the flips changed something
-
-
-def test_sliding_tiles_batches_and_gate():
-    model = _float_model()
-    spec = model.spec
-    img, _ = draw_crack_image(np.random.default_rng(2), 150, 200)
-    cam = CamModel(model, "gradcam", gate=None)
-    sizes = []
-    orig = cam.head.forward
-    cam.head.forward = lambda x: (sizes.append(tuple(x.shape)), orig(x))[1]
-    prob, m = predict_map(cam, img, spec.mean, spec.std, mode="sliding", tile=64, overlap=0.25, batch=3)
-    del cam.head.forward
-    # tiles: rows 0,48,86 (last flush) × cols 0,48,96,136 → 12 tiles in batches of ≤ 3
-    assert m.shape == (150, 200) and m.dtype == np.float32
-    assert sum(s[0] for s in sizes) == 12 and max(s[0] for s in sizes) <= 3
-    assert all(s[2:] == (64, 64) for s in sizes)
-    assert 0.0 <= m.min() and m.max() == pytest.approx(1.0, abs=1e-5)
-    # image probability = max over tiles
-    x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() / 255 - torch.tensor(spec.mean).view(1, 3, 1, 1)) \
-        / torch.tensor(spec.std).view(1, 3, 1, 1)
-    tiles = torch.cat([x[:, :, y:y + 64, c:c + 64] for y in (0, 48, 86) for c in (0, 48, 96, 136)])
-    with torch.no_grad():
-        tile_probs, _ = cam(tiles)
-    assert prob == pytest.approx(float(tile_probs.max()), abs=1e-6)
-    # one tile covering the whole image = whole mode
-    sub = np.ascontiguousarray(img[:128, :128])
-    p_w, m_w = predict_map(cam, sub, mode="whole")
-    p_s, m_s = predict_map(cam, sub, mode="sliding", tile=128, overlap=0.0)
-    assert p_s == pytest.approx(p_w, abs=1e-6) and np.abs(m_s - m_w).max() < 1e-5
-    # the gate: all zero when the (max tile) probability is below it
-    gated = CamModel(model, "gradcam", gate=min(1.0, prob + 1e-3))
-    p_g, m_g = predict_map(gated, img, mode="sliding", tile=64, batch=4)
-    assert p_g == pytest.approx(prob, abs=1e-6) and not m_g.any()
-    with pytest.raises(ValueError, match="mode"):
-        predict_map(cam, img, mode="bogus")

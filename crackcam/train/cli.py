@@ -51,6 +51,8 @@ def train_cmd(
                                               help="ImageNet weights (default: where the model has them)"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="initial weights (a state dict file)"),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="random rot90 + flips each epoch"),
+    photometric: bool = typer.Option(False, "--photometric/--no-photometric", help="random brightness, contrast, "
+                                     "gamma, blur or noise each epoch (survey frames vary from dark to bleached)"),
     double: bool = typer.Option(False, "--double", help="double the training set with rotated/flipped copies"),
     max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="cap on training tiles (seeded sample)"),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes"),
@@ -117,7 +119,7 @@ def train_cmd(
         tile=tile, stride=stride, train_stride=train_stride, min_crack_px=min_crack_px, border=border,
         margin=margin, label_rule=label_rule, scale=scale, max_side=max_side, hard_repeat=hard_repeat,
         val_fraction=val_fraction, seed=seed, pretrained=pretrained,
-        weights=str(weights) if weights else None, augment=augment, double=double, max_tiles=max_tiles,
+        weights=str(weights) if weights else None, augment=augment, photometric=photometric, double=double, max_tiles=max_tiles,
         model_kwargs=model_kwargs, workers=workers, device=device, threads=threads, resume=resume, overwrite=overwrite, test=test,
         progress=progress)
     try:

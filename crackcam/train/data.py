@@ -533,6 +533,24 @@ def augment_tile(tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def photometric_tile(tile: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random brightness (×0.6–1.4), contrast (×0.7–1.3 about the mean), gamma (0.7–1.4) and, half the time, a
+    light blur or sensor noise: survey frames range from dark wet asphalt to sun-bleached concrete, and a crack is
+    a crack in all of them.  Pixels move, the label does not."""
+    x = tile.astype(np.float32)
+    m = float(x.mean())
+    x = (x - m) * rng.uniform(0.7, 1.3) + m * rng.uniform(0.6, 1.4)
+    x = np.clip(x, 0, 255)
+    g = rng.uniform(0.7, 1.4)
+    x = 255.0 * (x / 255.0) ** g
+    r = rng.random()
+    if r < 0.25:
+        x = cv2.GaussianBlur(x, (0, 0), rng.uniform(0.5, 1.0))
+    elif r < 0.5:
+        x = x + rng.normal(0, rng.uniform(2, 6), x.shape).astype(np.float32)
+    return np.clip(x + 0.5, 0, 255).astype(np.uint8)
+
+
 def double_with_augmented(ts: TileSet, seed: int) -> TileSet:
     """The set plus one augmented (rotated/flipped) copy of every tile — twice the tiles, same labels."""
     rng = np.random.default_rng([seed, 7919])

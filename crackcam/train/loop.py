@@ -60,6 +60,7 @@ class TrainConfig:
     pretrained: bool | None = None  # None → True where the model has weights
     weights: str | None = None
     augment: bool = True
+    photometric: bool = False  # brightness / contrast / gamma / blur / noise jitter of every training tile
     double: bool = False
     max_tiles: int | None = None
     workers: int = 0
@@ -81,14 +82,16 @@ SYNTH_PAINT = 0.35  # share of drawn images with a painted lane line (hard negat
 # values in a resumed run that must match the saved ones
 _RESUME_KEYS = ("model", "tile", "stride", "train_stride", "min_crack_px", "border", "margin", "label_rule",
                 "val_fraction", "split_seed", "seed", "batch", "augment", "double", "max_tiles", "scale", "max_side",
-                "hard_repeat")
+                "hard_repeat", "photometric")
 
 
 class TileDataset(Dataset):
     """(tile uint8 H×W×3 tensor, bit float) pairs; optional random rot90 + flips, deterministic per (seed, epoch, i)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False, seed: int = 0):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, augment: bool = False, seed: int = 0,
+                 photometric: bool = False):
         self.images, self.labels, self.augment, self.seed, self.epoch = images, labels, augment, seed, 0
+        self.photometric = photometric
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -98,8 +101,12 @@ class TileDataset(Dataset):
 
     def __getitem__(self, i):
         t = self.images[i]
-        if self.augment:
-            t = D.augment_tile(t, np.random.default_rng([self.seed, self.epoch, int(i)]))
+        if self.augment or self.photometric:
+            rng = np.random.default_rng([self.seed, self.epoch, int(i)])
+            if self.augment:
+                t = D.augment_tile(t, rng)
+            if self.photometric:
+                t = D.photometric_tile(t, rng)
         return torch.from_numpy(np.ascontiguousarray(t)), torch.tensor(float(self.labels[i]))
 
 
@@ -397,7 +404,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
     std = torch.tensor(spec.std, device=device).view(1, 3, 1, 1)
 
     cfg.batch = cfg.batch or auto_batch(len(tr))
-    ds = TileDataset(tr.images, tr.labels, augment=cfg.augment, seed=cfg.seed)
+    ds = TileDataset(tr.images, tr.labels, augment=cfg.augment, seed=cfg.seed, photometric=cfg.photometric)
     steps_per_epoch = (len(ds) + cfg.batch - 1) // cfg.batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
@@ -426,7 +433,8 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
         "splits": {"rule": card["split_rule"], **{k: v.counts() for k, v in sets.items()}},
         "val_images": info["splits"]["val"],
         "seed": cfg.seed, "epochs": epochs, "batch": cfg.batch, "lr": lr, "optimizer": "AdamW + OneCycleLR",
-        "pos_weight": pos_weight, "augment": "rot90 + hflip + vflip" if cfg.augment else "none",
+        "pos_weight": pos_weight, "augment": ("rot90 + hflip + vflip" if cfg.augment else "none")
+        + (" + photometric (brightness, contrast, gamma, blur/noise)" if cfg.photometric else ""),
         "double": cfg.double, "data_card_sha256": sha, "pretrained_source": pretrained_source,
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
         "class_names": ["crack_free", "crack"], "train_config": tc,
