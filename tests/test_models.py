@@ -94,3 +94,10 @@ def test_efficientnet_lite0_pretrained_matches_reference_package():
         l_ours, l_ref = model(x), ref(x)
     assert (f_ours - f_ref).abs().max() <= 1e-4 * f_ref.abs().max()
     assert (l_ours - l_ref).abs().max() <= 1e-4 * l_ref.abs().max()
+
+
+def test_registry_pool_fact_matches_the_model():
+    """``get_spec(name).extra["pool"]`` (what the export tests key on) says what the built model really pools with."""
+    for name in M.list_models():
+        model = M.create_model(name)
+        assert model.pool_kind == M.get_spec(name).extra.get("pool", "avg"), name

@@ -65,6 +65,25 @@ def test_fast_skeleton_equals_opencv_thinning(seed):
     assert (skeletonize(m) == skeletonize(m, "opencv")).all()
 
 
+@pytest.mark.parametrize("seed", [0, 2, 4, 7])
+def test_skeleton_at_the_frame_border_differs_from_opencv_as_documented(seed):
+    """Masks touching the border (the claim as it stands in the docs): OpenCV keeps every border pixel, crackcam
+    thins them; all differences lie within 4 px of the border, and the skeleton is one pixel wide there."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((160, 160), bool)
+    for _ in range(2):
+        m |= draw_crack(rng, 160, 160, width=(2, 7))
+    border = np.zeros_like(m)
+    border[0] = border[-1] = border[:, 0] = border[:, -1] = True
+    assert (m & border).sum() > 5  # the drawn cracks do reach the border
+    ours, cv = skeletonize(m), skeletonize(m, "opencv")
+    diff = ours != cv
+    assert diff.any() and not diff[4:-4, 4:-4].any()
+    assert (cv[border] == m[border]).all()  # OpenCV: border pixels untouched
+    assert (ours & border).sum() < (m & border).sum()  # crackcam: thinned there too
+    assert ours.sum() < cv.sum()
+
+
 def test_skeleton_and_measures_of_a_drawn_line():
     m = np.zeros((100, 200), np.uint8)
     m[48:53, 20:181] = 1  # a bar 161 px long, 5 px wide

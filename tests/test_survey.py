@@ -397,7 +397,7 @@ def test_hysteresis_keeps_weak_stretches_of_strong_pieces():
         PostProcessConfig.from_dict({"hysteresis": 1.5})
 
 
-def test_calibration_reads_only_validation_images_and_respects_the_budget(tmp_path):
+def test_calibration_reads_only_validation_images_and_respects_the_budget(tmp_path, monkeypatch):
     """Calibrate a tiny MIL checkpoint on a drawn PaveSeg-like folder: the recipe names exactly the validation
     stems it read, carries the survey block and its figures, and says which constraints held."""
     torch = pytest.importorskip("torch")
@@ -416,10 +416,18 @@ def test_calibration_reads_only_validation_images_and_respects_the_budget(tmp_pa
         "model": "simple_cnn", "model_kwargs": {"widths": [4, 8, 8, 8], "pool": "topk", "topk": 0.05}, "tile": 32,
         "mean": list(spec.mean), "std": list(spec.std), "target_layers": list(spec.target_layers),
         "data": str(root), "train_config": {}}))
+    import crackcam.tools.calibration as cal
+    from crackcam.runtime.imageio import read_image, read_mask
+
+    opened = []  # every image and mask file calibration actually opens
+    monkeypatch.setattr(cal, "read_image", lambda p, *a, **k: (opened.append(str(p)), read_image(p, *a, **k))[1])
+    monkeypatch.setattr(cal, "read_mask", lambda p, *a, **k: (opened.append(str(p)), read_mask(p, *a, **k))[1])
     r = calibrate(checkpoint=run, quick=True, log=lambda m: None)
     val = [it.image.name for it in list_items(root, "val")]
     test = {it.image.name for it in list_items(root, "test")}
     assert r["val_images"] == {"pv": val} and not set(val) & test
+    val_files = {str(f) for it in list_items(root, "val") for f in (it.image, it.mask, it.ignore) if f is not None}
+    assert opened and set(opened) <= val_files, sorted(set(opened) - val_files)[:3]
     assert set(r["val"]) >= {"pixel_f1_t0", "clean_tiles_flagged", "false_alarm_frames", "detection_rate"}
     assert r["survey"]["tile"] == 32 and r["method"].split("-")[-1] in ("cam", "gradcam")
     met = r["budget"]["met"]

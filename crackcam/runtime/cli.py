@@ -17,6 +17,7 @@ import typer
 
 from .imageio import BadInputError
 from .meta import BackendUnavailable, ModelFileError
+from .sinks import OutputWriteError
 from .survey import RoiError
 
 app = typer.Typer(add_completion=False, help=__doc__.split("\n\n")[0], pretty_exceptions_enable=False)
@@ -138,6 +139,8 @@ def run(
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
     resume: bool = typer.Option(True, help="skip frames already in OUT/results.jsonl"),
     retries: int = typer.Option(3, min=0, help="camera/stream: reconnect attempts before stopping"),
+    stall_timeout: float = typer.Option(10.0, min=0, help="camera/stream: a stream silent for this long (s) without "
+                                        "closing is treated as dropped: reconnect, then stop (0 = wait forever)"),
     progress: bool = typer.Option(True, help="progress bar"),
     refine: bool = typer.Option(True, help="apply the model's recorded pixel-cue refinement (metadata 'refine', "
                                 "a refine-<cam> recipe); --no-refine post-processes the CAM as it is"),
@@ -181,7 +184,7 @@ def run(
         # spin=False: ONNX Runtime's worker threads sleep between batches instead of busy-waiting, so the reader
         # and post-processing threads get the CPU (measured ~15 % more end-to-end FPS on 2 cores; crack-bench runtime)
         sess = open_session(model, provider=provider, log=log, threads=threads, spin=False)
-        src = open_source(source, log=log, start_time=t0, retries=retries)
+        src = open_source(source, log=log, start_time=t0, retries=retries, stall_timeout=stall_timeout)
         root = source if Path(source).is_dir() else None
         cfg = RunConfig(out=out, batch=batch, save=save_kinds, threshold=thr, mm_per_px=mm_per_px, tile=tile,
                         overlap=overlap, max_side=max_side, survey=survey, max_frames=max_frames, show=show, gps=track,
@@ -195,6 +198,8 @@ def run(
         _err(f"--roi: {e}")
     except KeyboardInterrupt:  # before the pipeline started (model loading, source opening)
         _err("interrupted before the first frame", 130)
+    except OutputWriteError as e:  # disk full / read-only mid-run: stop cleanly, keep what is written, resumable
+        _err(storage_line(e, out, pipe if "pipe" in locals() else None), 3)
     except OSError as e:
         _err(f"{getattr(e, 'filename', '') or out}: {e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - e.g. an inference error inside ONNX Runtime: one line, not a trace
@@ -203,6 +208,16 @@ def run(
     typer.echo(format_summary(summary))
     if summary.get("stopped_reason") and not summary["frames"]:
         raise typer.Exit(1)
+
+
+def storage_line(e, out: Path, pipe) -> str:
+    """The one line for an output that cannot be written (exit 3)."""
+    what = "the disk is full" if e.disk_full else "the output folder is read-only" if e.read_only else "a write failed"
+    n = pipe.summary["frames"] if pipe is not None and pipe.summary else 0
+    kept = f"{n} new frame(s) in {out}/results.jsonl are intact" if pipe is not None else "nothing new was written"
+    summ = "" if pipe is None or pipe.summary_written else " (summary.json not written)"
+    return (f"{e.filename}: {e.strerror}: {what}; stopped cleanly, {kept}{summ}; "
+            f"make room and run the same command again to resume")
 
 
 def format_summary(s: dict) -> str:

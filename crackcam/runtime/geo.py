@@ -6,11 +6,14 @@ Accepted logs:
   ISO 8601 date-time (``2024-05-01T10:00:00.5Z``; no zone = UTC).
 * NMEA 0183 sentences ``$GPRMC``/``$GNRMC`` (date + time) and ``$GPGGA``/``$GNGGA`` (time of day; dated with the
   last RMC date seen, otherwise kept as seconds of the day).  Checksums are verified when present; void RMC fixes
-  (status ``V``) and GGA fixes of quality 0 are dropped.
+  (status ``V``) and GGA fixes of quality 0 are dropped.  **Midnight**: a GGA time of day that falls more than
+  12 h behind the previous fix is the next day (a GGA-only log keeps counting past 86,400 s; a dated GGA whose RMC
+  of the new day has not come yet gets the next date).
 
 Matching: ``track.locate(t)`` with ``method="linear"`` (interpolate between the two fixes around ``t``) or
 ``"nearest"``; no position when the nearest fix (or the gap between the two fixes) is farther than ``max_gap`` s.
-A track with times of day only matches frames on ``t mod 86400``.
+A track with times of day only matches frames on ``t mod 86400`` (a track that runs past midnight also on the
+next day's seconds).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import bisect
 import csv
 import json
 import math
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -83,6 +85,8 @@ class GpsTrack:
             return None
         if self.time_of_day:
             t = t % 86400.0
+            if self.t and t < self.t[0] and self.t[-1] >= 86400.0:  # past midnight on a track that crosses it
+                t += 86400.0
         if method not in ("linear", "nearest"):
             raise ValueError(f"unknown GPS matching method {method!r} (linear or nearest)")
         i = bisect.bisect_left(self.t, t)
@@ -169,9 +173,15 @@ def _read_nmea(lines, p) -> GpsTrack:
                 lat, lon = _nmea_deg(f[2], f[3]), _nmea_deg(f[4], f[5])
                 if date is not None:
                     t = date + tod
+                    if ts and t < ts[-1] - 43200:  # after midnight, before the new day's RMC
+                        t += 86400.0
                     if not ts or abs(ts[-1] - t) > 1e-6:  # RMC of the same epoch already holds it
                         ts.append(t), lats.append(lat), lons.append(lon)
                 else:
+                    if gga_tod and tod + 86400.0 * (gga_tod[-1][0] // 86400.0) < gga_tod[-1][0] - 43200:
+                        tod += 86400.0 * (gga_tod[-1][0] // 86400.0 + 1)  # the log ran past midnight
+                    elif gga_tod:
+                        tod += 86400.0 * (gga_tod[-1][0] // 86400.0)
                     gga_tod.append((tod, lat, lon))
         except (ValueError, IndexError):
             continue
@@ -183,11 +193,10 @@ def _read_nmea(lines, p) -> GpsTrack:
 
 def write_geojson(path, features: list[dict]) -> None:
     """FeatureCollection of points, written atomically."""
-    path = Path(path)
+    from .sinks import atomic_write_bytes
+
     doc = {"type": "FeatureCollection", "features": features}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(doc, indent=1))
-    os.replace(tmp, path)
+    atomic_write_bytes(Path(path), json.dumps(doc, indent=1).encode())
 
 
 def point_feature(lat: float, lon: float, props: dict) -> dict:

@@ -137,11 +137,16 @@ class Pipeline:
         self.q_results: queue.Queue = queue.Queue(maxsize=qr)
         self.pool = ThreadPoolExecutor(max_workers=max(1, cfg.post_workers), thread_name_prefix="crackpost")
         self.out = Path(cfg.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise sinks.OutputWriteError(self.out, e) from None
         self.results_path = self.out / "results.jsonl"
         self.stats = {"frames": 0, "cracked": 0, "infer_s": 0.0, "batches": 0}
         self._show_ok = cfg.show
         self.reader_grace_s = 2.0  # after a stop, how long to wait for a silent source
+        self.summary: dict | None = None  # set at the end of run(), also when it raises
+        self.summary_written = False
         self._reader_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ config
@@ -364,12 +369,18 @@ class Pipeline:
         cfg = self.cfg
         done = sinks.read_keys(self.results_path) if cfg.resume else set()
         if not cfg.resume and self.results_path.exists():
-            self.results_path.unlink()
+            try:
+                self.results_path.unlink()
+            except OSError as e:
+                raise sinks.OutputWriteError(self.results_path, e) from None
         if done and self.source.live:
             done = set()  # live frames are never the same twice; keep appending
         if done:
             self.log(f"crack-run: resuming: {len(done)} frames already in {self.results_path}")
         skip = (lambda k: k in done) if done else None
+        stale = sinks.remove_stale_temps(self.out)
+        if stale:
+            self.log(f"crack-run: removed {stale} half-written temp file(s) a killed run left in {self.out}")
         jw = sinks.JsonlWriter(self.results_path, fsync_every=cfg.fsync_every)
         total = len(self.source)
         if total:
@@ -405,7 +416,11 @@ class Pipeline:
         finally:
             elapsed = time.perf_counter() - t_start
             self.pool.shutdown(wait=True)
-            jw.close()
+            try:
+                jw.close()
+            except sinks.OutputWriteError as e:
+                if self.error is None:
+                    self.error = e
             if bar is not None:
                 bar.close()
             rt = self._reader_thread
@@ -421,11 +436,20 @@ class Pipeline:
         if self.cfg.stop_event is not None and self.cfg.stop_event.is_set() and self.error is None:
             self.interrupted = True
         summary = self._summary(elapsed, started)
+        if isinstance(self.error, sinks.OutputWriteError):
+            summary["stopped_reason"] = f"cannot write {self.error.filename}: {self.error.strerror}"
         if self.error is not None:
             summary["error"] = f"{type(self.error).__name__}: {self.error}"
-        sinks.atomic_write_json(self.out / "summary.json", summary)
-        if self.cfg.gps is not None or self._n_geo:
-            geo.write_geojson(self.out / "cracks.geojson", self._feats)
+        self.summary = summary
+        try:
+            sinks.atomic_write_json(self.out / "summary.json", summary)
+            if self.cfg.gps is not None or self._n_geo:
+                geo.write_geojson(self.out / "cracks.geojson", self._feats)
+            self.summary_written = True
+        except sinks.OutputWriteError as e:  # the disk is still full: results.jsonl is what counts
+            self.summary_written = False
+            if self.error is None:
+                self.error = e
         if self.error is not None:
             raise self.error
         return summary

@@ -7,9 +7,10 @@ Conventions
 * A *map* is float H×W on [0, 1] (a CAM, a pixel cue, or a fusion).  **Zero never counts as crack**: a gated map
   (classifier probability below the gate) is all zero and stays empty whatever the threshold.
 * :func:`binarize` returns ``(map >= t) & (map > 0)``; the metrics in ``crackcam.tools.metrics`` use the same rule.
-* Skeletons are 8-connected, one pixel wide (Zhang–Suen thinning, identical to ``cv2.ximgproc.thinning`` with
-  ``THINNING_ZHANGSUEN`` away from the image border), computed on the foreground pixels only, so cost scales with
-  crack area, not frame size.
+* Skeletons are 8-connected, one pixel wide (Zhang–Suen thinning), computed on the foreground pixels only, so cost
+  scales with crack area, not frame size.  Identical to ``cv2.ximgproc.thinning`` (``THINNING_ZHANGSUEN``) for
+  masks off the 1-px frame border; OpenCV never thins the border pixels themselves, this thins them as if the frame
+  were padded with background, so near a border-touching crack the two differ (within 4 px of the border).
 
 API (stable, see docs/contracts.md)::
 

@@ -14,6 +14,7 @@ from typing import Callable
 import numpy as np
 
 from .meta import BackendUnavailable, ModelFileError, ModelMeta, check_io, meta_from_map, sidecar_meta
+from .optional import OptionalBroken, cuda_device_count, import_cudart, import_optional
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 PROVIDER_ALIASES = {"tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider",
@@ -132,23 +133,24 @@ def _looks_like_bad_model(msg: str) -> bool:
 
 
 def _import_trt():
-    """TensorRT + cuda-python's runtime bindings, or one line saying what is missing."""
+    """TensorRT + cuda-python's runtime bindings, or one line saying what is missing -- or what is broken."""
+    hint = "pip install 'crackcam[trt]' cuda-python"
     try:
-        import tensorrt as trt  # type: ignore
-    except Exception as e:  # noqa: BLE001 - ImportError or a broken install (missing libnvinfer)
-        raise BackendUnavailable(f"TensorRT engines need the 'tensorrt' Python package and an NVIDIA GPU "
-                                 f"(pip install 'crackcam[trt]' cuda-python); not usable here: "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": "))
+        trt = import_optional("tensorrt")
+        cudart = import_cudart()
+    except OptionalBroken as exc:  # installed but not loadable: a fault to fix, not an absence
+        raise BackendUnavailable(f"TensorRT engines cannot run: {exc}") from None
+    if trt is None:
+        raise BackendUnavailable(f"TensorRT engines need the 'tensorrt' Python package and an NVIDIA GPU ({hint}); "
+                                 f"tensorrt is not installed here")
+    if cudart is None:
+        raise BackendUnavailable(f"TensorRT engines need the 'cuda-python' package for device buffers ({hint}); "
+                                 f"it is not installed here")
     try:
-        try:
-            from cuda.bindings import runtime as cudart  # type: ignore  # cuda-python >= 12.6
-        except ImportError:
-            from cuda import cudart  # type: ignore  # older cuda-python
-    except Exception as e:  # noqa: BLE001
-        raise BackendUnavailable(f"TensorRT engines need the 'cuda-python' package for device buffers "
-                                 f"(pip install cuda-python); not usable here: {type(e).__name__}")
-    err, n = cudart.cudaGetDeviceCount()
-    if int(err) != 0 or n < 1:
+        n = cuda_device_count(cudart)
+    except OptionalBroken as exc:
+        raise BackendUnavailable(f"TensorRT engines cannot run: {exc}") from None
+    if n < 1:
         raise BackendUnavailable("TensorRT engines need an NVIDIA GPU; CUDA reports none here")
     return trt, cudart
 

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -22,15 +24,62 @@ import cv2
 import numpy as np
 
 SAVE_KINDS = ("masks", "overlays", "skeletons")
+TEMP_MARK = ".tmp"
+
+
+class OutputWriteError(OSError):
+    """Writing an output failed (disk full, read-only folder, an I/O error): one line naming the file and why."""
+
+    def __init__(self, path, exc: OSError):
+        why = exc.strerror or str(exc) or type(exc).__name__
+        code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+        super().__init__(exc.errno, f"{why}{f' ({code})' if code else ''}", str(path))
+        self.path, self.cause = Path(path), exc
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1), errno.EFBIG)
+
+    @property
+    def read_only(self) -> bool:
+        return self.errno in (errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def _open_for_write(path: Path, mode: str):
+    """Every output file is opened here (one place to see, and for the fault-injection tests to replace)."""
+    return open(path, mode)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temp file beside ``path``, fsync-free, then ``os.replace``: a reader (or a run resumed after a
+    power cut) sees the old file or the whole new one, never half of it.  A failed write removes its temp file and
+    raises :class:`OutputWriteError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}{TEMP_MARK}{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _open_for_write(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if isinstance(exc, OSError) and not isinstance(exc, OutputWriteError):
+            raise OutputWriteError(path, exc) from None
+        raise
+
+
+def remove_stale_temps(out: Path) -> int:
+    """Temp files a killed run left behind (``.NAME.tmpPID`` under ``out``'s image folders and ``out``); returns
+    how many were removed.  Never a finished output: those have their own names."""
+    n = 0
+    for d in [Path(out), *(Path(out) / k for k in SAVE_KINDS)]:
+        if d.is_dir():
+            for f in d.glob(f".*{TEMP_MARK}*"):
+                with contextlib.suppress(OSError):
+                    f.unlink()
+                    n += 1
+    return n
 
 
 def atomic_write_json(path: Path, obj) -> None:
@@ -116,8 +165,11 @@ class JsonlWriter:
     def __init__(self, path: Path, fsync_every: int = 50, fsync_seconds: float = 2.0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._cut_partial_tail()
-        self.f = open(self.path, "ab")
+        try:
+            self._cut_partial_tail()
+            self.f = _open_for_write(self.path, "ab")
+        except OSError as exc:
+            raise OutputWriteError(self.path, exc) from None
         self.fsync_every = fsync_every
         self.fsync_seconds = fsync_seconds
         self._since = 0
@@ -148,17 +200,33 @@ class JsonlWriter:
             f.truncate(0)
 
     def write(self, rec: dict) -> None:
-        self.f.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
-        self.f.flush()
-        self._since += 1
-        now = time.monotonic()
-        if self._since >= self.fsync_every or now - self._last >= self.fsync_seconds:
-            os.fsync(self.f.fileno())
-            self._since = 0
-            self._last = now
+        """Append one line.  A failed write raises :class:`OutputWriteError`; whatever part of the line reached the
+        disk is an unterminated tail, which readers ignore and the next writer cuts off."""
+        try:
+            self.f.write((json.dumps(rec, separators=(",", ":")) + "\n").encode())
+            self.f.flush()
+            self._since += 1
+            now = time.monotonic()
+            if self._since >= self.fsync_every or now - self._last >= self.fsync_seconds:
+                os.fsync(self.f.fileno())
+                self._since = 0
+                self._last = now
+        except OSError as exc:
+            self.failed = True
+            raise OutputWriteError(self.path, exc) from None
+
+    failed = False
 
     def close(self) -> None:
-        if not self.f.closed:
+        """Flush, fsync and close; after a failed write the unwritten buffer is dropped (it cannot be written)."""
+        if self.f.closed:
+            return
+        try:
             self.f.flush()
             os.fsync(self.f.fileno())
-            self.f.close()
+        except OSError as exc:
+            self.failed = True
+            with contextlib.suppress(OSError):
+                self.f.close()
+            raise OutputWriteError(self.path, exc) from None
+        self.f.close()

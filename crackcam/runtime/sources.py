@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import glob as _glob
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,9 +209,67 @@ def _as_bgr(img: np.ndarray) -> np.ndarray:
     return img
 
 
+class _WatchedReader:
+    """Reads one capture in its own thread so a ``read()`` that never returns (a stream gone silent without closing)
+    can be given up after ``timeout`` seconds.  A capture given up on is released by that thread if its ``read()``
+    ever returns -- never under a read in progress."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self._want, self._got = threading.Event(), threading.Event()
+        self._result = (False, None)
+        self._closed = False
+        self._busy = False
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="crackcam-capture", daemon=True)
+        self._thread.start()
+
+    def _loop(self):
+        while True:
+            self._want.wait()
+            self._want.clear()
+            if self._closed:
+                break
+            try:
+                res = self.cap.read()
+            except Exception:  # noqa: BLE001 - a driver error is a drop
+                res = (False, None)
+            with self._lock:
+                self._result, self._busy = res, False
+                self._got.set()
+                if self._closed:  # given up on while reading: release it now that nobody reads
+                    break
+        self.cap.release()
+
+    def read(self, timeout: float):
+        """``(ok, image)``, or ``None`` when nothing came within ``timeout`` seconds (the read goes on in the
+        background; call :meth:`abandon`)."""
+        self._got.clear()
+        self._busy = True
+        self._want.set()
+        if not self._got.wait(timeout):
+            return None
+        return self._result
+
+    def close(self, wait: float = 1.0) -> bool:
+        """Stop the thread; the capture is released by it (right away when idle, when its read returns if busy).
+        True when it is released already."""
+        with self._lock:
+            self._closed = True
+            busy = self._busy
+            self._want.set()
+        if not busy:
+            self._thread.join(wait)
+        return not self._thread.is_alive()
+
+
 class CameraSource(Source):
     """A camera index or stream URL.  Fails to open or drops → reopen up to ``retries`` times with exponential
     backoff (``backoff`` s, doubling, capped at 8 s), then stop cleanly with ``stopped_reason`` set.
+
+    A stream that goes silent without closing (``read()`` blocks: a dead RTSP server, a stuck USB driver) is caught
+    by a watchdog: no frame for ``stall_timeout`` seconds counts as a drop (one line says so), and the same
+    reconnect-then-stop rule applies.  ``stall_timeout=0`` (or None) reads in the caller's thread and waits forever.
 
     ``opener(spec)`` returns an object with ``isOpened()``, ``read()`` and ``release()`` (default
     ``cv2.VideoCapture``); tests inject a fake one.  Timestamps are wall-clock (``time.time()``).
@@ -220,16 +279,19 @@ class CameraSource(Source):
     live = True
 
     def __init__(self, spec: int | str, retries: int = 3, backoff: float = 0.5, log=print, opener=None,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, stall_timeout: float | None = 10.0):
         super().__init__(log)
         self.spec = spec
         self.name = f"camera:{spec}" if isinstance(spec, int) else str(spec)
         self.retries = retries
         self.backoff = backoff
+        self.stall_timeout = float(stall_timeout) if stall_timeout else 0.0
         self._opener = opener or (lambda s: cv2.VideoCapture(s))
         self._sleep = sleep
         self.cap = None
+        self._reader: _WatchedReader | None = None
         self.reconnects = 0
+        self.stalls = 0
 
     def _open(self) -> bool:
         _quiet_opencv()
@@ -242,6 +304,7 @@ class CameraSource(Source):
                 err = "cannot open"
             if cap is not None and cap.isOpened():
                 self.cap = cap
+                self._reader = _WatchedReader(cap) if self.stall_timeout > 0 else None
                 return True
             if cap is not None:
                 cap.release()
@@ -251,6 +314,23 @@ class CameraSource(Source):
                 self._sleep(wait)
         return False
 
+    def _read(self):
+        """``(ok, image)``; ``None`` when the watchdog fired."""
+        if self._reader is None:
+            try:
+                return self.cap.read()
+            except Exception:  # noqa: BLE001 - a driver error is a drop
+                return False, None
+        return self._reader.read(self.stall_timeout)
+
+    def _drop(self) -> None:
+        """Let go of the current capture (released now, or by its reader thread once a stuck read returns)."""
+        if self._reader is not None:
+            self._reader.close()
+        elif self.cap is not None:
+            self.cap.release()
+        self.cap, self._reader = None, None
+
     def frames(self, skip=None) -> Iterator[Frame]:
         if not self._open():
             self.stopped_reason = f"{self.name}: cannot open after {self.retries + 1} attempts"
@@ -258,28 +338,29 @@ class CameraSource(Source):
             return
         i = 0
         while True:
-            try:
-                ok, img = self.cap.read()
-            except Exception:  # noqa: BLE001 - a driver error is a drop
-                ok, img = False, None
-            if ok and img is not None:
+            res = self._read()
+            if res is not None and res[0] and res[1] is not None:
                 self.stats.read += 1
-                yield Frame(i, _as_bgr(img), self.name, time.time(), f"{self.name}#{i}")
+                yield Frame(i, _as_bgr(res[1]), self.name, time.time(), f"{self.name}#{i}")
                 i += 1
                 continue
-            self.cap.release()
-            self.cap = None
-            self.log(f"crack-run: {self.name}: frame read failed (camera dropped); reconnecting")
+            self._drop()
+            if res is None:
+                self.stalls += 1
+                what = f"no frame for {self.stall_timeout:g} s (stream stalled without closing)"
+            else:
+                what = "frame read failed (camera dropped)"
+            self.log(f"crack-run: {self.name}: {what}; reconnecting")
             if not self._open():
-                self.stopped_reason = f"{self.name}: lost after frame {i} and not back after {self.retries + 1} attempts"
+                how = "stalled" if res is None else "lost"
+                self.stopped_reason = (f"{self.name}: {how} after frame {i} and not back after "
+                                       f"{self.retries + 1} attempts")
                 self.log(f"crack-run: {self.stopped_reason}; stopping")
                 return
             self.reconnects += 1
 
     def close(self) -> None:
-        if self.cap is not None:
-            self.cap.release()
-            self.cap = None
+        self._drop()
 
 
 def _quiet_opencv() -> None:
@@ -295,19 +376,19 @@ def _is_glob(s: str) -> bool:
 
 
 def open_source(spec, log: Callable[[str], None] = print, start_time: float | None = None, retries: int = 3,
-                backoff: float = 0.5) -> Source:
+                backoff: float = 0.5, stall_timeout: float | None = 10.0) -> Source:
     """Source for ``spec`` (Ultralytics ``source=`` semantics); a bad spec → BadInputError (one line)."""
     if isinstance(spec, Source):
         return spec
     if isinstance(spec, int):
-        return CameraSource(spec, retries=retries, backoff=backoff, log=log)
+        return CameraSource(spec, retries=retries, backoff=backoff, log=log, stall_timeout=stall_timeout)
     s = str(spec).strip()
     if s.lstrip("-").isdigit():
-        return CameraSource(int(s), retries=retries, backoff=backoff, log=log)
+        return CameraSource(int(s), retries=retries, backoff=backoff, log=log, stall_timeout=stall_timeout)
     if s.lower().startswith(STREAM_PREFIXES):
-        return CameraSource(s, retries=retries, backoff=backoff, log=log)
+        return CameraSource(s, retries=retries, backoff=backoff, log=log, stall_timeout=stall_timeout)
     if s.startswith("/dev/video"):
-        return CameraSource(s, retries=retries, backoff=backoff, log=log)
+        return CameraSource(s, retries=retries, backoff=backoff, log=log, stall_timeout=stall_timeout)
     p = Path(s).expanduser()
     if p.is_dir():
         paths = sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))

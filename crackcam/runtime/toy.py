@@ -36,8 +36,12 @@ def toy_metadata(height=None, width=None, batch=None, threshold=0.5, gate=0.0, p
 def make_toy_model(path, height: int | None = None, width: int | None = None, batch: int | None = None,
                    offset: float = 0.55, gain: float = 5.0, gate: float = 0.0, threshold: float | str = 0.5,
                    convs: int = 0, channels: int = 16, seed: int = 0, metadata: dict | None | bool = True,
-                   postprocess: dict | None = None, opset: int = 17, kind: str = "cam") -> Path:
+                   postprocess: dict | None = None, opset: int = 17, kind: str = "cam",
+                   channel_weights: tuple | None = None) -> Path:
     """Write the toy model to ``path``; ``metadata=False`` leaves the crackcam metadata out, a dict replaces it.
+
+    ``channel_weights=(b, g, r)``: the grey level is this weighted sum of the input's B, G, R channels instead of
+    their mean — e.g. ``(0, 0, 1)`` sees only red, so a colour-order slip anywhere before the graph shows.
 
     ``kind="restoration"``: outputs ``restored`` (the input, uint8 NHWC) and ``map``, no ``prob`` (UP-CrackNet style).
     """
@@ -53,9 +57,15 @@ def make_toy_model(path, height: int | None = None, width: int | None = None, ba
     out_map = helper.make_tensor_value_info("map", TensorProto.FLOAT, [N, H, W])
     inits = [numpy_helper.from_array(np.array(v, np.float32), n) for n, v in
              (("c255", 1 / 255.0), ("one", 1.0), ("off", offset), ("gain", gain), ("zero", 0.0))]
+    if channel_weights is not None:
+        cw = np.asarray(channel_weights, np.float32).reshape(1, 1, 1, 3)
+        inits += [numpy_helper.from_array(cw / max(float(cw.sum()), 1e-6), "cw"),
+                  numpy_helper.from_array(np.array([3], np.int64), "ax3")]
     nodes = [
         helper.make_node("Cast", ["image"], ["xf"], to=TensorProto.FLOAT),
-        helper.make_node("ReduceMean", ["xf"], ["gray"], axes=[3], keepdims=0),
+        *([] if channel_weights is None else [helper.make_node("Mul", ["xf", "cw"], ["xfw"])]),
+        helper.make_node("ReduceMean", ["xf"], ["gray"], axes=[3], keepdims=0) if channel_weights is None else
+        helper.make_node("ReduceSum", ["xfw", "ax3"], ["gray"], keepdims=0),
         helper.make_node("Mul", ["gray", "c255"], ["g01"]),
         helper.make_node("Sub", ["one", "g01"], ["dark"]),
         helper.make_node("Sub", ["dark", "off"], ["d0"]),
