@@ -144,6 +144,12 @@ def run(
     progress: bool = typer.Option(True, help="progress bar"),
     refine: bool = typer.Option(True, help="apply the model's recorded pixel-cue refinement (metadata 'refine', "
                                 "a refine-<cam> recipe); --no-refine post-processes the CAM as it is"),
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: decode tasks + an actor pool "
+                               "of sessions; image folders, globs and list files; needs crackcam[cluster])"),
+    address: Optional[str] = typer.Option(None, help="--engine ray: the cluster (auto, ray://HOST:PORT); default: "
+                                          "start a local Ray on this machine"),
+    ray_workers: int = typer.Option(2, min=1, help="--engine ray: inference actors (one session each; a GPU each "
+                                    "where the cluster has as many)"),
 ):
     """Run a crack model on a camera, video, image folder or glob; write results.jsonl, summary.json, images."""
     from . import geo
@@ -179,6 +185,17 @@ def run(
     def log(msg: str):
         typer.echo(msg, err=True)
 
+    if engine not in ("local", "ray"):
+        _err(f"--engine {engine!r}: choose local or ray")
+    if engine == "ray":
+        _run_ray(model, source, out, log, provider=provider, threads=threads, batch=batch, save=save_kinds,
+                 threshold=thr, mm_per_px=mm_per_px, tile=tile, overlap=overlap, max_side=max_side, survey=survey,
+                 gps=gps, gps_method=gps_method, gps_max_gap=gps_max_gap, no_refine=not refine, address=address,
+                 workers=ray_workers, resume=resume, max_frames=max_frames, progress=progress and sys.stderr.isatty())
+        return
+    if address is not None:
+        _err("--address is for --engine ray")
+
     try:
         track = geo.read_gps(gps) if gps is not None else None
         # spin=False: ONNX Runtime's worker threads sleep between batches instead of busy-waiting, so the reader
@@ -208,6 +225,30 @@ def run(
     typer.echo(format_summary(summary))
     if summary.get("stopped_reason") and not summary["frames"]:
         raise typer.Exit(1)
+
+
+def _run_ray(model, source, out, log, *, gps, address, workers, resume, max_frames, progress, **job):
+    from . import geo
+    from .ray_engine import RayJob, import_ray, run_ray
+
+    try:
+        import_ray()
+        track = geo.read_gps(gps) if gps is not None else None
+        root = source if Path(source).is_dir() else None
+        rj = RayJob(model=str(model), out=str(out), gps=track, source_root=root, **job)
+        summary = run_ray(rj, source, address=address, workers=workers, resume=resume, max_frames=max_frames,
+                          progress=progress, log=log)
+    except (BadInputError, ModelFileError, BackendUnavailable) as e:
+        _err(str(e))
+    except RoiError as e:
+        _err(f"--roi: {e}")
+    except OutputWriteError as e:
+        _err(f"{e.filename}: {e.strerror}; stopped cleanly, the records in {out}/results.jsonl are intact; make "
+             f"room and run the same command again to resume", 3)
+    except Exception as e:  # noqa: BLE001 - a cluster error: one line
+        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
+        _err(f"--engine ray: run failed ({type(e).__name__}: {first}); summary in {out}/summary.json", 1)
+    typer.echo(format_summary(summary))
 
 
 def storage_line(e, out: Path, pipe) -> str:

@@ -152,16 +152,8 @@ class Pipeline:
     # ------------------------------------------------------------------ config
     def _frame_steps(self) -> ModelSteps:
         c = self.cfg
-        over = {"tile": c.tile, "overlap": c.overlap, "max_side": c.max_side, **(c.survey or {})}
-        if self.fixed is not None:
-            over.pop("tile", None)  # a fixed-size graph takes its own size
-        try:
-            return ModelSteps(self.meta, survey=over, threshold=c.threshold, no_refine=c.no_refine)
-        except S.RoiError:
-            raise
-        except (ValueError, TypeError) as e:
-            raise ModelFileError(self.session.path, f"crackcam metadata 'survey'/'postprocess' does not fit this "
-                                                    f"runtime or the options ({e})")
+        return build_model_steps(self.session, tile=c.tile, overlap=c.overlap, max_side=c.max_side, survey=c.survey,
+                                 threshold=c.threshold, no_refine=c.no_refine)
 
     # ------------------------------------------------------------------ planning (tiling)
     def plan(self, fr: Frame) -> _Plan:
@@ -288,42 +280,12 @@ class Pipeline:
         return rec
 
     def _record(self, fr: Frame, r, W: int, H: int, steps: FrameSteps) -> dict:
-        m = r.post.measures
-        gate = steps.survey.gate
-        rec = {"key": fr.key, "source": fr.source, "frame": fr.index, "timestamp": fr.timestamp,
-               "width": W, "height": H, "prob": round(r.prob, 6), "cracked": bool(r.cracked),
-               "threshold": round(float(r.post.threshold), 6),
-               "length_px": round(float(m.get("length_px", 0.0)), 3), "area_px": int(m.get("area_px", 0)),
-               "mean_width_px": round(float(m.get("mean_width_px", 0.0)), 3),
-               "max_width_px": round(float(m.get("max_width_px", 0.0)), 3), "segments": int(m.get("segments", 0)),
-               "tiles": int(r.plan.n_tiles),
-               "tiles_gated": int(np.count_nonzero(np.asarray(r.tile_probs) < gate)) if gate > 0 else 0}
-        if self.cfg.mm_per_px:
-            for k in ("length_mm", "area_mm2", "mean_width_mm", "max_width_mm"):
-                rec[k] = round(float(m.get(k, 0.0)), 3)
-        if self.cfg.gps is not None:
-            loc = self.cfg.gps.locate(fr.timestamp, self.cfg.gps_method, self.cfg.gps_max_gap)
-            rec["lat"], rec["lon"] = (round(loc[0], 8), round(loc[1], 8)) if loc else (None, None)
-        return rec
+        c = self.cfg
+        return frame_record(fr, r, steps, mm_per_px=c.mm_per_px, gps=c.gps, gps_method=c.gps_method,
+                            gps_max_gap=c.gps_max_gap)
 
     def _save(self, fr: Frame, res, H: int, W: int, steps: FrameSteps) -> dict:
-        stem = sinks.output_stem(fr.source, fr.index, self.source.kind, self.cfg.source_root)
-        files = {}
-        if "masks" in self.cfg.save:
-            f = self.out / "masks" / f"{stem}.png"
-            sinks.write_png(f, res.mask.astype(np.uint8) * 255)
-            files["mask"] = str(f.relative_to(self.out))
-        if "skeletons" in self.cfg.save:
-            f = self.out / "skeletons" / f"{stem}.png"
-            sk = res.skeleton if res.skeleton is not None else np.zeros((H, W), bool)
-            sinks.write_png(f, sk.astype(np.uint8) * 255)
-            files["skeleton"] = str(f.relative_to(self.out))
-        if "overlays" in self.cfg.save:
-            f = self.out / "overlays" / f"{stem}.jpg"
-            roi = S.roi_mask((H, W), steps.survey)
-            sinks.write_jpeg(f, sinks.overlay(fr.image, res.mask, res.skeleton, roi=roi))
-            files["overlay"] = str(f.relative_to(self.out))
-        return files
+        return save_frame_images(self.out, fr, res, steps, self.cfg.save, self.source.kind, self.cfg.source_root)
 
     def _writer(self, jw: sinks.JsonlWriter, bar):
         try:
@@ -455,31 +417,126 @@ class Pipeline:
         return summary
 
     def _summary(self, elapsed: float, started: float) -> dict:
-        # totals over the whole results file (earlier runs included), streamed: nothing per frame is kept in memory
-        n_all = cracked_all = 0
-        self._feats = []
-        for r in sinks.iter_records(self.results_path):
-            n_all += 1
-            if r.get("cracked"):
-                cracked_all += 1
-                if r.get("lat") is not None and r.get("lon") is not None:
-                    self._feats.append(geo.point_feature(r["lat"], r["lon"], _geo_props(r)))
+        summary, self._feats = run_summary(
+            self.results_path, self.stats, self.source.stats, elapsed=elapsed, started=started,
+            head={"model": str(self.session.path), "provider": self.session.provider, "source": self.source.name,
+                  "source_kind": self.source.kind, "out": str(self.out)},
+            tail={"batch": self.batch, "threshold": self.pp_cfg.threshold, "interrupted": self.interrupted,
+                  "stopped_reason": self.source.stopped_reason})
         self._n_geo = len(self._feats)
-        n = self.stats["frames"]
-        st = self.source.stats
-        return {
-            "model": str(self.session.path), "provider": self.session.provider, "source": self.source.name,
-            "source_kind": self.source.kind, "out": str(self.out),
-            "frames": n, "frames_total": n_all, "skipped_done": st.skipped, "unreadable": len(st.errors),
-            "cracked": self.stats["cracked"], "cracked_fraction": round(self.stats["cracked"] / n, 6) if n else 0.0,
-            "cracked_total": cracked_all, "cracked_fraction_total": round(cracked_all / n_all, 6) if n_all else 0.0,
-            "elapsed_s": round(elapsed, 3), "fps": round(n / elapsed, 3) if elapsed > 0 and n else 0.0,
-            "infer_fps": round(n / self.stats["infer_s"], 3) if self.stats["infer_s"] > 0 else 0.0,
-            "batch": self.batch, "threshold": self.pp_cfg.threshold, "interrupted": self.interrupted,
-            "stopped_reason": self.source.stopped_reason, "errors": st.errors[:100],
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "rss_mb_end": round(rss_mb(), 1),
-        }
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------------- shared steps
+def build_model_steps(session, *, tile=None, overlap=None, max_side=None, survey=None, threshold=None,
+                      no_refine: bool = False) -> ModelSteps:
+    """The model's frame steps with the run's overrides (a fixed-size graph takes its own tile size)."""
+    over = {"tile": tile, "overlap": overlap, "max_side": max_side, **(survey or {})}
+    if session.meta.fixed_size is not None:
+        over.pop("tile", None)
+    try:
+        return ModelSteps(session.meta, survey=over, threshold=threshold, no_refine=no_refine)
+    except S.RoiError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise ModelFileError(session.path, f"crackcam metadata 'survey'/'postprocess' does not fit this "
+                                           f"runtime or the options ({e})")
+
+
+# The per-frame record, the frame's images and the run summary: one implementation for the local pipeline and the
+# Ray engine (crackcam.runtime.ray_engine), so both write the same files with the same schema.
+
+def frame_record(fr: Frame, r, steps: FrameSteps, *, mm_per_px: float | None = None, gps=None,
+                 gps_method: str = "linear", gps_max_gap: float = 5.0) -> dict:
+    """The results.jsonl record of one finished frame (``r``: :meth:`FrameSteps.finish`'s result)."""
+    H, W = fr.image.shape[:2]
+    m = r.post.measures
+    gate = steps.survey.gate
+    rec = {"key": fr.key, "source": fr.source, "frame": fr.index, "timestamp": fr.timestamp,
+           "width": W, "height": H, "prob": round(r.prob, 6), "cracked": bool(r.cracked),
+           "threshold": round(float(r.post.threshold), 6),
+           "length_px": round(float(m.get("length_px", 0.0)), 3), "area_px": int(m.get("area_px", 0)),
+           "mean_width_px": round(float(m.get("mean_width_px", 0.0)), 3),
+           "max_width_px": round(float(m.get("max_width_px", 0.0)), 3), "segments": int(m.get("segments", 0)),
+           "tiles": int(r.plan.n_tiles),
+           "tiles_gated": int(np.count_nonzero(np.asarray(r.tile_probs) < gate)) if gate > 0 else 0}
+    if mm_per_px:
+        for k in ("length_mm", "area_mm2", "mean_width_mm", "max_width_mm"):
+            rec[k] = round(float(m.get(k, 0.0)), 3)
+    if gps is not None:
+        loc = gps.locate(fr.timestamp, gps_method, gps_max_gap)
+        rec["lat"], rec["lon"] = (round(loc[0], 8), round(loc[1], 8)) if loc else (None, None)
+    return rec
+
+
+def infer_tiles(session, tiles: list, batch: int, fixed_batch: int | None = None) -> tuple[list, list, float]:
+    """Run one frame's tiles through the session in chunks of ``batch`` (padded to a fixed-batch graph's size);
+    ``(probs, maps, seconds)``.  The local pipeline batches tiles across frames in its inference thread instead."""
+    probs, maps, secs = [], [], 0.0
+    for k in range(0, len(tiles), batch):
+        arr = np.stack(tiles[k:k + batch])
+        n = len(arr)
+        if fixed_batch and n < fixed_batch:
+            arr = np.concatenate([arr, np.zeros((fixed_batch - n,) + arr.shape[1:], arr.dtype)])
+        t = time.perf_counter()
+        p, m = session.run(arr)
+        secs += time.perf_counter() - t
+        probs += [float(x) for x in p[:n]]
+        maps += [np.array(x, np.float32, copy=True) for x in m[:n]]
+    return probs, maps, secs
+
+
+def save_frame_images(out: Path, fr: Frame, res, steps: FrameSteps, save, source_kind: str,
+                      source_root: str | None) -> dict:
+    """Write the frame's masks / skeletons / overlays atomically (before its record); returns ``files``."""
+    H, W = fr.image.shape[:2]
+    stem = sinks.output_stem(fr.source, fr.index, source_kind, source_root)
+    files = {}
+    if "masks" in save:
+        f = out / "masks" / f"{stem}.png"
+        sinks.write_png(f, res.mask.astype(np.uint8) * 255)
+        files["mask"] = str(f.relative_to(out))
+    if "skeletons" in save:
+        f = out / "skeletons" / f"{stem}.png"
+        sk = res.skeleton if res.skeleton is not None else np.zeros((H, W), bool)
+        sinks.write_png(f, sk.astype(np.uint8) * 255)
+        files["skeleton"] = str(f.relative_to(out))
+    if "overlays" in save:
+        f = out / "overlays" / f"{stem}.jpg"
+        roi = S.roi_mask((H, W), steps.survey)
+        sinks.write_jpeg(f, sinks.overlay(fr.image, res.mask, res.skeleton, roi=roi))
+        files["overlay"] = str(f.relative_to(out))
+    return files
+
+
+def run_summary(results_path: Path, stats: dict, source_stats, *, elapsed: float, started: float, head: dict,
+                tail: dict) -> tuple[dict, list]:
+    """``summary.json`` (totals over the whole results file, earlier runs included, streamed) and the GeoJSON
+    features of its cracked, located frames."""
+    n_all = cracked_all = 0
+    feats = []
+    for r in sinks.iter_records(results_path):
+        n_all += 1
+        if r.get("cracked"):
+            cracked_all += 1
+            if r.get("lat") is not None and r.get("lon") is not None:
+                feats.append(geo.point_feature(r["lat"], r["lon"], _geo_props(r)))
+    n = stats["frames"]
+    st = source_stats
+    summary = {
+        **head,
+        "frames": n, "frames_total": n_all, "skipped_done": st.skipped, "unreadable": len(st.errors),
+        "cracked": stats["cracked"], "cracked_fraction": round(stats["cracked"] / n, 6) if n else 0.0,
+        "cracked_total": cracked_all, "cracked_fraction_total": round(cracked_all / n_all, 6) if n_all else 0.0,
+        "elapsed_s": round(elapsed, 3), "fps": round(n / elapsed, 3) if elapsed > 0 and n else 0.0,
+        "infer_fps": round(n / stats["infer_s"], 3) if stats["infer_s"] > 0 else 0.0,
+        "batch": tail["batch"], "threshold": tail["threshold"], "interrupted": tail["interrupted"],
+        "stopped_reason": tail["stopped_reason"], "errors": st.errors[:100],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "rss_mb_end": round(rss_mb(), 1),
+    }
+    summary.update({k: v for k, v in tail.items() if k not in summary})
+    return summary, feats
 
 
 def _geo_props(r: dict) -> dict:

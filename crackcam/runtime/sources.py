@@ -371,6 +371,31 @@ def _quiet_opencv() -> None:
         pass
 
 
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+def read_list_file(p: Path) -> list[Path]:
+    """Image paths, one per line (relative ones are relative to the list file; ``#`` comments and blank lines
+    skipped).  A missing listed file is one line naming the list, the line and the path."""
+    paths = []
+    try:
+        lines = Path(p).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadInputError(p, f"cannot read the list file ({e})")
+    for k, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        q = Path(line).expanduser()
+        q = q if q.is_absolute() else Path(p).parent / q
+        if not q.is_file():
+            raise BadInputError(p, f"line {k}: {q} is not a file")
+        paths.append(q)
+    if not paths:
+        raise BadInputError(p, "the list file names no images")
+    return paths
+
+
 def _is_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
@@ -405,6 +430,8 @@ def open_source(spec, log: Callable[[str], None] = print, start_time: float | No
         raise BadInputError(p, "source not found (give a camera index, folder, glob, video file or stream URL)")
     if is_image_file(p):
         return ImageListSource([p], str(p), log=log)
+    if p.suffix.lower() in LIST_SUFFIXES:
+        return ImageListSource(read_list_file(p), str(p), log=log)
     if p.suffix.lower() in VIDEO_SUFFIXES or p.is_file():
         return VideoSource(p, start_time=start_time, log=log)
     raise BadInputError(p, "not a folder, image, video or stream")

@@ -6,6 +6,7 @@ with the reference measured in the same run.
   crack-bench runtime      bare ONNX Runtime FPS vs crack-run end-to-end FPS; post-processing ms per frame
   crack-bench postprocess  shared OpenCV post-processing vs a scikit-image-only pipeline
   crack-bench survey       survey frames (1280x1080): crack-run FPS end to end vs the model alone, per-step ms
+  crack-bench ray          crack-run --engine ray vs the local engine, 1 and 2 workers, per-frame breakdown
 
 Options after AREA go to that benchmark (``crack-bench export --help``).
 """
@@ -21,6 +22,7 @@ AREAS = {
     "runtime": "crackcam.tools.bench_runtime",
     "postprocess": "crackcam.tools.bench_postprocess",
     "survey": "crackcam.tools.bench_survey",
+    "ray": "crackcam.tools.bench_ray",
 }
 
 

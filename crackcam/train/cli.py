@@ -4,6 +4,8 @@ run folder (see docs/training.md).  ``--model upcracknet`` hands over to :mod:`c
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -57,6 +59,8 @@ def train_cmd(
     max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="cap on training tiles (seeded sample)"),
     workers: int = typer.Option(0, "--workers", help="DataLoader worker processes"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    devices: int = typer.Option(1, "--devices", min=1, help="train in N processes with DistributedDataParallel, "
+                                "launched through torchrun (one GPU each with NCCL; gloo on CPU)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in OUT after its last finished epoch"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished/old run in OUT"),
@@ -95,6 +99,9 @@ def train_cmd(
 
     import crackcam.models as M
     from crackcam.train.loop import TrainConfig, TrainingInterrupted, train
+
+    if devices > 1 and "WORLD_SIZE" not in os.environ:
+        raise typer.Exit(_launch_torchrun(devices, device, threads))
 
     if model not in M.list_models():
         _fail(f"unknown model {model!r}; choose one of: {', '.join(M.list_models() + ['upcracknet'])}")
@@ -136,7 +143,33 @@ def train_cmd(
         _fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
 
 
+def _launch_torchrun(n: int, device: str, threads: int | None) -> int:
+    """Re-run this very command under ``torchrun --standalone --nproc-per-node N`` (each child sees WORLD_SIZE and
+    trains its share); returns the exit status.  CPU processes share the cores (``--threads`` each, default
+    cores / N)."""
+    import subprocess
+
+    import torch
+
+    if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available()):
+        if torch.cuda.device_count() < n:
+            _fail(f"--devices {n}: only {torch.cuda.device_count()} CUDA device(s) here")
+    argv = list(_ARGV if _ARGV is not None else sys.argv[1:])
+    if threads is None:
+        argv += ["--threads", str(max(1, (os.cpu_count() or 1) // n))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "crackcam.train.cli", *argv]
+    typer.echo(f"crack-train: launching {n} processes with torchrun (DistributedDataParallel)", err=True)
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n))))
+    return subprocess.run(cmd, env=env).returncode
+
+
+_ARGV: list[str] | None = None  # the command line main() was given (re-used by --devices)
+
+
 def main(argv=None) -> None:
+    global _ARGV
+    _ARGV = list(argv) if argv is not None else sys.argv[1:]
     app(argv, prog_name="crack-train")
 
 

@@ -333,18 +333,61 @@ def repeat_hard(ts: D.TileSet, times: int) -> D.TileSet:
                      ts.hard[keep], ts.hard_counts)
 
 
+class Dist:
+    """This process's place in a ``torchrun`` job (``WORLD_SIZE`` / ``RANK`` / ``LOCAL_RANK`` from the environment);
+    world 1 when not launched by torchrun.  NCCL on GPUs, gloo on CPU."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.on = self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device: torch.device) -> torch.device:
+        if not self.on:
+            return device
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device(f"cuda:{self.local_rank}")
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return device
+
+    def barrier(self) -> None:
+        if self.on:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.on:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
 def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
     """Run (or resume) a training.  Returns the metrics dict.  Raises TrainingInterrupted on Ctrl-C / stop hook,
     BadInputError for bad data (nothing already written is lost).  ``cfg.threads`` applies to this call only."""
     prev_threads = torch.get_num_threads()
+    dist = Dist()
     try:
-        return _train(cfg, stop_after, log)
+        return _train(cfg, stop_after, log if dist.main else (lambda m: None), dist)
     finally:
+        dist.close()
         if torch.get_num_threads() != prev_threads:
             torch.set_num_threads(prev_threads)
 
 
-def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
+def _train(cfg: TrainConfig, stop_after: int | None, log, dist: Dist | None = None) -> dict:
+    dist = dist or Dist()
     out = Path(cfg.out)
     spec = get_spec(cfg.model)  # unknown model → ValueError before anything is written
     state_path = out / "train_state.pt"
@@ -360,7 +403,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
                 setattr(cfg, k, saved[k])
         for k in ("epochs", "lr", "data", "weight_decay", "model_kwargs"):
             setattr(cfg, k, saved[k])
-    elif (out / "metrics.json").exists() or state_path.exists():
+    elif dist.main and ((out / "metrics.json").exists() or state_path.exists()):
         if not cfg.overwrite:
             raise BadInputError(out, "already holds a training run; pass --resume to continue it or "
                                      "--overwrite to start again (or choose another --out)")
@@ -369,11 +412,15 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
+    device = dist.init(resolve_device(cfg.device))
     seed_everything(cfg.seed)
 
     t0 = time.time()
+    if dist.on and not dist.main:
+        dist.barrier()  # rank 0 prepares (and, for the default set, draws) the data first
     sets, card, sha, info = prepare_data(cfg, out, log)
+    if dist.on and dist.main:
+        dist.barrier()
     log(D.format_card(card))
     log(f"label rule: {info['label_rule']['name']} — {info['label_rule']['text']}")
     tr, va = sets["train"], sets["val"]
@@ -405,7 +452,10 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
 
     cfg.batch = cfg.batch or auto_batch(len(tr))
     ds = TileDataset(tr.images, tr.labels, augment=cfg.augment, seed=cfg.seed, photometric=cfg.photometric)
-    steps_per_epoch = (len(ds) + cfg.batch - 1) // cfg.batch
+    # torchrun: each process takes batch / world tiles per step (the global batch, the steps per epoch and the
+    # learning-rate schedule stay those of one process)
+    proc_batch = max(1, cfg.batch // dist.world)
+    steps_per_epoch = ((len(ds) + dist.world - 1) // dist.world + proc_batch - 1) // proc_batch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch,
                                                 pct_start=0.25, div_factor=10.0, final_div_factor=100.0)
@@ -439,13 +489,24 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
         "device": str(device), "torch": torch.__version__, "python": platform.python_version(),
         "class_names": ["crack_free", "crack"], "train_config": tc,
     }
-    write_json(out / "config.json", config)
-    write_json(out / "splits.json", info["splits"])
+    if dist.main:
+        write_json(out / "config.json", config)
+        write_json(out / "splits.json", info["splits"])
     log(f"model {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M params, pretrained: "
         f"{pretrained_source or 'none'}), {len(tr)} train tiles ({n_pos} crack / {n_neg} crack-free, pos_weight "
         f"{pos_weight:.2f}), {len(va)} val tiles, {epochs} epochs, batch {cfg.batch}, lr {lr:g}, device {device}")
 
+    train_model = model
+    if dist.on:  # DistributedDataParallel: gradients all-reduced each step; every rank holds the same weights
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        log(f"distributed: {dist.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
+            f"{proc_batch} tiles per step per process (global batch {proc_batch * dist.world}); rank 0 writes")
+
     def save_epoch_state(epoch: int) -> None:
+        if not dist.main:
+            return
         atomic_torch_save({"epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "rng": _rng_state(), "history": history, "best": best},
                           state_path)
@@ -454,7 +515,11 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
         m = {"model": cfg.model, "epochs": epochs, "best_epoch": best["epoch"], "best_val_f1": best["f1"],
              "best_val": next((h["val"] for h in history if h["epoch"] == best["epoch"]), None),
              "label_rule": info["label_rule"]["name"], "history": history, **(extra or {})}
-        write_json(out / "metrics.json", m)
+        if dist.on:
+            m["distributed"] = {"world_size": dist.world, "backend": "nccl" if device.type == "cuda" else "gloo",
+                                "batch_per_process": proc_batch}
+        if dist.main:
+            write_json(out / "metrics.json", m)
         return m
 
     from tqdm import tqdm
@@ -466,15 +531,24 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
             model.train()
             ds.set_epoch(epoch)
             g = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-            loader = DataLoader(ds, batch_size=cfg.batch, shuffle=True, generator=g, num_workers=cfg.workers,
-                                drop_last=len(ds) > cfg.batch, pin_memory=device.type == "cuda")
+            if dist.on:  # each process a disjoint 1/world share of the epoch, reshuffled per epoch
+                from torch.utils.data.distributed import DistributedSampler
+
+                sampler = DistributedSampler(ds, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                             seed=cfg.seed, drop_last=False)
+                sampler.set_epoch(epoch)
+                loader = DataLoader(ds, batch_size=proc_batch, sampler=sampler, num_workers=cfg.workers,
+                                    drop_last=len(ds) > cfg.batch, pin_memory=device.type == "cuda")
+            else:
+                loader = DataLoader(ds, batch_size=cfg.batch, shuffle=True, generator=g, num_workers=cfg.workers,
+                                    drop_last=len(ds) > cfg.batch, pin_memory=device.type == "cuda")
             tot, n = 0.0, 0
             bar = tqdm(loader, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False, disable=not (cfg.progress and progress_mode() == "bar"),
                        file=sys.stderr)
             for xb, yb in bar:
                 x = to_input(xb, mean, std, device, channels_last)
                 y = yb.to(device).view(-1, 1)
-                loss = crit(model(x), y)
+                loss = crit(train_model(x), y)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -488,16 +562,20 @@ def _train(cfg: TrainConfig, stop_after: int | None, log) -> dict:
             vm = binary_metrics(va.labels, prob)
             vm["loss"] = _loss_of(prob, va.labels, pos_weight)
             rec = {"epoch": epoch, "train_loss": tot / max(1, n), "val": vm, "lr": opt.param_groups[0]["lr"],
-                   "seconds": round(time.time() - te, 2)}
+                   "seconds": round(time.time() - te, 2), "tiles_seen": n}  # by this process (rank 0 under DDP)
             history.append(rec)
             is_best = vm["f1"] > best["f1"]
             if is_best:
                 best = {"epoch": epoch, "f1": vm["f1"]}
-                save_state_dict(model, out / "best.pt")
-            save_state_dict(model, out / "last.pt")
+                if dist.main:
+                    save_state_dict(model, out / "best.pt")
+            if dist.main:
+                save_state_dict(model, out / "last.pt")
             save_epoch_state(epoch)
             write_metrics()
-            plot_curves(history, out / "curves.png")
+            if dist.main:
+                plot_curves(history, out / "curves.png")
+            dist.barrier()  # best.pt is written before any rank reads it
             auc = "-" if vm["auc"] is None else f"{vm['auc']:.4f}"
             log(f"epoch {epoch}/{epochs}  loss {rec['train_loss']:.4f}  val loss {vm['loss']:.4f}  acc "
                 f"{vm['accuracy']:.4f}  P {vm['precision']:.4f}  R {vm['recall']:.4f}  F1 {vm['f1']:.4f}  AUC {auc}"

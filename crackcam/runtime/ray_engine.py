@@ -1,0 +1,291 @@
+"""``crack-run --engine ray``: re-process a survey archive (image folder, glob or list file) on Ray Data.
+
+Frames are read and decoded in Ray tasks; inference and the frame steps run in an actor pool (one ONNX Runtime
+session per actor: a GPU per actor where the cluster has as many, CPU otherwise); the driver alone appends to
+``results.jsonl``.  The per-frame work is the local pipeline's own (:func:`crackcam.runtime.pipeline.build_model_steps`,
+:func:`~crackcam.runtime.pipeline.infer_tiles`, :meth:`FrameSteps.finish`,
+:func:`~crackcam.runtime.pipeline.frame_record`, :func:`~crackcam.runtime.pipeline.save_frame_images`,
+:func:`~crackcam.runtime.pipeline.run_summary`), so the files and their schema are the same: results.jsonl,
+masks / overlays / skeletons, summary.json, cracks.geojson.
+
+Exactly once: Ray Data restarts a killed actor and retries its batch (``max_restarts=-1``, ``max_task_retries=-1``
+are its defaults for actor pools); a retried frame rewrites its images atomically (same bytes, temp file + rename)
+and the driver writes each frame's record once (it keeps the keys it wrote).  Resume: frames already in
+``results.jsonl`` are never submitted.  Ray is an optional extra (``pip install 'crackcam[cluster]'``); without it
+``--engine ray`` is one line.  ``docs/cluster.md`` has the commands for a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import geo, sinks
+from .imageio import BadInputError, read_image
+from .meta import BackendUnavailable
+from .optional import OptionalBroken, import_optional
+from .pipeline import build_model_steps, frame_record, infer_tiles, run_summary, save_frame_images
+from .progress import bar as progress_bar
+from .sources import Frame, SourceStats, open_source
+
+RAY_HINT = "pip install 'crackcam[cluster]'"
+
+
+def import_ray():
+    """Ray with Ray Data, or one line saying it is missing (or installed but broken)."""
+    try:
+        ray = import_optional("ray")
+        data = import_optional("ray.data") if ray is not None else None
+    except OptionalBroken as exc:
+        raise BackendUnavailable(f"--engine ray: {exc}") from None
+    if ray is None or data is None:
+        raise BackendUnavailable(f"--engine ray needs Ray Data ({RAY_HINT}); it is not installed here")
+    return ray
+
+
+@dataclass
+class RayJob:
+    """What each actor needs (picklable: it travels to the workers)."""
+
+    model: str
+    out: str
+    provider: str = "auto"
+    threads: int | None = None
+    batch: int = 1
+    save: tuple = ()
+    threshold: float | str | None = None
+    mm_per_px: float | None = None
+    tile: int | None = None
+    overlap: int | None = None
+    max_side: int | None = None
+    survey: dict = field(default_factory=dict)
+    gps: geo.GpsTrack | None = None
+    gps_method: str = "linear"
+    gps_max_gap: float = 5.0
+    source_root: str | None = None
+    no_refine: bool = False
+    die_once_at: str | None = None  # fault injection (tests): the actor exits hard on this key, once
+    die_marker: str | None = None  # ... and leaves this file so the restarted actor goes on
+
+
+def decode_row(row: dict) -> dict:
+    """Ray task: read one image (BGR uint8, as the local source hands it) and its file time."""
+    p = Path(row["path"])
+    out = dict(row)
+    try:
+        rgb = read_image(p)
+        out["image"] = np.ascontiguousarray(rgb[..., ::-1])
+        out["error"] = ""
+    except BadInputError as e:
+        out["image"] = np.zeros((1, 1, 3), np.uint8)
+        out["error"] = str(e)
+    try:
+        out["ts"] = p.stat().st_mtime
+    except OSError:
+        out["ts"] = float("nan")
+    return out
+
+
+class FrameWorker:
+    """Ray Data actor: one ONNX Runtime session; a batch of decoded frames in, their JSON records out."""
+
+    JOB: RayJob | None = None  # set on a per-run subclass (see run_ray): no constructor arguments in the object store
+
+    def __init__(self, job: RayJob | None = None):
+        from .sessions import open_session
+
+        job = job or self.JOB
+        self.job = job
+        self.sess = open_session(job.model, provider=job.provider, log=lambda m: None, threads=job.threads,
+                                 spin=False)
+        self.steps = build_model_steps(self.sess, tile=job.tile, overlap=job.overlap, max_side=job.max_side,
+                                       survey=job.survey, threshold=job.threshold, no_refine=job.no_refine)
+        mb = self.sess.max_batch
+        self.fixed_batch = self.sess.meta.batch
+        self.batch = self.fixed_batch or (min(job.batch, mb) if mb else job.batch)
+        self.out = Path(job.out)
+
+    def _maybe_die(self, key: str) -> None:
+        j = self.job
+        if j.die_once_at and key.endswith(j.die_once_at) and j.die_marker and not os.path.exists(j.die_marker):
+            Path(j.die_marker).write_text(str(os.getpid()))
+            os._exit(1)  # a worker killed mid-batch (as the OOM killer or a lost node would)
+
+    def __call__(self, batch: dict) -> dict:
+        """Frames in order: plan → tiles → model for each, while the frame steps after the model (merge, refine,
+        post-processing, images) of the previous frame run in a second thread, as in the local pipeline."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not hasattr(self, "_pool"):
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="crackpost")
+        futs = []
+        for i in range(len(batch["key"])):
+            key = str(batch["key"][i])
+            if batch["error"][i]:
+                futs.append(json.dumps({"key": key, "_error": str(batch["error"][i])}))
+                continue
+            self._maybe_die(key)
+            t0 = time.perf_counter()
+            img = np.ascontiguousarray(batch["image"][i], dtype=np.uint8)
+            ts = float(batch["ts"][i])
+            fr = Frame(int(batch["index"][i]), img, str(batch["path"][i]), None if np.isnan(ts) else ts, key)
+            steps = self.steps.for_shape(img.shape)
+            plan = steps.plan(img)
+            probs, maps, infer_s = infer_tiles(self.sess, steps.tiles(img, plan), self.batch, self.fixed_batch)
+            futs.append(self._pool.submit(self._finish, fr, steps, plan, probs, maps, infer_s, t0))
+        return {"record": np.array([f if isinstance(f, str) else f.result() for f in futs], dtype=object)}
+
+    def _finish(self, fr, steps, plan, probs, maps, infer_s, t0) -> str:
+        t1 = time.perf_counter()
+        r = steps.finish(fr.image, plan, probs, maps, mm_per_px=self.job.mm_per_px)
+        rec = frame_record(fr, r, steps, mm_per_px=self.job.mm_per_px, gps=self.job.gps,
+                           gps_method=self.job.gps_method, gps_max_gap=self.job.gps_max_gap)
+        if self.job.save:
+            rec["files"] = save_frame_images(self.out, fr, r.post, steps, self.job.save, "images",
+                                             self.job.source_root)
+        t2 = time.perf_counter()
+        rec["infer_ms"] = round(infer_s * 1000, 3)
+        rec["post_ms"] = round((t2 - t1) * 1000, 3)
+        rec["ms"] = round((t2 - t0) * 1000, 3)
+        return json.dumps(rec)
+
+
+def _cluster_gpus(ray) -> int:
+    try:
+        return int(ray.cluster_resources().get("GPU", 0))
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2, resume: bool = True,
+            max_frames: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
+            blocks_per_worker: int = 4, frames_per_call: int = 4) -> dict:
+    """Process an image folder / glob / list file on Ray; returns the summary (also in ``out/summary.json``)."""
+    ray = import_ray()
+    src = open_source(source, log=log)
+    if src.kind != "images":
+        raise BadInputError(source, "--engine ray takes an image folder, a glob or a list file (.txt); run videos "
+                                    "and cameras with the local engine")
+    out = Path(job.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise sinks.OutputWriteError(out, e) from None
+    results = out / "results.jsonl"
+    if not resume and results.exists():
+        results.unlink()
+    done = sinks.read_keys(results) if resume else set()
+    stats = SourceStats()
+    rows = []
+    for i, p in enumerate(src.paths):
+        if str(p) in done:
+            stats.skipped += 1
+        else:
+            rows.append({"index": i, "path": str(p), "key": str(p)})
+    if max_frames is not None:
+        rows = rows[:max_frames]
+    if done:
+        log(f"crack-run: resuming: {len(done)} frames already in {results}")
+    stale = sinks.remove_stale_temps(out)
+    if stale:
+        log(f"crack-run: removed {stale} half-written temp file(s) a killed run left in {out}")
+
+    for name in ("ray", "ray.data"):  # the run says what it does; Ray's INFO lines would drown it
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # Ray's C++ notices on stderr (RAY_BACKEND_LOG_LEVEL=info)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
+                 configure_logging=True, ignore_reinit_error=True,
+                 runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(_pythonpath())}} if address is None
+                 else None)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # records in source order, as the local engine writes them
+    ctx.enable_progress_bars = False
+    with_gpu = _cluster_gpus(ray) >= workers
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    if job.threads is None:
+        job.threads = max(1, int(cpus // max(1, workers))) if not with_gpu else 1
+    stats_run = {"frames": 0, "cracked": 0, "infer_s": 0.0, "batches": 0}
+    jw = sinks.JsonlWriter(results)
+    bar = progress_bar(len(rows) or None, "crack-run[ray]", "frame", every=100) if progress else None
+    written: set[str] = set()
+    interrupted, error = False, None
+    t_start, started = time.perf_counter(), time.time()
+    t_first = None  # the first record: actors started, pipeline full
+    try:
+        if rows:
+            ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), workers * blocks_per_worker)))
+            ds = ds.map(decode_row, num_cpus=0.25)
+            worker_cls = type("FrameWorker", (FrameWorker,), {"JOB": job})  # pickled by value, with its job
+            ds = ds.map_batches(worker_cls, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=frames_per_call,
+                                batch_format="numpy", num_cpus=0 if with_gpu else max(0.25, (cpus - 0.5) / workers),
+                                num_gpus=1 if with_gpu else 0)
+            for row in ds.iter_rows():
+                if t_first is None:
+                    t_first = time.perf_counter()
+                rec = json.loads(row["record"])
+                if "_error" in rec:
+                    log(f"crack-run: skipped {rec['_error']}")
+                    stats.errors.append(rec["_error"])
+                    continue
+                if rec["key"] in written:  # a retried batch delivered twice: the record is written once
+                    continue
+                jw.write(rec)
+                written.add(rec["key"])
+                stats.read += 1
+                stats_run["frames"] += 1
+                stats_run["cracked"] += int(rec["cracked"])
+                stats_run["infer_s"] += rec.get("infer_ms", 0.0) / 1000.0
+                if bar is not None:
+                    bar.update(1)
+    except KeyboardInterrupt:
+        interrupted = True
+        log("crack-run: interrupted; the records written so far are kept (run again to resume)")
+    except sinks.OutputWriteError as e:
+        error = e
+    except Exception as e:  # noqa: BLE001 - a task error from the cluster: surfaced as the real cause
+        cause = getattr(e, "cause", None) or e
+        error = cause if isinstance(cause, sinks.OutputWriteError) else e
+    finally:
+        try:
+            jw.close()
+        except sinks.OutputWriteError as e:
+            error = error or e
+        if bar is not None:
+            bar.close()
+        if started_here:
+            ray.shutdown()
+    if not interrupted:  # every actor has stopped: temp files of an actor killed mid-write (its retry wrote the image)
+        stale = sinks.remove_stale_temps(out)
+        if stale:
+            log(f"crack-run: removed {stale} temp file(s) left by a worker killed mid-write (its frame was redone)")
+    t_end = time.perf_counter()
+    elapsed = t_end - t_start
+    summary, feats = run_summary(
+        results, stats_run, stats, elapsed=elapsed, started=started,
+        head={"model": str(job.model), "provider": job.provider, "source": src.name, "source_kind": "images",
+              "out": str(out), "engine": "ray", "ray_workers": workers, "ray_address": address or "local",
+              "ray_gpu_per_worker": bool(with_gpu),
+              "ray_first_record_s": round(t_first - t_start, 3) if t_first else None},
+        tail={"batch": job.batch, "threshold": job.threshold, "interrupted": interrupted,
+              "stopped_reason": None if error is None else f"{type(error).__name__}: {error}"})
+    sinks.atomic_write_json(out / "summary.json", summary)
+    if job.gps is not None or feats:
+        geo.write_geojson(out / "cracks.geojson", feats)
+    if error is not None:
+        raise error
+    return summary
+
+
+def _pythonpath() -> list[str]:
+    """This checkout first, so local workers import the same crackcam as the driver."""
+    here = str(Path(__file__).resolve().parents[2])
+    return [here] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]

@@ -1,0 +1,129 @@
+"""``crack-bench ray``: the Ray engine's overhead, on the same folder of 1280×1080 frames, in one run.
+
+    crack-bench ray                          # packaged model, the shared PaveSeg frames (or drawn ones)
+    crack-bench ray --frames DIR --n 50 --workers 1,2
+
+Prints side by side: local ``crack-run`` FPS (the threaded pipeline, ONNX Runtime with ``W`` threads) and
+``--engine ray`` FPS with ``W`` inference actors (each a session with cores / W threads) for each ``W``, the ratio
+ray / local at the same worker count (target ≥ 0.8 on 2 cores: the point is the overhead), and the per-frame cost
+breakdown from the records (model, frame steps after the model, and what the rest costs: decode, transfer through
+the object store, scheduling), so cluster throughput can be planned from it.  Ray is started once before the timed
+runs (its start-up is printed separately); each Ray run includes its actors' start.  Needs ``crackcam[cluster]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from crackcam.runtime import sinks
+from crackcam.runtime.pipeline import Pipeline, RunConfig
+from crackcam.runtime.sessions import open_session
+from crackcam.runtime.sources import ImageListSource
+from crackcam.tools.bench_survey import DEFAULT_MODEL, _frames
+
+TARGET = 0.8
+
+
+def _breakdown(out: Path) -> dict:
+    recs = list(sinks.iter_records(out / "results.jsonl"))
+    return {"infer_ms": float(np.mean([r["infer_ms"] for r in recs])),
+            "post_ms": float(np.mean([r["post_ms"] for r in recs])),
+            "frame_ms": float(np.mean([r["ms"] for r in recs])), "n": len(recs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="crack-bench ray", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
+    ap.add_argument("--frames", default=None, help="folder of frames (default: the shared PaveSeg frames)")
+    ap.add_argument("--n", type=int, default=50, help="frames to use")
+    ap.add_argument("--workers", default="1,2", help="worker counts to compare (comma list)")
+    ap.add_argument("--batch", type=int, default=8, help="tiles per inference call")
+    a = ap.parse_args(argv)
+    from crackcam.runtime.ray_engine import RayJob, import_ray, run_ray
+
+    try:
+        ray = import_ray()
+    except Exception as e:  # noqa: BLE001 - BackendUnavailable: one line
+        print(f"crack-bench ray: {e}")
+        return 2
+    import os
+
+    model = Path(a.model) if a.model else DEFAULT_MODEL
+    counts = [int(x) for x in a.workers.split(",") if x.strip()]
+    work = Path(tempfile.mkdtemp(prefix="crackbench_ray_"))
+    cores = os.cpu_count() or 1
+    rows = []
+    try:
+        paths, where = _frames(a.frames, a.n, work / "frames")
+        # a second copy of the frames under other names: the 2n-frame runs give the marginal (steady-state) FPS,
+        # n / (t(2n) − t(n)), without the fixed start-up (Ray actors, sessions)
+        (work / "copy").mkdir()
+        copies = []
+        for p in paths:
+            q = work / "copy" / f"c_{p.name}"
+            q.symlink_to(p.resolve())
+            copies.append(q)
+        lists = {}
+        for k, ps in (("n", paths), ("2n", paths + copies)):
+            lists[k] = work / f"list_{k}.txt"
+            lists[k].write_text("\n".join(str(p) for p in ps) + "\n")
+        t = time.perf_counter()
+        ray.init(include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+        ray_start = time.perf_counter() - t
+        n = len(paths)
+
+        def local(ps, out, w):
+            sess = open_session(model, provider="cpu", log=lambda m: None, threads=cores, spin=False)
+            t0 = time.perf_counter()
+            Pipeline(sess, ImageListSource(ps, where, log=lambda m: None),
+                     RunConfig(out=out, batch=a.batch, progress=False, post_workers=w), log=lambda m: None).run()
+            return time.perf_counter() - t0
+
+        def on_ray(lst, out, w):
+            t0 = time.perf_counter()
+            run_ray(RayJob(model=str(model), out=str(out), provider="cpu", threads=max(1, cores // w),
+                           batch=a.batch), lst, workers=w, progress=False, log=lambda m: None)
+            return time.perf_counter() - t0
+
+        for w in counts:
+            tl1, tl2 = local(paths, work / f"l{w}a", w), local(paths + copies, work / f"l{w}b", w)
+            tr1, tr2 = on_ray(lists["n"], work / f"r{w}a", w), on_ray(lists["2n"], work / f"r{w}b", w)
+            fl, fr = n / tl1, n / tr1
+            ml, mr = n / max(tl2 - tl1, 1e-9), n / max(tr2 - tr1, 1e-9)
+            rows.append({"workers": w, "local_fps": round(fl, 2), "ray_fps": round(fr, 2), "ratio": round(fr / fl, 3),
+                         "local_marginal_fps": round(ml, 2), "ray_marginal_fps": round(mr, 2),
+                         "marginal_ratio": round(mr / ml, 3), "ray_fixed_s": round(tr1 - n / mr, 2),
+                         "local": _breakdown(work / f"l{w}a"), "ray": _breakdown(work / f"r{w}a")})
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"crack-bench ray: {len(paths)} frames ({where}), model {model.name}, {cores} cores, batch {a.batch}; "
+          f"Ray start-up {ray_start:.1f} s (not in the figures)")
+    print(f"{'workers':>8} {'local FPS':>10} {'ray FPS':>8} {'ray/local':>10} | {'local marg.':>12} {'ray marg.':>10}"
+          f" {'ray/local':>10} {'ray fixed s':>12} | per frame in an actor: model / steps after | local: model / steps")
+    for r in rows:
+        br, bl, w = r["ray"], r["local"], r["workers"]
+        ok = "✓" if r["ratio"] >= TARGET else "✗"
+        ok2 = "✓" if r["marginal_ratio"] >= TARGET else "✗"
+        print(f"{w:>8} {r['local_fps']:>10.2f} {r['ray_fps']:>8.2f} {r['ratio']:>9.2f}{ok} | "
+              f"{r['local_marginal_fps']:>12.2f} {r['ray_marginal_fps']:>10.2f} {r['marginal_ratio']:>9.2f}{ok2} "
+              f"{r['ray_fixed_s']:>12.1f} | {br['infer_ms']:>5.0f} / {br['post_ms']:.0f} ms{'':>22}| "
+              f"{bl['infer_ms']:.0f} / {bl['post_ms']:.0f} ms")
+    print(f"target: ray ≥ {TARGET}× local at the same worker count. FPS = {n} frames end to end; 'marg.' = marginal "
+          f"FPS from {n} to {2 * n} frames (no start-up: what an archive of thousands of frames sees); 'ray fixed s' = "
+          f"the run's fixed cost (actors and sessions starting, pipeline filling)")
+    print(json.dumps({"frames": len(paths), "where": where, "cores": cores, "ray_start_s": round(ray_start, 2),
+                      "rows": rows}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
