@@ -467,3 +467,53 @@ def test_topk_cam_graph_matches_an_rgb_reference(tmp_path, name):
     assert float(m_ref.std()) > 1e-3  # a map that depends on the pixels
     swapped = sess.run(["map"], {"image": np.ascontiguousarray(imgs[..., ::-1])})[0]
     assert np.abs(swapped - cmap).max() > 1e-3  # and on their colour order
+
+
+def test_upcracknet_image_statistics_norm_round_trip(tmp_path):
+    """test_norm 'image' (the official test's per-image batch-norm statistics, dropout off): equal to PyTorch batch
+    norm in train mode on a batch of one (running statistics untouched), different from eval mode, and the same
+    through the exported ONNX graph (InstanceNormalization with the BN affine); 'image+dropout' refuses to export."""
+    from crackcam.models import upcracknet as up
+
+    run = tmp_path / "up"
+    run.mkdir()
+    cfg = {"model": "upcracknet", "tile": 32, "width": 8, "data_card_sha256": "cd" * 32}
+    torch.manual_seed(0)
+    gen = up.build_generator(cfg)
+    for m in gen.modules():  # running statistics far from any one image's
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 3)
+    gen.eval()
+    torch.save(gen.state_dict(), run / "best.pt")
+    (run / "config.json").write_text(json.dumps(cfg))
+    rgb, _ = draw_crack_image(np.random.default_rng(5), 64, 64)
+    x = up.to_tensor(rgb)
+    img_gen = up.with_test_norm(gen, "image")
+    with torch.no_grad():
+        ref_train = gen.train()(x)  # BN with the batch's (= this image's) statistics
+        for mod in gen.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.eval()
+        ref_train_nodrop = gen(x)
+        gen.eval()
+        ours = img_gen(x)
+        eval_out = gen(x)
+    assert torch.allclose(ours, ref_train_nodrop, atol=1e-5)
+    assert not torch.allclose(ref_train, ref_train_nodrop)  # dropout on (the official test) is another map again
+    assert (ours - eval_out).abs().max() > 1e-2  # per-image and running statistics do differ
+    (run / "recipe.json").write_text(json.dumps({"polarity": "abs", "threshold": "otsu", "test_norm": "image"}))
+    r = _cli(["--checkpoint", run, "--out", tmp_path / "img.onnx"])
+    assert r.exit_code == 0, r.output
+    assert md.get_metadata(tmp_path / "img.onnx")["method"] == "upcracknet-full-abs-imagestats"
+    m = onnx.load(str(tmp_path / "img.onnx"))
+    assert any(n.op_type == "InstanceNormalization" for n in m.graph.node)
+    _, cmap = _session(tmp_path / "img.onnx").run(["restored", "map"],
+                                                  {"image": np.ascontiguousarray(rgb[None, ..., ::-1])})
+    fresh = up.build_generator(cfg)
+    fresh.load_state_dict(torch.load(run / "best.pt", weights_only=True))
+    ref = up.restoration_map(up.with_test_norm(fresh.eval(), "image"), rgb, "full", smooth=False)
+    assert np.abs(cmap[0] - ref).max() <= 1e-4
+    (run / "recipe.json").write_text(json.dumps({"threshold": "otsu", "test_norm": "image+dropout"}))
+    r = _cli(["--checkpoint", run, "--out", tmp_path / "drop.onnx"])
+    assert r.exit_code == 2 and "not exportable" in r.output and not (tmp_path / "drop.onnx").exists()

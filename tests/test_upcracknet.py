@@ -154,6 +154,10 @@ def test_two_step_training_with_interrupt_and_resume(tmp_path, monkeypatch):
     n_free = card["splits"]["train"]["crack_free"]
     assert card["upcracknet_fragments"]["train"] == n_free > 0
     assert f"train {n_free} " in frag[0]
+    assert any(ln.startswith(f"warning: only {n_free} crack-free 64px training fragments") for ln in lines)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr"] == 1e-3 and cfg["lr_d"] == 4e-3 and "0.99^epoch" in cfg["lr_schedule"]
+    assert m1["history"][0]["lr"] == 1e-3 and m1["history"][0]["lr_d"] == 4e-3
     monkeypatch.setattr(tu, "validate", real_validate)
     m2 = tu.train_upcracknet(data, out, epochs=2, seed=0, resume=True, **kw)
     assert m2["epochs_done"] == 2 and m2["complete"] and not m2["interrupted"]
@@ -349,3 +353,59 @@ def test_scoring_run_on_known_maps(tmp_path):
     assert p["at_val_threshold"]["f1"] == pytest.approx(1.0) and res["perfect"]["images"] == 3
     assert res["inverse"]["t0"]["at_val_threshold"]["f1"] == pytest.approx(0.0)
     assert len(ex["perfect"]) == 3
+
+
+def test_bilateral_is_the_official_three_channel_filter():
+    """crackcam's filter == the official script's cv2.bilateralFilter(img, 25, 450, 15) on the uint8 error image read
+    as 3 equal channels; on a drawn thin-line map it keeps the lines (Otsu F1 high), where the float filter with
+    σ 450/255 (the earlier reading) smears them."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    gt = np.zeros((128, 160), np.uint8)
+    cv2.line(gt, (5, 20), (150, 100), 1, 2)
+    cv2.line(gt, (30, 120), (140, 10), 1, 1)
+    m = np.clip(0.15 * rng.random(gt.shape) + 0.8 * gt, 0, 1).astype(np.float32)
+    u8 = (m * 255).astype(np.uint8)
+    official = cv2.cvtColor(cv2.bilateralFilter(cv2.merge([u8, u8, u8]), 25, 450, 15), cv2.COLOR_BGR2GRAY)
+    ours = up.bilateral(m)
+    assert np.abs(ours * 255.0 - official.astype(np.float32)).max() <= 1.0
+
+    def otsu_f1(f01):
+        t = up.otsu_threshold(f01)
+        pred = f01 > t
+        tp = (pred & (gt > 0)).sum()
+        return 2 * tp / max(1, pred.sum() + (gt > 0).sum())
+
+    smeared = cv2.bilateralFilter(m, 25, 450 / 255.0, 15)
+    assert otsu_f1(ours) > 0.9 and otsu_f1(smeared) < otsu_f1(ours) - 0.3, (otsu_f1(ours), otsu_f1(smeared))
+
+
+def test_lr_schedule_is_the_released_codes():
+    """G 1e-3·0.99^e and D 4e-3·0.99^e, reset every epoch (the released train.py); 'linear' kept as an option."""
+    from crackcam.train.upcracknet import PRESETS, lr_at
+
+    p = PRESETS["cpu"]
+    assert (p["lr"], p["lr_d"], p["schedule"]) == (1e-3, 4e-3, "official")
+    assert lr_at(0, 1e-3, 4e-3, "official", 20) == (1e-3, 4e-3)
+    g, d = lr_at(10, 1e-3, 4e-3, "official", 20)
+    assert g == pytest.approx(1e-3 * 0.99 ** 10) and d == pytest.approx(4e-3 * 0.99 ** 10)
+    assert lr_at(10, 2e-4, 2e-4, "linear", 20) == pytest.approx((1e-4, 1e-4))
+    with pytest.raises(ValueError):
+        lr_at(0, 1e-3, 4e-3, "cosine", 20)
+
+
+def test_ssim_constants_are_the_official_ones():
+    """C1 = 0.01², C2 = 0.03² as in the released code (on its [-1, 1] images), not scaled by the data range."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 3, 24, 24, generator=g) * 2 - 1
+    b = (a + 0.3 * torch.randn(1, 3, 24, 24, generator=g)).clamp(-1, 1)
+    w = up._gaussian_window(11, 1.5, 3)
+    mu_a, mu_b = (torch.nn.functional.conv2d(t, w, padding=5, groups=3) for t in (a, b))
+    saa = torch.nn.functional.conv2d(a * a, w, padding=5, groups=3) - mu_a ** 2
+    sbb = torch.nn.functional.conv2d(b * b, w, padding=5, groups=3) - mu_b ** 2
+    sab = torch.nn.functional.conv2d(a * b, w, padding=5, groups=3) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    ref = (((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))).mean()
+    assert float(up.ssim(a, b)) == pytest.approx(float(ref), abs=1e-6)
+    assert abs(float(up.ssim(a, b, data_range=2.0)) - float(ref)) > 1e-4  # the earlier constants differ

@@ -121,6 +121,8 @@ def build_restoration_graph(run_dir, config: dict, recipe: dict, settings):
     from crackcam.models.upcracknet import load_restoration
 
     generator, config = load_restoration(run_dir, which=settings.which)
+    if recipe.get("export"):  # crack-eval calibrate: the best map a graph can compute (no resize/stretch, no filter)
+        recipe = {**recipe, **recipe["export"]}
     if settings.outputs and set(settings.outputs) - {"prob", "map", "restored"}:
         raise ExportError("a restoration graph has the outputs restored and map only")
     variant, polarity = recipe.get("variant", "full"), recipe.get("polarity", "abs")
@@ -137,6 +139,16 @@ def build_restoration_graph(run_dir, config: dict, recipe: dict, settings):
     if variant not in ("full", "masked"):
         raise ExportError(f"restoration variant {variant!r} is not exportable (full | masked)")
     tile = int(config.get("tile") or getattr(generator, "multiple", 256))
+    test_norm = recipe.get("test_norm", "running")
+    if test_norm == "image+dropout":
+        raise ExportError("the recipe's test_norm 'image+dropout' (dropout on at test time) is random and not "
+                          "exportable; choose 'image' (per-image statistics, deterministic) or 'running'")
+    from crackcam.models.upcracknet import with_test_norm
+
+    try:
+        generator = with_test_norm(generator, test_norm)
+    except ValueError as e:
+        raise ExportError(f"recipe: {e}") from None
     graph = RestorationExportGraph(generator, polarity=polarity,
                                    gray_minmax=bool(recipe.get("gray_minmax", False)) and variant == "full",
                                    variant=variant, tile=tile)
@@ -145,7 +157,8 @@ def build_restoration_graph(run_dir, config: dict, recipe: dict, settings):
                                                                                      pp.get("threshold", "otsu"))
     gate = settings.gate if settings.gate is not None else recipe.get("gate", 0.0)
     meta = md.build_metadata(kind="restoration", model="upcracknet",
-                             method=f"upcracknet-{graph.variant}-{graph.polarity}",
+                             method=f"upcracknet-{graph.variant}-{graph.polarity}"
+                             + ("-imagestats" if test_norm == "image" else ""),
                              target_layers=[],
                              mean=list(graph.mean.flatten().tolist()), std=list(graph.std.flatten().tolist()),
                              outputs=graph.output_names, height=settings.height, width=settings.width,

@@ -187,6 +187,51 @@ class PatchDiscriminator(nn.Module):
         return self.net(torch.cat([inp, img], 1))
 
 
+TEST_NORMS = ("running", "image", "image+dropout")
+
+
+class ImageStatsNorm(nn.Module):
+    """A BatchNorm2d evaluated with each image's own statistics (what the official test does: it never calls
+    ``G.eval()``, so with batch 1 batch norm normalises by the image's per-channel mean and variance): instance
+    normalisation with the batch norm's affine.  Exports to ONNX ``InstanceNormalization``."""
+
+    def __init__(self, bn: nn.BatchNorm2d):
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+
+    def forward(self, x):
+        return F.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+
+
+def with_test_norm(generator: nn.Module, mode: str = "running") -> nn.Module:
+    """The generator as the test should run it: ``running`` = eval mode (batch norm with the running statistics
+    gathered on half-masked training inputs), ``image`` = every BatchNorm2d replaced by :class:`ImageStatsNorm`
+    (per-image statistics, dropout off: deterministic and exportable), ``image+dropout`` = the official test
+    exactly (per-image statistics and dropout on: random, PyTorch only).  Returns a copy; the input is untouched."""
+    import copy
+
+    if mode not in TEST_NORMS:
+        raise ValueError(f"unknown test norm {mode!r} ({' | '.join(TEST_NORMS)})")
+    g = copy.deepcopy(generator).eval()
+    if mode == "running":
+        return g
+
+    def swap(mod):
+        for name, child in mod.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                setattr(mod, name, ImageStatsNorm(child))
+            else:
+                swap(child)
+
+    swap(g)
+    if mode == "image+dropout":
+        for m in g.modules():
+            if isinstance(m, nn.Dropout):
+                m.train()
+    g.test_norm = mode
+    return g
+
+
 def build_generator(cfg: dict) -> UNetGenerator:
     return UNetGenerator(width=int(cfg.get("width", 16)), levels=int(cfg.get("levels", levels_for(cfg["tile"]))),
                          norm=cfg.get("norm", "batch"), dropout_blocks=int(cfg.get("dropout_blocks", 3)))
@@ -220,10 +265,12 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5, channels: int = 3, devi
     return w.to(device)
 
 
-def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, data_range: float = 2.0,
+def ssim(a: torch.Tensor, b: torch.Tensor, window: int = 11, data_range: float = 1.0,
          reduce: bool = True) -> torch.Tensor:
-    """SSIM (Gaussian window 11, σ 1.5, zero padding as in the official code) of images on a range of
-    ``data_range`` (2 for [-1, 1]); mean over pixels/channels (per image when ``reduce`` is False)."""
+    """SSIM (Gaussian window 11, σ 1.5, zero padding as in the official code); constants C1 = (0.01·data_range)²,
+    C2 = (0.03·data_range)².  The official loss uses C1 = 0.01², C2 = 0.03² on its [-1, 1] images (data_range 1,
+    the default here, although the data span 2); mean over pixels/channels (per image when ``reduce`` is
+    False)."""
     c = a.shape[1]
     w = _gaussian_window(window, 1.5, c, a.device, a.dtype)
     p = window // 2
@@ -394,9 +441,19 @@ def _minmax(a: np.ndarray) -> np.ndarray:
 
 
 def bilateral(map01: np.ndarray, d: int = 25, sigma_color: float = 450.0, sigma_space: float = 15.0) -> np.ndarray:
-    """The official post-filter (cv2.bilateralFilter(img, 25, 450, 15) on the 0–255 error image), applied to a
-    float map on [0, 1] (sigma_color rescaled to that range)."""
-    return cv2.bilateralFilter(map01.astype(np.float32), d, sigma_color / 255.0, sigma_space)
+    """The official post-filter, as it really acts.  img_bilater_Otsu_parallel.py reads the saved uint8 error
+    image as **3 equal channels** and calls ``cv2.bilateralFilter(img, 25, 450, 15)``; OpenCV's colour distance
+    on 8-bit images is the L1 sum over the channels, 3·|Δ|, so that is a 1-channel filter on the uint8 map with
+    σ_colour 450 / 3 = 150 — an edge-preserving filter, not the near-Gaussian a float map with σ 450/255 gives.
+    Here: the map on [0, 1] → uint8 (floor of ×255, as the official ``astype(np.uint8)``) → 1-channel
+    ``bilateralFilter(d, sigma_color / 3, sigma_space)`` → float on [0, 1] (tested equal to the 3-channel call)."""
+    u8 = np.clip(np.asarray(map01, np.float32) * 255.0, 0, 255).astype(np.uint8)
+    return bilateral_u8(u8, d, sigma_color, sigma_space).astype(np.float32) / 255.0
+
+
+def bilateral_u8(u8: np.ndarray, d: int = 25, sigma_color: float = 450.0, sigma_space: float = 15.0) -> np.ndarray:
+    """:func:`bilateral` on a uint8 map (the official error image itself)."""
+    return cv2.bilateralFilter(np.ascontiguousarray(u8, np.uint8), d, sigma_color / 3.0, sigma_space)
 
 
 @torch.no_grad()
@@ -411,7 +468,9 @@ def restoration_errors(generator: nn.Module, image_rgb_uint8: np.ndarray, varian
         if v not in ("full", "masked"):
             raise ValueError(f"unknown restoration variant {v!r} (full | masked)")
     was_training = generator.training
-    generator.eval()
+    keep_modes = getattr(generator, "test_norm", "running") == "image+dropout"  # its dropout stays on
+    if not keep_modes:
+        generator.eval()
     dev = device or next(generator.parameters()).device
     x = to_tensor(image_rgb_uint8).to(dev)
     h, w = x.shape[-2:]
@@ -427,7 +486,8 @@ def restoration_errors(generator: nn.Module, image_rgb_uint8: np.ndarray, varian
                   for i in range(0, len(keeps), batch)]
             out["masked"] = (torch.cat(ys), keeps, cells)
     finally:
-        generator.train(was_training)
+        if not keep_modes:
+            generator.train(was_training)
     return out
 
 
@@ -486,6 +546,41 @@ def restoration_map(generator: nn.Module, image_rgb_uint8: np.ndarray, variant: 
                               tile=tile, device=device, batch=batch)
     return map_from_errors(errs, variant, smooth=smooth, gray_minmax=gray_minmax, polarity=polarity,
                            debias=debias, return_restored=return_restored)
+
+
+def _gray_bgr_of_rgb(x: torch.Tensor) -> torch.Tensor:
+    """What the official test's ``cv.cvtColor(rgb, COLOR_BGR2GRAY)`` computes on its RGB tensors (B and R weights
+    swapped relative to luma)."""
+    return 0.114 * x[:, 0] + 0.587 * x[:, 1] + 0.299 * x[:, 2]
+
+
+@torch.no_grad()
+def official_protocol_map(generator: nn.Module, image_rgb_uint8: np.ndarray, size: int = 256) -> np.ndarray:
+    """The released test.py + img_bilater_Otsu_parallel.py, step by step: resize so the shorter side is ``size``
+    (``transforms.Scale(256)``, bilinear); stretch the image to 0–255 (min–max over all channels, uint8); restore;
+    both grey images (its ``COLOR_BGR2GRAY`` of RGB data) min–max stretched; |difference| min–max stretched, ×255
+    to uint8; the bilateral filter as it acts (:func:`bilateral`).  Returned at the image's own size (bilinear),
+    on [0, 1].  Test-time normalisation is the generator's (see :func:`with_test_norm`)."""
+    h, w = image_rgb_uint8.shape[:2]
+    s = size / min(h, w)
+    nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
+    small = cv2.resize(image_rgb_uint8, (nw, nh), interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    lo, hi = float(small.min()), float(small.max())
+    stretched = ((small - lo) * 255.0 / max(hi - lo, 1e-12)).astype(np.uint8)
+    dev = next(generator.parameters()).device
+    x = to_tensor(stretched).to(dev)
+    keep = getattr(generator, "test_norm", "running") == "image+dropout"
+    if not keep:
+        generator.eval()
+    y = restore(generator, x)
+
+    def mm(t):
+        return (t - t.min()) / (t.max() - t.min()).clamp(min=1e-12)
+
+    err = mm((mm(_gray_bgr_of_rgb(x)[0]) - mm(_gray_bgr_of_rgb(y)[0])).abs())
+    u8 = (err.cpu().numpy() * 255.0).astype(np.uint8)
+    filt = bilateral_u8(u8).astype(np.float32) / 255.0
+    return np.clip(cv2.resize(filt, (w, h), interpolation=cv2.INTER_LINEAR), 0, 1).astype(np.float32)
 
 
 def _polar(d: torch.Tensor, polarity: str) -> torch.Tensor:

@@ -150,8 +150,8 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     except (FileNotFoundError, ValueError) as exc:
         raise CalibrationError(str(exc)) from None
     if str(config.get("model", "")).startswith("upcracknet"):
-        raise CalibrationError(f"{checkpoint}: calibration of UP-CrackNet runs is not supported yet (issue 11); "
-                               f"score it with python -m crackcam.tools.upcracknet_eval")
+        return calibrate_restoration(checkpoint=checkpoint, config=config, data=data, methods=methods, limit=limit,
+                                     out=out, log=log)
     roots = _roots(data, config)
     tc = config.get("train_config", {})
     ws = config.get("work_scale") or {}
@@ -569,3 +569,104 @@ def _write(path: Path, obj) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------- restoration runs
+RESTORATION_METHODS = ("restoration", "restoration-imagestats", "restoration-dropout", "restoration-official",
+                       "restoration-official-imagestats", "restoration-official-dropout", "restoration-masked-dark",
+                       "restoration-masked-dark-imagestats", "restoration-masked-dark-debias", "restoration-raw",
+                       "restoration-imagestats-raw")
+RESTORATION_THRESHOLDS = ("otsu",) + tuple(round(0.1 + 0.05 * i, 2) for i in range(17))
+RESTORATION_MIN_AREAS = (0, 30, 100)
+
+
+def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=None, limit=None, out=None,
+                          log=print) -> dict:
+    """The recipe of an UP-CrackNet run on the VALIDATION split (masked images): restoration map (variant,
+    polarity, test-time normalisation; the paper's protocol among them), threshold (Otsu per image, the paper's,
+    or one fixed value) and the smallest component kept, by dataset pixel F1 at t = 0.  Writes
+    ``checkpoint/recipe.json`` (or ``out``): ``crack-eval --checkpoint RUN`` then scores the chosen map, and
+    ``crack-export`` builds the best *exportable* one (``export`` block: the official protocol's resize and
+    stretch steps are not in a graph)."""
+    from crackcam.runtime.postprocess import PostProcessConfig, postprocess as _post
+    from crackcam.tools.methods_upcracknet import _restoration_fn, parse_restoration
+    from crackcam.train.data import list_items
+
+    from crackcam.models.upcracknet import otsu_threshold
+
+    names = list(methods or RESTORATION_METHODS)
+    bad = [m for m in names if parse_restoration(m) is None]
+    if bad:
+        raise CalibrationError(f"not restoration methods: {', '.join(bad)} (restoration[-masked|-official]"
+                               f"[-dark][-imagestats|-dropout])")
+    roots = _roots(data, config)
+    tc = config.get("train_config", {})
+    items, stems = [], {}
+    for root in roots:
+        vi = [it for it in list_items(root, "val", val_fraction=float(tc.get("val_fraction", 0.2)),
+                                      split_seed=int(tc.get("split_seed", 0))) if it.mask is not None]
+        vi = vi[:limit] if limit else vi
+        if not vi:
+            raise CalibrationError(f"{root}: no validation images with masks")
+        stems[root.name] = [it.image.name for it in vi]
+        items += vi
+    imgs = [(read_image(it.image), read_mask(it.mask)) for it in items]
+    log(f"calibrate (restoration): {len(imgs)} validation images of {', '.join(map(str, roots))}; "
+        f"maps {', '.join(names)}")
+    from crackcam.runtime.progress import progress
+
+    cands = {}
+    t0 = time.perf_counter()
+    for name in names:
+        torch_seed()
+        fn = _restoration_fn(checkpoint, parse_restoration(name))
+        maps = [fn(img) for img, _ in progress(imgs, desc=f"calibrate: {name}", unit="img", every=25)]
+        best = None
+        for thr in RESTORATION_THRESHOLDS:
+            for ma in RESTORATION_MIN_AREAS:
+                c = Counts()
+                for m, (_, gt) in zip(maps, imgs):
+                    t = otsu_threshold(m) if thr == "otsu" else float(thr)
+                    r = _post(m, PostProcessConfig(threshold=t, min_area=ma, skeleton=False))
+                    c = c + binary_counts(r.mask, gt)
+                f1 = c.figures()["f1"]
+                if best is None or f1 > best["f1"] + 1e-9:
+                    best = {"f1": round(f1, 4), "threshold": thr, "min_area": ma}
+        opts = parse_restoration(name)
+        cands[name] = {**best, "variant": opts["variant"], "polarity": opts.get("polarity", "abs"),
+                       "test_norm": opts.get("test_norm", "running"), "smooth": opts.get("smooth", True)}
+        log(f"calibrate: {name}: val F1 {best['f1']:.3f} at threshold {best['threshold']}, min area "
+            f"{best['min_area']}")
+    win = max(cands, key=lambda k: cands[k]["f1"])
+    exportable = [k for k, v in cands.items() if v["variant"] in ("full", "masked") and v["smooth"] is False
+                  and v["test_norm"] != "image+dropout"]
+    exp = max(exportable, key=lambda k: cands[k]["f1"]) if exportable else None
+    w = cands[win]
+    recipe = {"kind": "restoration", "method": win, "variant": w["variant"], "polarity": w["polarity"],
+              "test_norm": w["test_norm"], "threshold": w["threshold"],
+              "postprocess": {"threshold": w["threshold"], "min_area": w["min_area"], "open_radius": 0,
+                              "close_radius": 0},
+              "chosen_on": f"validation split of {', '.join(r.name for r in roots)} ({len(imgs)} masked images)",
+              "val_images": stems, "val": {"pixel_f1_t0": w["f1"]}, "masks_used": len(imgs),
+              "objective": "best dataset pixel F1 (t = 0) on the validation images",
+              "candidates": cands, "seconds": round(time.perf_counter() - t0, 1)}
+    if exp is not None:
+        e = cands[exp]
+        recipe["export"] = {"method": exp, "variant": e["variant"], "polarity": e["polarity"],
+                            "test_norm": e["test_norm"], "threshold": e["threshold"],
+                            "postprocess": {"threshold": e["threshold"], "min_area": e["min_area"]},
+                            "val": {"pixel_f1_t0": e["f1"]}}
+        if exp != win:
+            log(f"calibrate: {win} is not exportable (resize/stretch steps or dropout); crack-export builds {exp} "
+                f"(val F1 {e['f1']:.3f})")
+    path = Path(out) if out else Path(checkpoint) / RECIPE
+    path.write_text(json.dumps(recipe, indent=2) + "\n")
+    log(f"calibrate: chose {win} (val F1 {w['f1']:.3f}) → {path}")
+    return recipe
+
+
+def torch_seed(seed: int = 0) -> None:
+    """The 'dropout' maps are random: seed them, so a recipe's figures can be reproduced."""
+    import torch
+
+    torch.manual_seed(seed)

@@ -5,7 +5,11 @@
 * ``restoration-masked`` — restore with each of the six checkerboard masks, error only where hidden, averaged.
 * ``restoration-<tokens>`` — any combination of the tokens ``masked``, ``dark`` (only pixels darker than their
   restoration), ``debias`` (masked: subtract the per-position median error of the checkerboard period) and
-  ``raw`` (no bilateral filter), e.g. ``restoration-masked-dark``.
+  ``raw`` (no bilateral filter), ``imagestats`` (batch norm with each image's statistics, as the official test, which
+  never calls ``G.eval()``; dropout off), ``dropout`` (that and dropout on: the official test exactly), e.g.
+  ``restoration-masked-dark``, ``restoration-imagestats``.
+* ``restoration-official[-imagestats|-dropout]`` — the released test protocol (256-px shorter side, min–max
+  stretched input, both grey images stretched, the bilateral filter, at the image's size).
 * ``fusion`` / ``fusion-<cam method>`` — a classifier CAM (``--checkpoint`` = classifier run folder) fused with the
   restoration map of the run folder given by ``--restoration-checkpoint DIR`` (or the environment variable
   ``CRACKCAM_RESTORATION_CHECKPOINT``): the geometric mean sqrt(CAM · restoration), zero where the crack
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from crackcam.tools.methods import MethodContext, MethodSpec, register_family, register_method
 
-_TOKENS = {"masked", "dark", "debias", "raw"}
+_TOKENS = {"masked", "dark", "debias", "raw", "official", "imagestats", "dropout"}
 
 
 def parse_restoration(name: str) -> dict | None:
@@ -32,7 +36,11 @@ def parse_restoration(name: str) -> dict | None:
     toks = name[len("restoration-"):].split("-")
     if not toks or any(t not in _TOKENS for t in toks) or len(set(toks)) != len(toks):
         return None
-    opts = {"variant": "masked" if "masked" in toks else "full"}
+    if "official" in toks:  # the released test protocol; only the test-time normalisation may be chosen with it
+        if set(toks) - {"official", "imagestats", "dropout"}:
+            return None
+        return {"variant": "official", "test_norm": _norm_of(toks)}
+    opts = {"variant": "masked" if "masked" in toks else "full", "test_norm": _norm_of(toks)}
     if "dark" in toks:
         opts["polarity"] = "dark"
     if "debias" in toks:
@@ -44,13 +52,23 @@ def parse_restoration(name: str) -> dict | None:
     return opts
 
 
+def _norm_of(toks) -> str:
+    if "dropout" in toks:
+        return "image+dropout"
+    return "image" if "imagestats" in toks else "running"
+
+
 def _restoration_fn(run_dir, opts: dict):
-    from crackcam.models.upcracknet import load_restoration, restoration_map
+    from crackcam.models.upcracknet import load_restoration, official_protocol_map, restoration_map, with_test_norm
 
     try:
         gen, cfg = load_restoration(run_dir)
     except (FileNotFoundError, ValueError) as exc:
         raise ValueError(str(exc)) from None
+    opts = dict(opts)
+    gen = with_test_norm(gen, opts.pop("test_norm", "running"))
+    if opts.get("variant") == "official":
+        return lambda image: official_protocol_map(gen, image)
     tile = int(cfg["tile"])
     return lambda image: restoration_map(gen, image, tile=tile, **opts)
 

@@ -34,10 +34,12 @@ from crackcam.train import data as D
 
 PRESETS = {
     # CPU-feasible: narrow networks, 128-px tiles (7-level U-Net), a few epochs.
-    "cpu": {"width": 16, "tile": 128, "epochs": 20, "batch": 8, "lr": 2e-4},
-    # The paper's settings (for a GPU): ngf = ndf = 64, 256² crops (8-level U-Net), 300 epochs, batch 8,
-    # Adam(0.5, 0.999), lr 2e-4 decayed linearly.
-    "official": {"width": 64, "tile": 256, "epochs": 300, "batch": 8, "lr": 2e-4},
+    # Learning rates: the released code's (train.py resets them every epoch to G 1e-3·0.99^e, D 4e-3·0.99^e with
+    # Adam β (0.5, 0.999); its argparse lrG / lrD are never used) -- see lr_at().
+    "cpu": {"width": 16, "tile": 128, "epochs": 20, "batch": 8, "lr": 1e-3, "lr_d": 4e-3, "schedule": "official"},
+    # The paper's settings (for a GPU): ngf = ndf = 64, 256² crops (8-level U-Net), 300 epochs, batch 8.
+    "official": {"width": 64, "tile": 256, "epochs": 300, "batch": 8, "lr": 1e-3, "lr_d": 4e-3,
+                 "schedule": "official"},
 }
 LAMBDA_REC = 100.0
 STYLE_WEIGHT = 10.0
@@ -111,10 +113,30 @@ def load_fragments(data, tile: int, *, val_fraction: float = 0.2, split_seed: in
         f"val {len(free['val'])} (of {len(sets['val'])} from {sets['val'].n_images} images)")
     if len(free["train"]) == 0:
         raise D.BadInputError(data, f"no crack-free {tile}px tiles in the training images")
+    if len(free["train"]) < MIN_FRAGMENTS:
+        log(f"warning: only {len(free['train'])} crack-free {tile}px training fragments — too few to train the "
+            f"generator (the official run uses about 1,900 crack-free 256² patches of Crack500); use a smaller "
+            f"--tile or add crack-free images")
     return free["train"], free["val"], crack_val, card
 
 
 # -------------------------------------------------------------------------------------------------- saving
+MIN_FRAGMENTS = 200  # below this many crack-free training fragments a warning says the set is too small
+
+
+def lr_at(epoch: int, lr_g: float, lr_d: float, schedule: str, epochs: int) -> tuple[float, float]:
+    """Learning rates of epoch ``epoch`` (0-based): ``official`` = the released train.py (lr · 0.99^epoch for G
+    and D, reset at the start of every epoch); ``linear`` = decayed linearly to 0 over ``epochs`` (crackcam's
+    earlier schedule)."""
+    if schedule == "official":
+        f = 0.99 ** epoch
+    elif schedule == "linear":
+        f = 1.0 - epoch / epochs
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r} (official | linear)")
+    return lr_g * f, lr_d * f
+
+
 def _atomic_torch_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)
@@ -220,7 +242,8 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
                      width: int | None = None, norm: str = "batch", val_fraction: float = 0.2, split_seed: int = 0,
                      max_tiles: int | None = None, max_val: int = 256, max_minutes: float | None = None,
                      threads: int | None = None, style: bool = True, device: str | None = None,
-                     progress: bool = True, log=print) -> dict:
+                     progress: bool = True, lr_d: float | None = None, schedule: str | None = None,
+                     log=print) -> dict:
     """Train UP-CrackNet; returns the metrics dict (also written to ``out/metrics.json``).
 
     ``preset`` "cpu" (default) or "official" fills whatever of epochs/batch/lr/tile/width is not given.
@@ -233,6 +256,8 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
     epochs = int(epochs or p["epochs"])
     batch = int(batch or p["batch"])
     lr = float(lr or p["lr"])
+    lr_d = float(lr_d or (p["lr_d"] * lr / p["lr"]))  # D keeps the preset's ratio to G (4x) unless given
+    schedule = schedule or p["schedule"]
     tile = int(tile or p["tile"])
     width = int(width or p["width"])
     levels = up.levels_for(tile)
@@ -264,13 +289,15 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
     Dnet = up.PatchDiscriminator(width=width, norm=norm).to(dev)
     style_loss = up.make_style_loss(style, log=log).to(dev)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(Dnet.parameters(), lr=lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(Dnet.parameters(), lr=lr_d, betas=(0.5, 0.999))
 
     config = {
         "model": "upcracknet", "kind": "restoration", "preset": preset, "tile": tile, "width": width,
         "levels": levels, "norm": norm, "dropout_blocks": 3, "mean": list(up.MEAN), "std": list(up.STD),
         "target_layers": [], "label_rule": card["label_rule"], "data": str(data.resolve()),
-        "data_card_sha256": card_sha, "epochs": epochs, "batch": batch, "lr": lr, "lr_schedule": "linear to 0",
+        "data_card_sha256": card_sha, "epochs": epochs, "batch": batch, "lr": lr, "lr_d": lr_d,
+        "lr_schedule": {"official": "G lr·0.99^epoch, D lr_d·0.99^epoch (the released train.py)",
+                        "linear": "linear to 0"}[schedule],
         "betas": [0.5, 0.999], "lambda_rec": LAMBDA_REC, "style_weight": STYLE_WEIGHT,
         "style_loss": bool(style_loss.enabled), "seed": seed, "val_fraction": val_fraction,
         "split_seed": split_seed, "fragments": card["upcracknet_fragments"],
@@ -303,10 +330,10 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, epochs):
-            cur_lr = lr * (1.0 - epoch / epochs)
-            for o in (opt_g, opt_d):
+            cur_lr, cur_lr_d = lr_at(epoch, lr, lr_d, schedule, epochs)
+            for o, v in ((opt_g, cur_lr), (opt_d, cur_lr_d)):
                 for g in o.param_groups:
-                    g["lr"] = cur_lr
+                    g["lr"] = v
             train_set.set_epoch(epoch, seed)
             gen_t = torch.Generator().manual_seed(seed * 1000 + epoch)
             loader = torch.utils.data.DataLoader(train_set, batch_size=batch, shuffle=True, generator=gen_t,
@@ -346,7 +373,7 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
                 if progress:
                     it.set_postfix(D=f"{d_loss.item():.3f}", rec=f"{terms['rec'].item():.3f}")
             val_rec = validate(G, val_loader, style_loss)
-            rec = {"epoch": epoch + 1, "lr": cur_lr, **{k: v / max(nb, 1) for k, v in sums.items()},
+            rec = {"epoch": epoch + 1, "lr": cur_lr, "lr_d": cur_lr_d, **{k: v / max(nb, 1) for k, v in sums.items()},
                    "val_rec": val_rec, "elapsed_s": round(elapsed_before + time.time() - t0, 1)}
             history.append(rec)
             sd = {k: v.detach().cpu() for k, v in G.state_dict().items()}
