@@ -326,35 +326,6 @@ def test_crack_train_cli_and_crack_eval_methods(tmp_path):
     assert r.exit_code == 2 and "--restoration-checkpoint" in r.output and "Traceback" not in r.output
 
 
-def test_scoring_run_on_known_maps(tmp_path):
-    """upcracknet_eval.score_set: a map equal to the mask scores F1 1 (ODS, Otsu, at a given threshold); its
-    complement scores 0."""
-    import cv2
-
-    from crackcam.tools.upcracknet_eval import score_set
-
-    rng = np.random.default_rng(0)
-    pairs, masks = [], {}
-    for i in range(3):
-        img, mask = draw_crack_image(rng, 48, 64)
-        ip, mp = tmp_path / f"{i}.png", tmp_path / f"{i}_m.png"
-        cv2.imwrite(str(ip), img[..., ::-1])
-        cv2.imwrite(str(mp), mask.astype(np.uint8) * 255)
-        pairs.append((ip, mp))
-        masks[img.tobytes()] = mask
-
-    def maps(img):
-        m = masks[img.tobytes()].astype(np.float32)
-        return {"perfect": m, "inverse": 1 - m}
-
-    res, scorers, ex = score_set(maps, pairs, thresholds={"perfect": 0.5, "inverse": 0.5}, progress=False)
-    p = res["perfect"]["t0"]
-    assert p["ods"]["f1"] == pytest.approx(1.0) and p["otsu"]["f1"] == pytest.approx(1.0)
-    assert p["at_val_threshold"]["f1"] == pytest.approx(1.0) and res["perfect"]["images"] == 3
-    assert res["inverse"]["t0"]["at_val_threshold"]["f1"] == pytest.approx(0.0)
-    assert len(ex["perfect"]) == 3
-
-
 def test_bilateral_is_the_official_three_channel_filter():
     """crackcam's filter == the official script's cv2.bilateralFilter(img, 25, 450, 15) on the uint8 error image read
     as 3 equal channels; on a drawn thin-line map it keeps the lines (Otsu F1 high), where the float filter with
@@ -409,3 +380,43 @@ def test_ssim_constants_are_the_official_ones():
     ref = (((2 * mu_a * mu_b + c1) * (2 * sab + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (saa + sbb + c2))).mean()
     assert float(up.ssim(a, b)) == pytest.approx(float(ref), abs=1e-6)
     assert abs(float(up.ssim(a, b, data_range=2.0)) - float(ref)) > 1e-4  # the earlier constants differ
+
+
+def test_calibrate_an_upcracknet_run_then_eval_and_export_use_the_recipe(tmp_path):
+    """crack-eval calibrate on a restoration run: a recipe chosen on the validation images (their stems written),
+    crack-eval with no --method scores the chosen map at its threshold, crack-export builds the best exportable one
+    and carries its threshold."""
+    from typer.testing import CliRunner
+
+    from crackcam.export import metadata as md
+    from crackcam.export.cli import app as export_app
+    from crackcam.tools.calibration import calibrate
+    from crackcam.tools.evaluate import evaluate
+    from crackcam.train.data import list_items
+
+    data = write_synthetic_dataset(tmp_path / "data", n_crack=6, n_free=4, size=(64, 64), layout="kaggle", seed=3)
+    run = tmp_path / "up"
+    run.mkdir()
+    cfg = {"model": "upcracknet", "tile": 32, "width": 4, "data": str(data), "data_card_sha256": "ab" * 32,
+           "train_config": {"val_fraction": 0.2, "split_seed": 0}}
+    torch.manual_seed(0)
+    torch.save(up.build_generator(cfg).state_dict(), run / "best.pt")
+    (run / "config.json").write_text(json.dumps(cfg))
+    r = calibrate(checkpoint=run, methods=["restoration", "restoration-official", "restoration-raw"],
+                  log=lambda m: None)
+    val = [it.image.name for it in list_items(data, "val") if it.mask is not None]
+    assert r["val_images"] == {"data": val} and r["masks_used"] == len(val) > 0
+    assert set(r["candidates"]) == {"restoration", "restoration-official", "restoration-raw"}
+    assert r["method"] == max(r["candidates"], key=lambda k: r["candidates"][k]["f1"])
+    for name, c in r["candidates"].items():  # every candidate scores through crack-eval as calibrated
+        s = evaluate(method=name, data=data, split="val", checkpoint=run, out=tmp_path / name, log=lambda m: None)
+        assert s["f1"] == pytest.approx(c["f1"], abs=1e-3), name
+    assert r["export"]["method"] == "restoration-raw"  # the only one a graph computes (no filter, no resize)
+    s = evaluate(method=None, data=data, split="val", checkpoint=run, out=tmp_path / "ev", log=lambda m: None)
+    assert s["method"] == r["method"] and s["threshold_source"].startswith("recipe")
+    assert s["f1"] == pytest.approx(r["val"]["pixel_f1_t0"], abs=1e-3)  # the same figure through crack-eval
+    res = CliRunner().invoke(export_app, ["--checkpoint", str(run), "--out", str(tmp_path / "m.onnx")])
+    assert res.exit_code == 0, res.output
+    meta = md.get_metadata(tmp_path / "m.onnx")
+    assert meta["threshold"] == r["export"]["threshold"] and meta["postprocess"]["min_area"] == \
+        r["export"]["postprocess"]["min_area"]

@@ -634,7 +634,8 @@ def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=
                     best = {"f1": round(f1, 4), "threshold": thr, "min_area": ma}
         opts = parse_restoration(name)
         cands[name] = {**best, "variant": opts["variant"], "polarity": opts.get("polarity", "abs"),
-                       "test_norm": opts.get("test_norm", "running"), "smooth": opts.get("smooth", True)}
+                       "test_norm": opts.get("test_norm", "running"), "smooth": opts.get("smooth", True),
+                       "postprocess": {"min_area": best["min_area"], "open_radius": 0, "close_radius": 0}}
         log(f"calibrate: {name}: val F1 {best['f1']:.3f} at threshold {best['threshold']}, min area "
             f"{best['min_area']}")
     win = max(cands, key=lambda k: cands[k]["f1"])
@@ -657,7 +658,8 @@ def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=
                             "postprocess": {"threshold": e["threshold"], "min_area": e["min_area"]},
                             "val": {"pixel_f1_t0": e["f1"]}}
         if exp != win:
-            log(f"calibrate: {win} is not exportable (resize/stretch steps or dropout); crack-export builds {exp} "
+            log(f"calibrate: {win} is not computed inside a graph (its bilateral filter, de-biasing, resize/stretch or "
+                f"dropout run on the host); crack-export builds {exp} "
                 f"(val F1 {e['f1']:.3f})")
     path = Path(out) if out else Path(checkpoint) / RECIPE
     path.write_text(json.dumps(recipe, indent=2) + "\n")
