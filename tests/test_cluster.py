@@ -55,8 +55,16 @@ def model(tmp_path_factory):
 
 
 def test_ray_engine_matches_the_local_engine(tmp_path, ray_local, model):
+    import time
+
     src = _frames(tmp_path / "f", 9)
-    base = ["--model", str(model), "--source", str(src), "--save", "masks,overlays", "--no-progress", "--overlap", "16"]
+    t0 = time.time()
+    for k, p in enumerate(sorted(src.glob("f*.png"))):  # file times a GPS track covers
+        os.utime(p, (t0 + k, t0 + k))
+    gps = tmp_path / "g.csv"
+    gps.write_text("time,lat,lon\n" + "\n".join(f"{t0 - 5 + k},{45 + 0.001 * k},{7 + 0.002 * k}" for k in range(30)))
+    base = ["--model", str(model), "--source", str(src), "--save", "masks,overlays", "--no-progress", "--overlap", "16",
+            "--gps", str(gps)]
     r = runner.invoke(cli.app, base + ["--out", str(tmp_path / "local")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(cli.app, base + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--ray-workers", "2"])
@@ -74,6 +82,10 @@ def test_ray_engine_matches_the_local_engine(tmp_path, ray_local, model):
         mb = cv2.imread(str(tmp_path / "ray" / b["files"]["mask"]), cv2.IMREAD_GRAYSCALE)
         assert np.array_equal(ma, mb)
     assert any(x["cracked"] for x in ray_) and not all(x["cracked"] for x in ray_)
+    assert all(x["lat"] is not None for x in ray_)  # positions from the file times, compared above
+    g_loc = json.loads((tmp_path / "local" / "cracks.geojson").read_text())
+    g_ray = json.loads((tmp_path / "ray" / "cracks.geojson").read_text())
+    assert g_loc["features"] and [f["geometry"] for f in g_loc["features"]] == [f["geometry"] for f in g_ray["features"]]
     s_loc = json.loads((tmp_path / "local" / "summary.json").read_text())
     s_ray = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert s_ray["engine"] == "ray" and set(s_loc) <= set(s_ray)
