@@ -420,3 +420,39 @@ def test_calibrate_an_upcracknet_run_then_eval_and_export_use_the_recipe(tmp_pat
     meta = md.get_metadata(tmp_path / "m.onnx")
     assert meta["threshold"] == r["export"]["threshold"] and meta["postprocess"]["min_area"] == \
         r["export"]["postprocess"]["min_area"]
+
+
+def test_mask_budget_and_mask_free_calibration_of_a_restoration_run(tmp_path):
+    """--masks N uses exactly N seeded masked images (stems in the recipe, reproducible), the rest by their tile
+    labels; --labels tiles uses no mask; a map that paints every tile loses against one that does not."""
+    from crackcam.tools import calibration as cal
+
+    data = write_synthetic_dataset(tmp_path / "data", n_crack=8, n_free=4, size=(64, 64), layout="kaggle", seed=4)
+    run = tmp_path / "up"
+    run.mkdir()
+    cfg = {"model": "upcracknet", "tile": 32, "width": 4, "data": str(data), "data_card_sha256": "ab" * 32,
+           "train_config": {"val_fraction": 0.3, "split_seed": 0}}
+    torch.manual_seed(0)
+    torch.save(up.build_generator(cfg).state_dict(), run / "best.pt")
+    (run / "config.json").write_text(json.dumps(cfg))
+    kw = dict(checkpoint=run, methods=["restoration-raw"], log=lambda m: None)
+    a = cal.calibrate(masks=2, seed=1, out=tmp_path / "a.json", **kw)
+    b = cal.calibrate(masks=2, seed=1, out=tmp_path / "b.json", **kw)
+    others = [cal.calibrate(masks=2, seed=k, out=tmp_path / f"s{k}.json", **kw)["mask_images"] for k in (2, 3, 4)]
+    assert a["masks_used"] == 2 and len(a["mask_images"]) == 2 and a["mask_images"] == b["mask_images"]
+    assert set(a["mask_images"]) <= set(a["val_images"]["data"])
+    assert "tile-decision F1" in a["objective"] and a["val"]["pixel_f1_t0"] is not None
+    assert any(o != a["mask_images"] for o in others)  # the seed chooses
+    z = cal.calibrate(labels="tiles", out=tmp_path / "z.json", **kw)
+    assert z["masks_used"] == 0 and z["val"]["pixel_f1_t0"] is None and z["val"]["tile_f1"] is not None
+    # the tile objective itself: painting every tile is punished by the crack-free tiles
+    origins = [(0, 0), (0, 32), (32, 0), (32, 32)]
+    labs = np.array([1, 0, 0, -1])
+    paint = np.ones((64, 64), bool)
+    right = np.zeros((64, 64), bool)
+    right[5:20, 5:8] = True
+    f1 = lambda tp, fp, fn: 2 * tp / max(1, 2 * tp + fp + fn)  # noqa: E731
+    assert f1(*cal._tile_decisions(right, origins, labs, 32)) == 1.0
+    assert f1(*cal._tile_decisions(paint, origins, labs, 32)) == pytest.approx(0.5)
+    with pytest.raises(cal.CalibrationError, match="masks or tiles"):
+        cal.calibrate(labels="pixels", **kw)

@@ -136,7 +136,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
               mode: str = "tiles", tile: int | None = None, gate: float | None = None, budget: float = 0.05,
               frame_budget: float = 0.20, min_detection: float = 0.90, survey: dict | None = None,
               limit: int | None = None, out: Path | None = None, quick: bool = False, profile: bool = True,
-              log=print) -> dict:
+              labels: str = "masks", masks: int | None = None, seed: int = 0, log=print) -> dict:
     """Search the recipe on the validation split(s); write ``checkpoint/recipe.json`` (or ``out``).
     ``quick``: a smaller grid (2 gates, 2 refinements, fewer post-processing settings) for the demo and tests."""
     from crackcam.models.checkpoint import read_config
@@ -151,7 +151,10 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         raise CalibrationError(str(exc)) from None
     if str(config.get("model", "")).startswith("upcracknet"):
         return calibrate_restoration(checkpoint=checkpoint, config=config, data=data, methods=methods, limit=limit,
-                                     out=out, log=log)
+                                     out=out, labels=labels, masks=masks, seed=seed, log=log)
+    if labels != "masks" or masks is not None:
+        raise CalibrationError("--labels tiles / --masks N are implemented for UP-CrackNet runs so far; classifier "
+                               "runs calibrate on every masked validation image (issue 13)")
     roots = _roots(data, config)
     tc = config.get("train_config", {})
     ws = config.get("work_scale") or {}
@@ -580,8 +583,22 @@ RESTORATION_THRESHOLDS = ("otsu",) + tuple(round(0.1 + 0.05 * i, 2) for i in ran
 RESTORATION_MIN_AREAS = (0, 30, 100)
 
 
+def _tile_decisions(pred: np.ndarray, origins, labels, tile: int) -> tuple[int, int, int]:
+    """(TP, FP, FN) of the tiles' crack / crack-free labels against "the map has a crack pixel in the tile"."""
+    tp = fp = fn = 0
+    h, w = pred.shape
+    for (y, x), lab in zip(origins, labels):
+        if lab < 0:
+            continue
+        hit = bool(pred[y:min(h, y + tile), x:min(w, x + tile)].any())
+        tp += int(hit and lab == 1)
+        fp += int(hit and lab == 0)
+        fn += int((not hit) and lab == 1)
+    return tp, fp, fn
+
+
 def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=None, limit=None, out=None,
-                          log=print) -> dict:
+                          labels: str = "masks", masks: int | None = None, seed: int = 0, log=print) -> dict:
     """The recipe of an UP-CrackNet run on the VALIDATION split (masked images): restoration map (variant,
     polarity, test-time normalisation; the paper's protocol among them), threshold (Otsu per image, the paper's,
     or one fixed value) and the smallest component kept, by dataset pixel F1 at t = 0.  Writes
@@ -611,8 +628,20 @@ def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=
         stems[root.name] = [it.image.name for it in vi]
         items += vi
     imgs = [(read_image(it.image), read_mask(it.mask)) for it in items]
+    # mask budget (issue 13): pixel F1 on `masks` seeded masked images, tile-label F1 on the rest; labels="tiles"
+    # = no mask at all (each validation tile's crack / crack-free bit, the training tile rule, is all it sees)
+    if labels not in ("masks", "tiles"):
+        raise CalibrationError(f"--labels must be masks or tiles, not {labels!r}")
+    n_masks = 0 if labels == "tiles" else (len(imgs) if masks is None else max(0, min(int(masks), len(imgs))))
+    masked = sorted(np.random.default_rng(seed).choice(len(imgs), n_masks, replace=False).tolist()) \
+        if n_masks < len(imgs) else list(range(len(imgs)))
+    rest = [i for i in range(len(imgs)) if i not in set(masked)]
+    from crackcam.train.data import TileRule, tile_labels
+
+    rule = TileRule(tile=int(config.get("tile") or 128))
+    tiles = {i: tile_labels(imgs[i][1], rule) for i in rest}
     log(f"calibrate (restoration): {len(imgs)} validation images of {', '.join(map(str, roots))}; "
-        f"maps {', '.join(names)}")
+        f"{len(masked)} scored on their masks, {len(rest)} on their tile labels only; maps {', '.join(names)}")
     from crackcam.runtime.progress import progress
 
     cands = {}
@@ -624,14 +653,22 @@ def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=
         best = None
         for thr in RESTORATION_THRESHOLDS:
             for ma in RESTORATION_MIN_AREAS:
-                c = Counts()
-                for m, (_, gt) in zip(maps, imgs):
+                c, tt = Counts(), [0, 0, 0]
+                for i, (m, (_, gt)) in enumerate(zip(maps, imgs)):
                     t = otsu_threshold(m) if thr == "otsu" else float(thr)
                     r = _post(m, PostProcessConfig(threshold=t, min_area=ma, skeleton=False))
-                    c = c + binary_counts(r.mask, gt)
-                f1 = c.figures()["f1"]
+                    if i in tiles:
+                        o, lab = tiles[i]
+                        tt = [a + b for a, b in zip(tt, _tile_decisions(r.mask, o, lab, rule.tile))]
+                    else:
+                        c = c + binary_counts(r.mask, gt)
+                pix = c.figures()["f1"] if masked else None
+                tile_f1 = 2 * tt[0] / max(1, 2 * tt[0] + tt[1] + tt[2]) if rest else None
+                f1 = pix if tile_f1 is None else tile_f1 if pix is None else 0.5 * (pix + tile_f1)
                 if best is None or f1 > best["f1"] + 1e-9:
-                    best = {"f1": round(f1, 4), "threshold": thr, "min_area": ma}
+                    best = {"f1": round(f1, 4), "threshold": thr, "min_area": ma,
+                            "pixel_f1": None if pix is None else round(pix, 4),
+                            "tile_f1": None if tile_f1 is None else round(tile_f1, 4)}
         opts = parse_restoration(name)
         cands[name] = {**best, "variant": opts["variant"], "polarity": opts.get("polarity", "abs"),
                        "test_norm": opts.get("test_norm", "running"), "smooth": opts.get("smooth", True),
@@ -648,15 +685,22 @@ def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=
               "postprocess": {"threshold": w["threshold"], "min_area": w["min_area"], "open_radius": 0,
                               "close_radius": 0},
               "chosen_on": f"validation split of {', '.join(r.name for r in roots)} ({len(imgs)} masked images)",
-              "val_images": stems, "val": {"pixel_f1_t0": w["f1"]}, "masks_used": len(imgs),
-              "objective": "best dataset pixel F1 (t = 0) on the validation images",
+              "val_images": stems, "val": {"objective": w["f1"], "pixel_f1_t0": w["pixel_f1"],
+                                           "tile_f1": w["tile_f1"]},
+              "masks_used": len(masked), "labels": labels,
+              "mask_images": [items[i].image.name for i in masked] if len(masked) < len(imgs) else "all",
+              "objective": ("best dataset pixel F1 (t = 0) on the validation images" if not rest else
+                            f"best tile-decision F1 (a crack pixel in a crack tile, none in a crack-free tile; the "
+                            f"training tile rule, {rule.tile} px) on {len(rest)} validation images without masks"
+                            + (f", averaged with the pixel F1 (t = 0) of {len(masked)} masked ones (seed {seed})"
+                               if masked else "")),
               "candidates": cands, "seconds": round(time.perf_counter() - t0, 1)}
     if exp is not None:
         e = cands[exp]
         recipe["export"] = {"method": exp, "variant": e["variant"], "polarity": e["polarity"],
                             "test_norm": e["test_norm"], "threshold": e["threshold"],
                             "postprocess": {"threshold": e["threshold"], "min_area": e["min_area"]},
-                            "val": {"pixel_f1_t0": e["f1"]}}
+                            "val": {"objective": e["f1"], "pixel_f1_t0": e["pixel_f1"], "tile_f1": e["tile_f1"]}}
         if exp != win:
             log(f"calibrate: {win} is not computed inside a graph (its bilateral filter, de-biasing, resize/stretch or "
                 f"dropout run on the host); crack-export builds {exp} "

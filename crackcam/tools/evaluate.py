@@ -642,7 +642,13 @@ def calibrate_cmd(
         scale: Optional[float] = typer.Option(None, "--scale", help="work scale (default: the training run's)"),
         max_side: Optional[int] = typer.Option(None, "--max-side", help="longer side cap (default: the run's)"),
         overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in px (default: tile/4)"),
-        limit: Optional[int] = typer.Option(None, help="use only the first N validation images per set")):
+        limit: Optional[int] = typer.Option(None, help="use only the first N validation images per set"),
+        labels: str = typer.Option("masks", help="masks (pixel F1 on the masked validation images) | tiles (no "
+                                   "mask: each validation tile's crack / crack-free bit; UP-CrackNet runs)"),
+        masks: Optional[int] = typer.Option(None, help="a mask budget: pixel F1 on N seeded masked validation "
+                                            "images, tile labels for the rest (stems in the recipe; UP-CrackNet "
+                                            "runs)"),
+        seed: int = typer.Option(0, help="seed of the --masks choice")):
     """Choose method, gate, refinement, threshold, post-processing, minimum crack length and ROI use on the
     VALIDATION split under a false-alarm budget → DIR/recipe.json."""
     _threads()
@@ -651,7 +657,7 @@ def calibrate_cmd(
               min_length=None)
     r = _run(calibrate, checkpoint=checkpoint, data=list(data) if data else None, methods=ms, layers=layers,
              mode=mode, tile=tile, gate=gate, budget=budget, frame_budget=frame_budget, min_detection=min_detection,
-             survey=sv, limit=limit, out=out)
+             survey=sv, limit=limit, out=out, labels=labels, masks=masks, seed=seed)
     typer.echo(json.dumps({k: v for k, v in r.items() if k not in ("candidates", "val_images")}))
 
 
