@@ -41,15 +41,20 @@ def _parse_time(s: str) -> float:
     return dt.timestamp()
 
 
+def nmea_checksum(body: str) -> int:
+    """The NMEA 0183 checksum of a sentence body (between ``$`` and ``*``): XOR of its characters."""
+    x = 0
+    for ch in body:
+        x ^= ord(ch)
+    return x
+
+
 def _nmea_ok(line: str) -> bool:
     if "*" not in line:
         return True
     body, _, cs = line[1:].partition("*")
-    x = 0
-    for ch in body:
-        x ^= ord(ch)
     try:
-        return x == int(cs[:2], 16)
+        return nmea_checksum(body) == int(cs[:2], 16)
     except ValueError:
         return False
 

@@ -199,10 +199,8 @@ class Pipeline:
         buf: list[tuple[_Plan, int]] = []  # tiles waiting for a batch
 
         def run_chunk(items):
-            arr = np.stack([p.tiles[i] for p, i in items])
+            arr = pad_batch(np.stack([p.tiles[i] for p, i in items]), self.fixed_batch)
             n = len(items)
-            if self.fixed_batch and n < self.fixed_batch:
-                arr = np.concatenate([arr, np.zeros((self.fixed_batch - n,) + arr.shape[1:], arr.dtype)])
             t = time.perf_counter()
             prob, cmap = self.session.run(arr)
             dt = time.perf_counter() - t
@@ -262,30 +260,13 @@ class Pipeline:
 
     def _finish(self, p: _Plan) -> dict:
         """Post-processing worker: the frame steps after the model, the frame's images; returns its JSON record."""
-        t = time.perf_counter()
-        fr = p.frame
-        H, W = fr.image.shape[:2]
-        steps = p.steps or self.steps
-        r = steps.finish(fr.image, p.plan, p.probs, p.maps, mm_per_px=self.cfg.mm_per_px)
-        res = r.post
-        rec = self._record(fr, r, W, H, steps)
-        if self.cfg.save:
-            rec["files"] = self._save(fr, res, H, W, steps)
-        post_s = time.perf_counter() - t
-        rec["infer_ms"] = round(p.infer_s * 1000, 3)
-        rec["post_ms"] = round(post_s * 1000, 3)
-        rec["ms"] = round((time.perf_counter() - p.t_read) * 1000, 3)
-        if self._show_ok:
-            rec["_show"] = (fr.image, res.mask, res.skeleton)
-        return rec
-
-    def _record(self, fr: Frame, r, W: int, H: int, steps: FrameSteps) -> dict:
         c = self.cfg
-        return frame_record(fr, r, steps, mm_per_px=c.mm_per_px, gps=c.gps, gps_method=c.gps_method,
-                            gps_max_gap=c.gps_max_gap)
-
-    def _save(self, fr: Frame, res, H: int, W: int, steps: FrameSteps) -> dict:
-        return save_frame_images(self.out, fr, res, steps, self.cfg.save, self.source.kind, self.cfg.source_root)
+        rec, res = finish_frame(p.frame, p.steps or self.steps, p.plan, p.probs, p.maps, p.infer_s, p.t_read,
+                                out=self.out, save=c.save, source_kind=self.source.kind, source_root=c.source_root,
+                                mm_per_px=c.mm_per_px, gps=c.gps, gps_method=c.gps_method, gps_max_gap=c.gps_max_gap)
+        if self._show_ok:
+            rec["_show"] = (p.frame.image, res.mask, res.skeleton)
+        return rec
 
     def _writer(self, jw: sinks.JsonlWriter, bar):
         try:
@@ -469,15 +450,38 @@ def frame_record(fr: Frame, r, steps: FrameSteps, *, mm_per_px: float | None = N
     return rec
 
 
+def pad_batch(arr: np.ndarray, fixed_batch: int | None) -> np.ndarray:
+    """Zero frames appended up to a fixed-batch graph's size (their outputs are dropped)."""
+    n = len(arr)
+    if fixed_batch and n < fixed_batch:
+        arr = np.concatenate([arr, np.zeros((fixed_batch - n,) + arr.shape[1:], arr.dtype)])
+    return arr
+
+
+def finish_frame(fr: Frame, steps: FrameSteps, plan, probs, maps, infer_s: float, t0: float, *, out: Path, save,
+                 source_kind: str, source_root: str | None, mm_per_px=None, gps=None, gps_method: str = "linear",
+                 gps_max_gap: float = 5.0):
+    """The frame steps after the model, the frame's images (before its record) and the record with its timings
+    (``ms`` counted from ``t0``): ``(record, post-processing result)``."""
+    t = time.perf_counter()
+    r = steps.finish(fr.image, plan, probs, maps, mm_per_px=mm_per_px)
+    rec = frame_record(fr, r, steps, mm_per_px=mm_per_px, gps=gps, gps_method=gps_method, gps_max_gap=gps_max_gap)
+    if save:
+        rec["files"] = save_frame_images(out, fr, r.post, steps, save, source_kind, source_root)
+    t2 = time.perf_counter()
+    rec["infer_ms"] = round(infer_s * 1000, 3)
+    rec["post_ms"] = round((t2 - t) * 1000, 3)
+    rec["ms"] = round((t2 - t0) * 1000, 3)
+    return rec, r.post
+
+
 def infer_tiles(session, tiles: list, batch: int, fixed_batch: int | None = None) -> tuple[list, list, float]:
     """Run one frame's tiles through the session in chunks of ``batch`` (padded to a fixed-batch graph's size);
     ``(probs, maps, seconds)``.  The local pipeline batches tiles across frames in its inference thread instead."""
     probs, maps, secs = [], [], 0.0
     for k in range(0, len(tiles), batch):
-        arr = np.stack(tiles[k:k + batch])
-        n = len(arr)
-        if fixed_batch and n < fixed_batch:
-            arr = np.concatenate([arr, np.zeros((fixed_batch - n,) + arr.shape[1:], arr.dtype)])
+        n = len(tiles[k:k + batch])
+        arr = pad_batch(np.stack(tiles[k:k + batch]), fixed_batch)
         t = time.perf_counter()
         p, m = session.run(arr)
         secs += time.perf_counter() - t

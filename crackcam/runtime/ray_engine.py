@@ -3,9 +3,8 @@
 Frames are read and decoded in Ray tasks; inference and the frame steps run in an actor pool (one ONNX Runtime
 session per actor: a GPU per actor where the cluster has as many, CPU otherwise); the driver alone appends to
 ``results.jsonl``.  The per-frame work is the local pipeline's own (:func:`crackcam.runtime.pipeline.build_model_steps`,
-:func:`~crackcam.runtime.pipeline.infer_tiles`, :meth:`FrameSteps.finish`,
-:func:`~crackcam.runtime.pipeline.frame_record`, :func:`~crackcam.runtime.pipeline.save_frame_images`,
-:func:`~crackcam.runtime.pipeline.run_summary`), so the files and their schema are the same: results.jsonl,
+:func:`~crackcam.runtime.pipeline.infer_tiles`, :func:`~crackcam.runtime.pipeline.finish_frame`,
+:func:`~crackcam.runtime.pipeline.run_summary`; frames read by the local source's own loader), so the files and their schema are the same: results.jsonl,
 masks / overlays / skeletons, summary.json, cracks.geojson.
 
 Exactly once: Ray Data restarts a killed actor and retries its batch (``max_restarts=-1``, ``max_task_retries=-1``
@@ -28,12 +27,12 @@ from typing import Callable
 import numpy as np
 
 from . import geo, sinks
-from .imageio import BadInputError, read_image
+from .imageio import BadInputError
 from .meta import BackendUnavailable
 from .optional import OptionalBroken, import_optional
-from .pipeline import build_model_steps, frame_record, infer_tiles, run_summary, save_frame_images
+from .pipeline import build_model_steps, finish_frame, infer_tiles, run_summary
 from .progress import bar as progress_bar
-from .sources import Frame, SourceStats, open_source
+from .sources import Frame, ImageListSource, SourceStats, open_source
 
 RAY_HINT = "pip install 'crackcam[cluster]'"
 
@@ -94,19 +93,11 @@ def decode_batch(batch: dict) -> dict:
 
 def decode_row(row: dict) -> dict:
     """Ray task: read one image (BGR uint8, as the local source hands it) and its file time."""
-    p = Path(row["path"])
+    img, err, ts = ImageListSource._load(Path(row["path"]))  # the local source's own read: BGR, file time
     out = dict(row)
-    try:
-        rgb = read_image(p)
-        out["image"] = np.ascontiguousarray(rgb[..., ::-1])
-        out["error"] = ""
-    except BadInputError as e:
-        out["image"] = np.zeros((1, 1, 3), np.uint8)
-        out["error"] = str(e)
-    try:
-        out["ts"] = p.stat().st_mtime
-    except OSError:
-        out["ts"] = float("nan")
+    out["image"] = img if err is None else np.zeros((1, 1, 3), np.uint8)
+    out["error"] = "" if err is None else str(err)
+    out["ts"] = float("nan") if ts is None else ts
     return out
 
 
@@ -160,17 +151,10 @@ class FrameWorker:
         return {"record": np.array([f if isinstance(f, str) else f.result() for f in futs], dtype=object)}
 
     def _finish(self, fr, steps, plan, probs, maps, infer_s, t0) -> str:
-        t1 = time.perf_counter()
-        r = steps.finish(fr.image, plan, probs, maps, mm_per_px=self.job.mm_per_px)
-        rec = frame_record(fr, r, steps, mm_per_px=self.job.mm_per_px, gps=self.job.gps,
-                           gps_method=self.job.gps_method, gps_max_gap=self.job.gps_max_gap)
-        if self.job.save:
-            rec["files"] = save_frame_images(self.out, fr, r.post, steps, self.job.save, "images",
-                                             self.job.source_root)
-        t2 = time.perf_counter()
-        rec["infer_ms"] = round(infer_s * 1000, 3)
-        rec["post_ms"] = round((t2 - t1) * 1000, 3)
-        rec["ms"] = round((t2 - t0) * 1000, 3)
+        j = self.job
+        rec, _ = finish_frame(fr, steps, plan, probs, maps, infer_s, t0, out=self.out, save=j.save,
+                              source_kind="images", source_root=j.source_root, mm_per_px=j.mm_per_px, gps=j.gps,
+                              gps_method=j.gps_method, gps_max_gap=j.gps_max_gap)
         return json.dumps(rec)
 
 
