@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from crackcam.runtime import cli
+from crackcam.runtime import cli, geo
 from crackcam.runtime.pipeline import Pipeline, RunConfig, blend_window, stitch, tile_origins
 from crackcam.runtime.postprocess import PostProcessConfig, postprocess
 from crackcam.runtime.sessions import OrtSession, choose_providers, open_session
@@ -632,10 +632,7 @@ def test_gps_csv_geojson_and_threshold_override(tmp_path, models):
 
 
 def _nmea(body: str) -> str:
-    cs = 0
-    for ch in body:
-        cs ^= ord(ch)
-    return f"${body}*{cs:02X}"
+    return f"${body}*{geo.nmea_checksum(body):02X}"
 
 
 def test_gps_nmea_rmc_gga_matching(tmp_path):

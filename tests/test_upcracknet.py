@@ -382,6 +382,20 @@ def test_ssim_constants_are_the_official_ones():
     assert abs(float(up.ssim(a, b, data_range=2.0)) - float(ref)) > 1e-4  # the earlier constants differ
 
 
+def _untrained_run(tmp_path, *, n_crack: int, seed: int, val_fraction: float):
+    """A drawn Kaggle-layout set and an UP-CrackNet run folder on it (width 4, random weights, not trained)."""
+    data = write_synthetic_dataset(tmp_path / "data", n_crack=n_crack, n_free=4, size=(64, 64), layout="kaggle",
+                                   seed=seed)
+    run = tmp_path / "up"
+    run.mkdir()
+    cfg = {"model": "upcracknet", "tile": 32, "width": 4, "data": str(data), "data_card_sha256": "ab" * 32,
+           "train_config": {"val_fraction": val_fraction, "split_seed": 0}}
+    torch.manual_seed(0)
+    torch.save(up.build_generator(cfg).state_dict(), run / "best.pt")
+    (run / "config.json").write_text(json.dumps(cfg))
+    return data, run
+
+
 def test_calibrate_an_upcracknet_run_then_eval_and_export_use_the_recipe(tmp_path):
     """crack-eval calibrate on a restoration run: a recipe chosen on the validation images (their stems written),
     crack-eval with no --method scores the chosen map at its threshold, crack-export builds the best exportable one
@@ -394,14 +408,7 @@ def test_calibrate_an_upcracknet_run_then_eval_and_export_use_the_recipe(tmp_pat
     from crackcam.tools.evaluate import evaluate
     from crackcam.train.data import list_items
 
-    data = write_synthetic_dataset(tmp_path / "data", n_crack=6, n_free=4, size=(64, 64), layout="kaggle", seed=3)
-    run = tmp_path / "up"
-    run.mkdir()
-    cfg = {"model": "upcracknet", "tile": 32, "width": 4, "data": str(data), "data_card_sha256": "ab" * 32,
-           "train_config": {"val_fraction": 0.2, "split_seed": 0}}
-    torch.manual_seed(0)
-    torch.save(up.build_generator(cfg).state_dict(), run / "best.pt")
-    (run / "config.json").write_text(json.dumps(cfg))
+    data, run = _untrained_run(tmp_path, n_crack=6, seed=3, val_fraction=0.2)
     r = calibrate(checkpoint=run, methods=["restoration", "restoration-official", "restoration-raw"],
                   log=lambda m: None)
     val = [it.image.name for it in list_items(data, "val") if it.mask is not None]
@@ -427,14 +434,7 @@ def test_mask_budget_and_mask_free_calibration_of_a_restoration_run(tmp_path):
     labels; --labels tiles uses no mask; a map that paints every tile loses against one that does not."""
     from crackcam.tools import calibration as cal
 
-    data = write_synthetic_dataset(tmp_path / "data", n_crack=8, n_free=4, size=(64, 64), layout="kaggle", seed=4)
-    run = tmp_path / "up"
-    run.mkdir()
-    cfg = {"model": "upcracknet", "tile": 32, "width": 4, "data": str(data), "data_card_sha256": "ab" * 32,
-           "train_config": {"val_fraction": 0.3, "split_seed": 0}}
-    torch.manual_seed(0)
-    torch.save(up.build_generator(cfg).state_dict(), run / "best.pt")
-    (run / "config.json").write_text(json.dumps(cfg))
+    data, run = _untrained_run(tmp_path, n_crack=8, seed=4, val_fraction=0.3)
     kw = dict(checkpoint=run, methods=["restoration-raw"], log=lambda m: None)
     a = cal.calibrate(masks=2, seed=1, out=tmp_path / "a.json", **kw)
     b = cal.calibrate(masks=2, seed=1, out=tmp_path / "b.json", **kw)

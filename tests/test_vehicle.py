@@ -31,6 +31,16 @@ def _records(out: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------ colour order
+def _video(path: Path, frames: list, fps: float) -> Path:
+    """An MJPG video of BGR frames (OpenCV writes and decodes BGR)."""
+    h, w = frames[0].shape[:2]
+    vw = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    for f in frames:
+        vw.write(f)
+    vw.release()
+    return path
+
+
 def _dark_line_bgr(h=64, w=96) -> np.ndarray:
     img = np.full((h, w, 3), 200, np.uint8)
     img[30:33, 8:88] = 15
@@ -68,11 +78,7 @@ def test_colour_order_folder_video_and_camera(tmp_path, red_model):
     recs = {Path(r["source"]).name: r for r in _run(red_model, tmp_path / "f", tmp_path / "o1")}
     assert recs["a.png"]["cracked"] and not recs["b_swapped.png"]["cracked"]
     # video: written and decoded by OpenCV in BGR
-    vid = tmp_path / "v.avi"
-    vw = cv2.VideoWriter(str(vid), cv2.VideoWriter_fourcc(*"MJPG"), 5.0, (img.shape[1], img.shape[0]))
-    for _ in range(3):
-        vw.write(img)
-    vw.release()
+    vid = _video(tmp_path / "v.avi", [img] * 3, fps=5.0)
     assert all(r["cracked"] for r in _run(red_model, vid, tmp_path / "o2"))
 
     # camera / stream: cv2.VideoCapture.read() returns BGR
@@ -141,11 +147,7 @@ def test_time_zones_naive_iso_is_utc_and_start_time_iso(tmp_path, _local_zone_no
     assert geo._parse_time("1714557600") == 1714557600.0 == geo._parse_time("2024-05-01T10:00:00Z")
     # --start-time as ISO with an offset, a GPS CSV in UTC ISO: the video frames land on the right fixes
     model = make_toy_model(tmp_path / "m.onnx")
-    vid = tmp_path / "v.avi"
-    vw = cv2.VideoWriter(str(vid), cv2.VideoWriter_fourcc(*"MJPG"), 2.0, (96, 64))
-    for _ in range(4):
-        vw.write(_red_line_bgr())
-    vw.release()
+    vid = _video(tmp_path / "v.avi", [_red_line_bgr()] * 4, fps=2.0)
     gps = tmp_path / "g.csv"
     gps.write_text("time,lat,lon\n2024-05-01T10:00:00Z,10.0,20.0\n2024-05-01T10:00:02Z,10.2,20.2\n")
     r = runner.invoke(cli.app, ["--model", str(model), "--source", str(vid), "--out", str(tmp_path / "o"), "--gps",
@@ -156,14 +158,13 @@ def test_time_zones_naive_iso_is_utc_and_start_time_iso(tmp_path, _local_zone_no
 
 
 def _nmea(body: str) -> str:
-    x = 0
-    for ch in body:
-        x ^= ord(ch)
-    return f"${body}*{x:02X}"
+    return f"${body}*{geo.nmea_checksum(body):02X}"
 
 
 def test_nmea_across_midnight(tmp_path):
     """GGA-only logs keep counting past midnight; a dated GGA before the new day's RMC gets the next date."""
+    # the checksum the sentences below are built with: the NMEA 0183 reference sentence's *47
+    assert geo.nmea_checksum("GPGGA,123519,4807.038,N,01131.000,E,1,08,0.9,545.4,M,46.9,M,,") == 0x47
     gga = [_nmea(f"GPGGA,{hms},{4800 + i * 0.06:.4f},N,00200.0000,E,1,08,0.9,10.0,M,,M,,")
            for i, hms in enumerate(["235958.00", "235959.00", "000000.00", "000001.00"])]
     p = tmp_path / "g.nmea"
@@ -182,11 +183,7 @@ def test_nmea_across_midnight(tmp_path):
 
 def test_geojson_after_resume_holds_both_runs(tmp_path):
     model = make_toy_model(tmp_path / "m.onnx")
-    vid = tmp_path / "v.avi"
-    vw = cv2.VideoWriter(str(vid), cv2.VideoWriter_fourcc(*"MJPG"), 1.0, (96, 64))
-    for _ in range(6):
-        vw.write(_dark_line_bgr())
-    vw.release()
+    vid = _video(tmp_path / "v.avi", [_dark_line_bgr()] * 6, fps=1.0)
     t0 = 1_700_000_000.0
     gps = tmp_path / "g.csv"
     gps.write_text("time,lat,lon\n" + "\n".join(f"{t0 + k},{1 + k},{2 + k}" for k in range(8)))
