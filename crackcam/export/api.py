@@ -197,6 +197,11 @@ def export_checkpoint(run_dir, out=None, settings: ExportSettings | None = None,
         from .restoration import build_restoration_graph
 
         graph, meta, tile = build_restoration_graph(run_dir, config, recipe, settings)
+    elif config.get("kind") == "segmenter":
+        from .segmenter import build_segmenter_graph
+
+        model, config = load_classifier(run_dir, which=settings.which)
+        graph, meta = build_segmenter_graph(model, config, recipe, settings)
     else:
         model, config = load_classifier(run_dir, which=settings.which)
         if getattr(model, "pool_kind", "avg") == "topk" and (settings.height is None or settings.width is None):

@@ -65,7 +65,8 @@ def export(
     tol_map: float = typer.Option(1e-4, help="verification tolerance on the map (max abs difference)"),
     tol_prob: float = typer.Option(1e-5, help="verification tolerance on prob"),
     fp16: bool = typer.Option(False, "--fp16", help="TensorRT: allow FP16 kernels"),
-    int8: bool = typer.Option(False, "--int8", help="TensorRT: INT8 with entropy calibration over --calib"),
+    int8: bool = typer.Option(False, "--int8", help="INT8 calibrated over --calib: ONNX Runtime static quantization "
+                              "(--format onnx: NAME.int8.onnx beside the fp32 graph) or TensorRT INT8 (trt)"),
     calib: Optional[Path] = typer.Option(None, help="TensorRT INT8: folder of typical images"),
     opt_size: int = typer.Option(448, help="TensorRT profile: optimal H and W for dynamic sizes"),
     min_size: int = typer.Option(64, help="TensorRT profile: smallest H and W"),
@@ -87,10 +88,8 @@ def export(
             check_available()
         except TensorRTUnavailable as exc:
             _fail(str(exc))
-    if int8 and fmt != "trt":
-        _fail("--int8 applies to --format trt only")
     if int8 and calib is None:
-        _fail("--int8 needs --calib DIR (a folder of typical road images)")
+        _fail("--int8 needs --calib DIR (a folder of typical road images; training images, not the test split)")
     if calib is not None and not calib.is_dir():
         _fail(f"{calib}: calibration folder not found")
 
@@ -137,6 +136,14 @@ def export(
                f"{meta['model']} {meta['method'] or meta['kind']}, input {dims}×3 uint8 BGR, outputs "
                f"{', '.join(meta['outputs'])}) in {res.seconds:.1f} s")
     if fmt == "onnx":
+        if int8:
+            from .quantize import quantize_int8
+
+            q_out = res.path.with_name(res.path.stem + ".int8.onnx")
+            try:
+                quantize_int8(res.path, q_out, calib, log=lambda s: typer.echo(f"[crack-export] {s}"))
+            except (ExportError, BadInputError) as exc:
+                _fail(" ".join(str(exc).split()))
         return
     from .api import default_out
     from .tensorrt import EngineBuildError, TensorRTUnavailable, build_engine, make_profile

@@ -59,8 +59,10 @@ def build_metadata(*, kind: str = "cam", model: str, method: str | None, target_
                    postprocess: dict | None = None, data_card_sha256: str | None = None,
                    version: str | None = None) -> dict:
     """The metadata object for one exported graph (``None`` sizes mean dynamic)."""
-    if kind not in ("cam", "restoration"):
-        raise ValueError(f"kind must be 'cam' or 'restoration', not {kind!r}")
+    from crackcam.runtime.meta import KINDS
+
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
     if version is None:
         import crackcam
 
@@ -104,8 +106,10 @@ def validate_metadata(meta: dict) -> None:
         raise ValueError(f"crackcam metadata lacks {', '.join(missing)}")
     if meta["format"] != FORMAT_VERSION:
         raise ValueError(f"crackcam metadata format {meta['format']!r} is not {FORMAT_VERSION}")
-    if meta["kind"] not in ("cam", "restoration"):
-        raise ValueError(f"crackcam metadata kind {meta['kind']!r} is not 'cam' or 'restoration'")
+    from crackcam.runtime.meta import KINDS
+
+    if meta["kind"] not in KINDS:
+        raise ValueError(f"crackcam metadata kind {meta['kind']!r} is not one of {KINDS}")
     inp = meta["input"]
     if not isinstance(inp, dict) or [k for k in INPUT_KEYS if k not in inp]:
         raise ValueError(f"crackcam metadata input must have {', '.join(INPUT_KEYS)}")
@@ -115,7 +119,7 @@ def validate_metadata(meta: dict) -> None:
     if not (isinstance(norm, dict) and len(norm.get("mean", [])) == 3 and len(norm.get("std", [])) == 3):
         raise ValueError("crackcam metadata normalization needs mean and std of 3 values")
     outs = meta["outputs"]
-    need = ("prob", "map") if meta["kind"] == "cam" else ("restored", "map")
+    need = ("restored", "map") if meta["kind"] == "restoration" else ("prob", "map")
     if not all(o in outs for o in need):
         raise ValueError(f"crackcam metadata outputs must include {' and '.join(need)}")
 

@@ -6,6 +6,7 @@ import_torchvision()  # makes a plain `import torchvision` (grad-cam does one) w
 
 from . import nets  # noqa: E402,F401  (registers the models)
 from . import efficientnet_lite  # noqa: E402,F401  (registers efficientnet_lite0)
+from . import student  # noqa: E402,F401  (registers the segmenters)
 from .registry import ModelSpec, create_model, get_spec, list_models, register_model
 
 __all__ = ["ModelSpec", "create_model", "get_spec", "list_models", "register_model"]

@@ -14,6 +14,7 @@ from typing import Any
 
 META_KEY = "crackcam"
 SUPPORTED_FORMATS = (1,)
+KINDS = ("cam", "restoration", "segmenter")  # segmenter: a distilled student, prob + per-pixel map, no refinement
 
 
 class ModelFileError(ValueError):
@@ -68,8 +69,8 @@ def parse_meta(text: str | dict, path) -> ModelMeta:
     if fmt not in SUPPORTED_FORMATS:
         raise ModelFileError(path, f"crackcam metadata format {fmt!r} is not supported (this runtime reads format 1)")
     kind = d.get("kind")
-    if kind not in ("cam", "restoration"):
-        raise ModelFileError(path, f"crackcam metadata kind {kind!r} is not 'cam' or 'restoration'")
+    if kind not in KINDS:
+        raise ModelFileError(path, f"crackcam metadata kind {kind!r} is not one of {', '.join(map(repr, KINDS))}")
     inp = d.get("input")
     if not isinstance(inp, dict):
         raise ModelFileError(path, "crackcam metadata has no 'input' object")

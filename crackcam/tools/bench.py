@@ -7,6 +7,7 @@ with the reference measured in the same run.
   crack-bench postprocess  shared OpenCV post-processing vs a scikit-image-only pipeline
   crack-bench survey       survey frames (1280x1080): crack-run FPS end to end vs the model alone, per-step ms
   crack-bench ray          crack-run --engine ray vs the local engine, 1 and 2 workers, per-frame breakdown
+  crack-bench student      distilled segmenter (fp32, int8) vs the packaged CAM model: FPS and validation F1
 
 Options after AREA go to that benchmark (``crack-bench export --help``).
 """
@@ -23,6 +24,7 @@ AREAS = {
     "postprocess": "crackcam.tools.bench_postprocess",
     "survey": "crackcam.tools.bench_survey",
     "ray": "crackcam.tools.bench_ray",
+    "student": "crackcam.tools.bench_student",
 }
 
 

@@ -172,7 +172,10 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         raise CalibrationError(f"survey settings: {exc}") from None
     roi_choices = [True, False] if sv0.has_roi else [False]
     model, _ = M.MethodContext(checkpoint=checkpoint, config=config).classifier()
-    if methods:
+    segmenter = config.get("kind") == "segmenter"
+    if segmenter:  # a distilled student: one map, no refinement (the map is the product)
+        cams = ["segment"]
+    elif methods:
         cams = [m for m in methods if m in M.cam_method_names()]
         if not cams:
             raise CalibrationError(f"no CAM method among {methods}; choose from {', '.join(M.cam_method_names())}")
@@ -181,7 +184,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             (["xgradcam", "gradcam++", "xgradcam-fusion", "gradcam++-fusion", "cam"] if not quick else
              ["xgradcam", "xgradcam-fusion"])
     gates = (GATES if not quick else (0.0, 0.5)) if gate is None else (float(gate),)
-    refine_grid = REFINE_GRID if not quick else REFINE_GRID[:2]
+    refine_grid = (REFINE_GRID if not quick else REFINE_GRID[:2]) if not segmenter else [None]
     pp_grid = PP_GRID if not quick else PP_GRID[:2] + PP_GRID[5:6]
     top_k = TOP_K if not quick else 2
     max_widths = MAX_WIDTHS if not quick else MAX_WIDTHS[:2]
@@ -191,7 +194,12 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     groups: dict[bool, list[str]] = {}
     for m in cams:
         groups.setdefault(m.endswith("-fusion"), []).append(m)
-    preds = [M.CamPredictor(ctx, g) for g in groups.values()]
+    if segmenter:
+        from .methods_student import SegPredictor
+
+        preds = [SegPredictor(ctx)]
+    else:
+        preds = [M.CamPredictor(ctx, g) for g in groups.values()]
 
     key = _cache_key(checkpoint, roots, sv0, cams, gates, limit, quick, ctx.layers)
     cache = checkpoint / ".calibration_cache.pkl"

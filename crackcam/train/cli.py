@@ -67,6 +67,12 @@ def train_cmd(
     test: bool = typer.Option(True, "--test/--no-test", help="score best.pt on the test split at the end (report only)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     preset: Optional[str] = typer.Option(None, "--preset", help="upcracknet only: cpu (default) | official"),
+    teacher: Optional[Path] = typer.Option(None, "--teacher", help="segmenters (seg_tiny, seg_lite0): the exported "
+                                           "teacher model or its run folder (default: the packaged default model)"),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="segmenters: pseudo-mask rounds (2 = one self-training "
+                               "round)"),
+    samples: int = typer.Option(3000, "--samples", min=1, help="segmenters: training crops per epoch"),
+    crop: int = typer.Option(192, "--crop", help="segmenters: training crop size (px at work scale)"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True,
                                              help="stop (as after Ctrl-C) after this many epochs of this call"),
 ):
@@ -99,6 +105,10 @@ def train_cmd(
 
     import crackcam.models as M
     from crackcam.train.loop import TrainConfig, TrainingInterrupted, train
+
+    if model in M.list_models() and M.get_spec(model).extra.get("kind") == "segmenter":
+        return _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume,
+                        overwrite, progress, pretrained)
 
     if devices > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch_torchrun(devices, device, threads))
@@ -141,6 +151,29 @@ def train_cmd(
         _fail(str(exc))
     except (FileNotFoundError, ValueError) as exc:  # e.g. a --weights file that does not fit the model
         _fail(str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+
+def _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume, overwrite,
+             progress, pretrained) -> None:
+    """``--model seg_*``: distil the segmenter from ``--teacher`` (crackcam.train.distill)."""
+    from crackcam.runtime.imageio import BadInputError
+    from crackcam.runtime.meta import ModelFileError
+    from crackcam.train.distill import DistillConfig, distill
+
+    if not data:
+        _fail(f"--model {model} needs --data (the training images the teacher labels)")
+    kw = {k: v for k, v in {"epochs": epochs, "batch": batch, "lr": lr}.items() if v}
+    cfg = DistillConfig(data=[str(d) for d in data], out=str(out), model=model,
+                        teacher=str(teacher) if teacher else None, rounds=rounds, samples=samples, crop=crop,
+                        seed=seed, threads=threads, resume=resume, overwrite=overwrite, progress=progress,
+                        pretrained=pretrained, **kw)
+    try:
+        distill(cfg, log=lambda s: typer.echo(s))
+    except KeyboardInterrupt:
+        typer.echo(f"interrupted; finished epochs are saved in {out}; continue with --resume", err=True)
+        raise typer.Exit(130)
+    except (BadInputError, ModelFileError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        _fail(str(exc).splitlines()[0])
 
 
 def _launch_torchrun(n: int, device: str, threads: int | None) -> int:

@@ -55,3 +55,29 @@ def binary_metrics(y_true, prob, threshold: float = 0.5) -> dict:
         "confusion": [[tn, fp], [fn, tp]],  # rows: true 0/1, columns: predicted 0/1
         "threshold": threshold,
     }
+
+
+def pixel_ods(maps, gts, valids=None, n_bins: int = 100) -> dict:
+    """Threshold-free pixel F1 at t=0 over a set of maps (float H×W on [0, 1]) and bool masks: the best F1 of one
+    threshold ``k / n_bins`` for the whole set (ODS), skipping pixels where ``valids`` is False.  Used to pick
+    epochs and rounds while training; the reported figures come from ``crack-eval``."""
+    tp = np.zeros(n_bins, np.int64)
+    pp = np.zeros(n_bins, np.int64)
+    n_gt = 0
+    valids = valids if valids is not None else [None] * len(maps)
+    for m, g, v in zip(maps, gts, valids):
+        m = np.asarray(m, np.float32)
+        g = np.asarray(g, bool)
+        if v is not None:
+            m, g = m[v], g[v]
+        b = np.floor(np.clip(m, 0, 1) * n_bins + 1e-6).astype(np.int64).ravel()
+        h_all = np.bincount(b, minlength=n_bins + 1)
+        h_pos = np.bincount(b[g.ravel()], minlength=n_bins + 1)
+        pp += np.cumsum(h_all[::-1])[::-1][1:]
+        tp += np.cumsum(h_pos[::-1])[::-1][1:]
+        n_gt += int(g.sum())
+    prec = tp / np.maximum(pp, 1)
+    rec = tp / max(n_gt, 1)
+    f1 = 2 * prec * rec / np.maximum(prec + rec, 1e-12)
+    k = int(np.argmax(f1))
+    return {"f1": float(f1[k]), "threshold": (k + 1) / n_bins, "precision": float(prec[k]), "recall": float(rec[k])}
