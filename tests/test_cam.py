@@ -22,7 +22,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-MODELS = M.list_models()
+MODELS = M.list_models(kind="classifier")
 # every registered gradient method, from the registry: a new one is compared with pytorch-grad-cam without editing a
 # list (and fails until it has a reference there); "cam" (absolute, no gradients) is checked in test_export/test_models
 BASE_METHODS = tuple(sorted(m for m in CAM_METHODS if m not in ABSOLUTE_METHODS))

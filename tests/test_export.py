@@ -43,8 +43,8 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 # from the registry: a new model is exported and checked without editing a list; top-k (MIL) heads are exported at a
 # fixed tile size (their k depends on it) and have their own test below
-MODELS = [n for n in list_models() if get_spec(n).extra.get("pool", "avg") != "topk"]
-TOPK_MODELS = [n for n in list_models() if get_spec(n).extra.get("pool", "avg") == "topk"]
+MODELS = [n for n in list_models(kind="classifier") if get_spec(n).extra.get("pool", "avg") != "topk"]
+TOPK_MODELS = [n for n in list_models(kind="classifier") if get_spec(n).extra.get("pool", "avg") == "topk"]
 
 
 def _session(path):

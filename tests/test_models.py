@@ -20,7 +20,7 @@ def _one_thread():
 SIZES = {"vgg16": (64, 96), "resnet50": (64, 96)}
 
 
-@pytest.mark.parametrize("name", M.list_models())
+@pytest.mark.parametrize("name", M.list_models(kind="classifier"))
 def test_forward_shapes_and_target_layers(name):
     torch.manual_seed(0)
     model = M.create_model(name).eval()
@@ -43,7 +43,7 @@ def test_forward_shapes_and_target_layers(name):
         h.remove()
 
 
-@pytest.mark.parametrize("name", M.list_models())
+@pytest.mark.parametrize("name", M.list_models(kind="classifier"))
 def test_pretrained_from_file(tmp_path, name):
     torch.manual_seed(1)
     src = M.create_model(name)
@@ -98,6 +98,6 @@ def test_efficientnet_lite0_pretrained_matches_reference_package():
 
 def test_registry_pool_fact_matches_the_model():
     """``get_spec(name).extra["pool"]`` (what the export tests key on) says what the built model really pools with."""
-    for name in M.list_models():
+    for name in M.list_models(kind="classifier"):
         model = M.create_model(name)
         assert model.pool_kind == M.get_spec(name).extra.get("pool", "avg"), name

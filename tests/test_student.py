@@ -58,6 +58,24 @@ def test_pseudo_labels_negative_images_roi_and_tile_bits():
     assert (lab2[39:42, 64:90] != P.CRACK).all() and (lab2[39:42, 90:118] == P.CRACK).all()
 
 
+def test_tile_topk_labels_the_strongest_pixels_of_crack_tiles_only():
+    score = np.zeros((64, 128), np.float32)
+    score[30:32, :] = 0.3  # a weak teacher response below its threshold 0.5, in both tiles
+    score[10, 70] = 0.1  # below half of lo × threshold: never crack
+    tiles = np.zeros((64, 128), np.int8)
+    tiles[:, 64:] = 1  # only the right tile holds a crack (tile rule)
+    binary = score >= 0.5
+    rule = P.PseudoRule(tile_topk=0.04, tile=64)
+    lab = P.pseudo_labels(score, binary, 0.5, negative=False, tiles=tiles, rule=rule)
+    assert (lab[30:32, 64:] == P.CRACK).all()  # the top 4 % of the crack tile
+    assert (lab[:, :64] == P.BACKGROUND).all()  # the crack-free tile stays background
+    assert lab[10, 70] != P.CRACK
+    off = P.pseudo_labels(score, binary, 0.5, negative=False, tiles=tiles, rule=P.PseudoRule(tile=64))
+    assert not (off == P.CRACK).any()  # without tile_topk only the teacher's binary counts
+    empty = P.pseudo_labels(np.zeros_like(score), binary & False, 0.5, negative=False, tiles=tiles, rule=rule)
+    assert not (empty == P.CRACK).any()  # an empty teacher map labels nothing, whatever the share
+
+
 def test_tile_state_follows_the_tile_rule():
     from crackcam.train.data import TileRule
 
@@ -108,7 +126,8 @@ def test_students_are_registered_segmenters_at_input_size(name):
     import crackcam.models as M
 
     spec = M.get_spec(name)
-    assert spec.extra["kind"] == "segmenter"
+    assert spec.kind == "segmenter" and name in M.list_models(kind="segmenter")
+    assert name not in M.list_models(kind="classifier")
     m = M.create_model(name).eval()
     n = sum(p.numel() for p in m.parameters())
     assert n < 1_000_000
@@ -241,3 +260,31 @@ def test_distill_on_drawn_data_with_a_toy_teacher_then_calibrate_export_and_run(
     meta = open_session(run / "export" / "st.onnx", log=lambda s: None).meta
     assert meta.kind == "segmenter" and meta.threshold == rec["threshold"]
     assert meta.raw["teacher"] == str(teacher)
+
+
+def test_int8_graph_keeps_the_contract_and_follows_the_fp32_map(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime.quantization")
+    from crackcam.export.api import export_checkpoint
+    from crackcam.export.quantize import quantize_int8
+    from crackcam.runtime.sessions import open_session
+    from crackcam.train.synth import write_synthetic_dataset
+
+    run = _student_run(tmp_path)
+    export_checkpoint(run, tmp_path / "st.onnx", log=lambda s: None)
+    data = write_synthetic_dataset(tmp_path / "calib", n_crack=6, n_free=4, size=(96, 96), layout="kaggle")
+    block = quantize_int8(tmp_path / "st.onnx", tmp_path / "st.int8.onnx", data, log=lambda s: None)
+    assert block["images"] > 0 and block["split"] == "train"  # a data-set folder: its training images only
+    s32 = open_session(tmp_path / "st.onnx", log=lambda s: None)
+    s8 = open_session(tmp_path / "st.int8.onnx", log=lambda s: None)
+    assert s8.meta.kind == "segmenter" and s8.meta.raw["int8"]["tiles"] == block["tiles"]
+    assert s8.meta.raw["survey"] == s32.meta.raw["survey"]
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "st.int8.onnx")).graph.node}
+    assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    x = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    _, m32 = s32.run(x)
+    _, m8 = s8.run(x)
+    assert np.corrcoef(m32.ravel(), m8.ravel())[0, 1] > 0.95
+    assert np.abs(m32 - m8).mean() < 0.05

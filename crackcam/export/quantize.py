@@ -46,7 +46,10 @@ def calibration_tiles(meta_raw: dict, folder: Path, limit: int = 32, max_tiles: 
     folder = Path(folder)
     if not folder.is_dir():
         raise ExportError(f"{folder}: --calib needs a folder of training images")
-    files = training_images(folder) or list_images(folder)
+    files = training_images(folder)
+    split = "train"
+    if not files:
+        files, split = list_images(folder), "every image of the folder"
     if not files:
         raise ExportError(f"{folder}: no images to calibrate the int8 graph on")
     rng = np.random.default_rng(seed)
@@ -70,7 +73,7 @@ def calibration_tiles(meta_raw: dict, folder: Path, limit: int = 32, max_tiles: 
             break
     if not batches:
         raise ExportError(f"{folder}: none of its images could be read")
-    return batches
+    return batches, split
 
 
 def quantize_int8(fp32_path: Path, out: Path, calib: Path, limit: int = 32, log=print) -> dict:
@@ -88,7 +91,7 @@ def quantize_int8(fp32_path: Path, out: Path, calib: Path, limit: int = 32, log=
     if META_KEY not in props:
         raise ExportError(f"{fp32_path}: no crackcam metadata")
     meta = json.loads(props[META_KEY])
-    batches = calibration_tiles(meta, calib, limit=limit)
+    batches, split = calibration_tiles(meta, calib, limit=limit)
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -110,7 +113,7 @@ def quantize_int8(fp32_path: Path, out: Path, calib: Path, limit: int = 32, log=
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=["Conv"])
         q = onnx.load(str(tmp))
-        block = {"calibration": str(calib), "images": len(batches), "tiles": int(sum(len(b) for b in batches)),
+        block = {"calibration": str(calib), "split": split, "images": len(batches), "tiles": int(sum(len(b) for b in batches)),
                  "format": "QDQ, per-channel int8 weights, uint8 activations (ONNX Runtime static quantization, "
                            "MinMax)", "fp32": Path(fp32_path).name}
         meta = {**meta, "int8": block}

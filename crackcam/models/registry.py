@@ -11,7 +11,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the rest of crackcam needs to know about a registered classifier."""
+    """What the rest of crackcam needs to know about a registered network (a classifier or a segmenter)."""
 
     name: str
     builder: Callable
@@ -25,6 +25,11 @@ class ModelSpec:
     @property
     def default_target_layer(self) -> str:
         return self.target_layers[0]
+
+    @property
+    def kind(self) -> str:
+        """classifier (CAM heads, tile bits) or segmenter (a distilled student, per-pixel logits)."""
+        return str(self.extra.get("kind", "classifier"))
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -45,8 +50,9 @@ def register_model(name: str, *, target_layers, mean=IMAGENET_MEAN, std=IMAGENET
     return deco
 
 
-def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+def list_models(kind: str | None = None) -> list[str]:
+    """Registered names (``kind``: only classifiers or only segmenters)."""
+    return sorted(n for n, s in _REGISTRY.items() if kind is None or s.kind == kind)
 
 
 def get_spec(name: str) -> ModelSpec:

@@ -73,6 +73,8 @@ def train_cmd(
                                "round)"),
     samples: int = typer.Option(3000, "--samples", min=1, help="segmenters: training crops per epoch"),
     crop: int = typer.Option(192, "--crop", help="segmenters: training crop size (px at work scale)"),
+    pseudo_topk: float = typer.Option(0.0, "--pseudo-topk", help="segmenters: also label the top share of the "
+                                      "teacher's scores in every crack tile as crack (0 = off)"),
     stop_after: Optional[int] = typer.Option(None, "--stop-after", hidden=True,
                                              help="stop (as after Ctrl-C) after this many epochs of this call"),
 ):
@@ -106,9 +108,9 @@ def train_cmd(
     import crackcam.models as M
     from crackcam.train.loop import TrainConfig, TrainingInterrupted, train
 
-    if model in M.list_models() and M.get_spec(model).extra.get("kind") == "segmenter":
+    if model in M.list_models(kind="segmenter"):
         return _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume,
-                        overwrite, progress, pretrained)
+                        overwrite, progress, pretrained, pseudo_topk)
 
     if devices > 1 and "WORLD_SIZE" not in os.environ:
         raise typer.Exit(_launch_torchrun(devices, device, threads))
@@ -154,7 +156,7 @@ def train_cmd(
 
 
 def _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume, overwrite,
-             progress, pretrained) -> None:
+             progress, pretrained, pseudo_topk=0.0) -> None:
     """``--model seg_*``: distil the segmenter from ``--teacher`` (crackcam.train.distill)."""
     from crackcam.runtime.imageio import BadInputError
     from crackcam.runtime.meta import ModelFileError
@@ -166,7 +168,8 @@ def _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr
     cfg = DistillConfig(data=[str(d) for d in data], out=str(out), model=model,
                         teacher=str(teacher) if teacher else None, rounds=rounds, samples=samples, crop=crop,
                         seed=seed, threads=threads, resume=resume, overwrite=overwrite, progress=progress,
-                        pretrained=pretrained, **kw)
+                        pretrained=pretrained, pseudo_rule={"tile_topk": pseudo_topk} if pseudo_topk else {},
+                        **kw)
     try:
         distill(cfg, log=lambda s: typer.echo(s))
     except KeyboardInterrupt:

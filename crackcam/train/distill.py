@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from crackcam.models import create_model, get_spec
+from crackcam.models import create_model, get_spec, list_models
 from crackcam.models.checkpoint import atomic_torch_save, save_state_dict, write_json
 from crackcam.models.student import StudentSession
 from crackcam.runtime import survey as S
@@ -214,8 +214,9 @@ def _student_fn(session, survey: S.SurveyConfig, threshold: float, post: dict):
 def distill(cfg: DistillConfig, log=print) -> dict:
     out = Path(cfg.out)
     spec = get_spec(cfg.model)
-    if spec.extra.get("kind") != "segmenter":
-        raise ValueError(f"--teacher distils a segmenter; {cfg.model!r} is not one (seg_tiny, seg_lite0)")
+    if spec.kind != "segmenter":
+        raise ValueError(f"--teacher distils a segmenter; {cfg.model!r} is not one "
+                         f"({', '.join(list_models(kind='segmenter'))})")
     if (out / "metrics.json").is_file() and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(f"{out}: a finished run is there; --overwrite to replace it or --resume")
     out.mkdir(parents=True, exist_ok=True)
@@ -228,7 +229,7 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     survey0 = S.SurveyConfig.from_dict(dict(tmeta.get("survey") or {}))
     survey = survey0.replace(tile=int(cfg.val_tile), overlap=int(cfg.val_tile) // 8, gate=0.0, min_length=0.0)
     rule = D.TileRule(**{**cfg.tile_rule, "stride": None})
-    prule = P.PseudoRule(**cfg.pseudo_rule)
+    prule = P.PseudoRule(**{"tile": rule.tile, **cfg.pseudo_rule})
     log(f"distill: teacher {teacher.describe}; student {cfg.model}; label rule: pseudo-masks from the teacher on "
         f"TRAINING images, tile bits by the tile rule ({rule.describe()}), crack-free images all background")
     train_items = {Path(r).name: D.list_items(r, "train", val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)

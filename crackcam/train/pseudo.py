@@ -41,6 +41,8 @@ NEGATIVE_CLASSES = ("no_crack", "sealed_crack_only", "clean_tile")
 class PseudoRule:
     lo: float = 0.5  # background below lo × threshold (crack images) ...
     cue_quantile: float = 0.8  # ... where the black-hat cue is also below this quantile of the image's cue
+    tile_topk: float = 0.0  # > 0: also the top share of each crack tile's scores is crack (a crack tile holds one)
+    tile: int = 64  # the tile-rule grid (tile_topk works per tile of it)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,10 +89,31 @@ def pseudo_labels(score: np.ndarray, binary: np.ndarray, threshold: float, *, ne
         crack &= np.asarray(gate, bool)
     if tiles is not None:
         crack &= tiles == 1
+        if rule.tile_topk > 0:
+            crack |= _tile_top(np.asarray(score, np.float32), tiles, rule, threshold)
+            if gate is not None:
+                crack &= np.asarray(gate, bool)
         bg |= tiles == 0
     bg &= ~crack
     out[bg & valid] = BACKGROUND
     out[crack & valid] = CRACK
+    return out
+
+
+def _tile_top(score: np.ndarray, tiles: np.ndarray, rule: PseudoRule, threshold: float) -> np.ndarray:
+    """In every *crack* tile (the tile rule says a crack lies inside), the top ``tile_topk`` share of the score —
+    where the score is at least ``lo`` × threshold / 2 (an empty teacher map labels nothing)."""
+    out = np.zeros(score.shape, bool)
+    t = int(rule.tile)
+    floor = 0.5 * float(rule.lo) * float(threshold)
+    h, w = score.shape
+    for y in range(0, h - t + 1, t):
+        for x in range(0, w - t + 1, t):
+            if tiles[y, x] != 1:
+                continue
+            blk = score[y:y + t, x:x + t]
+            q = float(np.quantile(blk, 1.0 - float(rule.tile_topk)))
+            out[y:y + t, x:x + t] = (blk >= max(q, floor)) & (blk > 0)
     return out
 
 
@@ -249,8 +272,11 @@ def read_pseudo(out: Path, row: dict) -> tuple[np.ndarray, np.ndarray]:
 
 def write_preview(out: Path, rows: list[dict], n: int = 8, width: int = 320) -> Path | None:
     """A grid a person can check: image | pseudo-labels (red crack, grey ignore, black background) for the crack
-    images with the most crack pixels and a few negatives."""
-    pos = sorted([r for r in rows if not r["negative"]], key=lambda r: -r["crack_px"])[: n - 2]
+    images with the most crack pixels of each data set and a few negatives."""
+    sets = sorted({r["set"] for r in rows})
+    per = max(1, (n - 2) // max(1, len(sets)))
+    pos = [r for s in sets for r in sorted([r for r in rows if not r["negative"] and r["set"] == s],
+                                           key=lambda r: -r["crack_px"])[:per]]  # every data set shows
     neg = [r for r in rows if r["negative"]][:2]
     pick = pos + neg
     if not pick:
