@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"crack-bench student: {path}: not found")
                 return 2
             f = bench_fps(path, a.images, a.size, a.batch, "cpu", None, Path(td) / name.split()[0], a.repeats)
-            r = {"model": name, "file": str(path), "bare_fps": round(f["bare_fps"] or 0, 2),
-                 "crack_run_fps": round(f["e2e_fps"], 2)}
+            r = {"model": name, "file": str(path), "bare_fps": round(f["bare_fps"], 2) if f["bare_fps"] else None,
+                 "crack_run_fps": round(f["e2e_fps"], 2)}  # bare None: a fixed-size graph (crack-run tiles frames)
             r["ratio"] = round(r["crack_run_fps"] / r["bare_fps"], 3) if r["bare_fps"] else None
             if a.data:
                 r["val"] = val_f1(path, a.data, a.limit)
@@ -95,13 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     print(head)
     for r in rows:
         v = r.get("val", {})
-        print(f"{r['model']:<28} {r['bare_fps']:>12.2f} {r['crack_run_fps']:>13.2f} {r['ratio'] or 0:>6.3f}" + "".join(
+        bare = f"{r['bare_fps']:>12.2f}" if r["bare_fps"] else f"{'fixed input':>12}"
+        ratio = f"{r['ratio']:>6.3f}" if r["ratio"] else f"{'-':>6}"
+        print(f"{r['model']:<28} {bare} {r['crack_run_fps']:>13.2f} {ratio}" + "".join(
             f" {v[s]['f1_t0']:>11.3f} / {v[s]['f1_t2']:.3f}" if s in v else f" {'-':>22}" for s in sets))
     t, s = rows[0], rows[1]
     print(f"student vs packaged default, crack-run FPS: {s['crack_run_fps'] / max(t['crack_run_fps'], 1e-9):.2f}x")
     if a.int8:
         q = rows[2]
-        print(f"int8 vs fp32 student, bare FPS: {q['bare_fps'] / max(s['bare_fps'], 1e-9):.2f}x, crack-run FPS: "
+        print(f"int8 vs fp32 student, bare FPS: {(q['bare_fps'] or 0) / max(s['bare_fps'] or 0, 1e-9):.2f}x, crack-run FPS: "
               f"{q['crack_run_fps'] / max(s['crack_run_fps'], 1e-9):.2f}x" + "".join(
                   f"; {k} F1 change {q['val'][k]['f1_t0'] - s['val'][k]['f1_t0']:+.4f}" for k in sets))
     if a.json:
