@@ -281,8 +281,18 @@ def test_int8_graph_keeps_the_contract_and_follows_the_fp32_map(tmp_path):
     assert s8.meta.raw["survey"] == s32.meta.raw["survey"]
     import onnx
 
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "st.int8.onnx")).graph.node}
+    from crackcam.export.quantize import FLOAT_HEAD
+
+    qg = onnx.load(str(tmp_path / "st.int8.onnx")).graph
+    ops = {n.op_type for n in qg.node}
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
+    fp_convs = [n.name for n in onnx.load(str(tmp_path / "st.onnx")).graph.node if n.op_type == "Conv"]
+    assert block["float_convs"] == fp_convs[:FLOAT_HEAD]
+    dq_out = {o for n in qg.node if n.op_type == "DequantizeLinear" for o in n.output}
+    by_name = {n.name: n for n in qg.node}
+    for name in fp_convs:  # the first convolutions keep fp32 weights, the rest take dequantized int8 ones
+        w_in = by_name[name].input[1]
+        assert (w_in in dq_out) == (name not in block["float_convs"]), name
     x = np.random.default_rng(2).integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
     _, m32 = s32.run(x)
     _, m8 = s8.run(x)
