@@ -298,3 +298,23 @@ def test_int8_graph_keeps_the_contract_and_follows_the_fp32_map(tmp_path):
     _, m8 = s8.run(x)
     assert np.corrcoef(m32.ravel(), m8.ravel())[0, 1] > 0.95
     assert np.abs(m32 - m8).mean() < 0.05
+
+
+def test_crack_bench_student_prints_every_model_side_by_side(tmp_path):
+    pytest.importorskip("onnx")
+    from crackcam.export.api import export_checkpoint
+    from crackcam.train.synth import write_synthetic_dataset
+
+    run = _student_run(tmp_path)
+    export_checkpoint(run, tmp_path / "st.onnx", log=lambda s: None)
+    data = write_synthetic_dataset(tmp_path / "drawn", n_crack=8, n_free=4, size=(96, 96), layout="kaggle")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, "-m", "crackcam.tools.bench", "student", "--student", str(tmp_path / "st.onnx"),
+                        "--images", "8", "--size", "128", "--repeats", "1", "--data", str(data), "--json", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert [x["model"] for x in rows] == ["packaged default (teacher)", "student fp32", "student fp32, --tile 128"]
+    assert rows[1]["bare_fps"] > 0 and rows[1]["crack_run_fps"] > 0 and rows[1]["ratio"] is not None
+    assert "f1_t0" in rows[1]["val"]["drawn"] and "val" not in rows[2]
+    assert "student vs packaged default" in r.stdout

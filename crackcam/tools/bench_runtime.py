@@ -58,7 +58,8 @@ def _synth_frames(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
 
 
 def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, threads: int | None,
-              workdir: Path, repeats: int) -> dict:
+              workdir: Path, repeats: int, run_kw: dict | None = None) -> dict:
+    """``run_kw``: extra RunConfig settings of the crack-run side (e.g. ``{"tile": size}``: one pass per frame)."""
     folder = workdir / "jpegs"
     folder.mkdir(parents=True, exist_ok=True)
     frames = _synth_frames(min(n_images, 32), size)
@@ -100,7 +101,7 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
         out = workdir / f"run{r}"
         shutil.rmtree(out, ignore_errors=True)
         src = ImageListSource(paths, str(folder), log=quiet)
-        cfg = RunConfig(out=out, batch=batch, progress=False, resume=False)
+        cfg = RunConfig(out=out, batch=batch, progress=False, resume=False, **(run_kw or {}))
         s = Pipeline(sess, src, cfg, log=quiet).run()
         e2e.append(s["fps"])
         e2e_stats = s
