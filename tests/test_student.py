@@ -318,3 +318,19 @@ def test_crack_bench_student_prints_every_model_side_by_side(tmp_path):
     assert rows[1]["bare_fps"] > 0 and rows[1]["crack_run_fps"] > 0 and rows[1]["ratio"] is not None
     assert "f1_t0" in rows[1]["val"]["drawn"] and "val" not in rows[2]
     assert "student vs packaged default" in r.stdout
+
+
+@pytest.mark.parametrize("teacher", ["missing.onnx", "garbage.onnx"])
+def test_a_bad_teacher_is_one_line_and_exit_2(tmp_path, teacher):
+    from crackcam.train.synth import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "drawn", n_crack=4, n_free=2, size=(64, 64), layout="kaggle")
+    if teacher == "garbage.onnx":
+        (tmp_path / teacher).write_bytes(b"not a model")
+    r = subprocess.run([sys.executable, "-m", "crackcam.train.cli", "--model", "seg_tiny", "--data", str(data),
+                        "--teacher", str(tmp_path / teacher), "--out", str(tmp_path / "st")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and teacher in lines[0], r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,5 +1,6 @@
 """``crack-train``: train a crack classifier on one bit per tile (or per image), validate every epoch, save a
-run folder (see docs/training.md).  ``--model upcracknet`` hands over to :mod:`crackcam.train.upcracknet`.
+run folder (see docs/training.md).  ``--model upcracknet`` hands over to :mod:`crackcam.train.upcracknet`;
+``--model seg_tiny|seg_lite0`` to :mod:`crackcam.train.distill` (a segmenter from the ``--teacher``'s pseudo-masks).
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ def train_cmd(
                                               "masks_multiclass/, ignore/, clean_tiles/) or crack/ + no_crack/ "
                                               "folders; repeat --data to mix sets. Default: a tiny synthetic set "
                                               "drawn into OUT/synthetic_data"),
-    model: str = typer.Option("simple_cnn", "--model", help="a name from crackcam.models.list_models(), or upcracknet"),
+    model: str = typer.Option("simple_cnn", "--model", help="a name from crackcam.models.list_models() (classifiers; "
+                              "seg_tiny / seg_lite0 distil a segmenter from --teacher), or upcracknet"),
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
     epochs: int = typer.Option(0, "--epochs", help="0 = auto: about 24k tile presentations (12k with ImageNet weights), 4..40 epochs (8 on the synthetic default set)"),
     batch: int = typer.Option(0, "--batch", help="0 = auto: 64 from 1000 training tiles, 32 from 400, else 16"),
