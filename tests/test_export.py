@@ -429,12 +429,14 @@ def test_refine_recipe_exports_the_cam_and_carries_the_refinement(tmp_path):
     recipe = {"method": "refine-gradcam++", "refine": refine, "threshold": 0.34, "postprocess": pp_ref, "gate": 0.5,
               "layers": None,
               "candidates": {"gradcam++": {"threshold": 0.11, "postprocess": pp_raw, "gate": 0.5, "layers": None},
-                             "layercam": {"threshold": 0.2, "postprocess": pp_raw, "gate": 0.6, "layers": None}}}
+                             "layercam": {"threshold": 0.2, "postprocess": pp_raw, "gate": 0.6, "layers": None}},
+              "masks_used": 12}
     run = _make_run(tmp_path / "run", recipe=recipe)
     r = _cli(["--checkpoint", run, "--no-verify"])
     assert r.exit_code == 0, r.output
     meta = md.get_metadata(run / "export" / "simple_cnn_gradcampp.onnx")
     assert meta["method"] == "gradcam++" and meta["threshold"] == 0.11 and meta["postprocess"]["min_area"] == 0
+    assert meta["masks_used"] == 12  # the recipe's mask count travels into the model file (issue 13)
     assert meta["refine"] == {"method": "refine-gradcam++", **refine, "threshold": 0.34, "postprocess": pp_ref}
     r = _cli(["--checkpoint", run, "--no-verify", "--method", "layercam"])  # another calibrated candidate
     meta = md.get_metadata(run / "export" / "simple_cnn_layercam.onnx")

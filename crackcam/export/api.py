@@ -212,6 +212,8 @@ def export_checkpoint(run_dir, out=None, settings: ExportSettings | None = None,
             log(f"crack-export: {config.get('model')} pools the top-k positions (k depends on the size): fixed "
                 f"input {settings.height}x{settings.width}")
         graph, meta = build_cam_graph(model, config, settings, recipe)
+    if recipe.get("masks_used") is not None:  # how many masked validation images the recipe was chosen on
+        meta["masks_used"] = int(recipe["masks_used"])
     out = Path(out) if out else default_out(run_dir, meta, "onnx")
     return write_verified_onnx(graph, out, meta, exporter=settings.exporter, opset=settings.opset,
                                batch=settings.batch, height=settings.height, width=settings.width, tile=tile,

@@ -57,6 +57,4 @@ def build_segmenter_graph(model, config: dict, recipe: dict, settings) -> tuple:
     if profiles:
         meta["profiles"] = profiles
     meta["teacher"] = config.get("teacher")
-    if recipe.get("masks_used") is not None:
-        meta["masks_used"] = recipe["masks_used"]
     return graph, meta
