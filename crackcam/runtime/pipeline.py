@@ -34,7 +34,8 @@ from . import survey as S
 from .meta import ModelFileError
 from .progress import bar as progress_bar
 from .sources import Frame, Source
-from .steps import FrameSteps, ModelSteps, model_refine_block, model_survey_block, post_config_dict  # noqa: F401
+from .steps import (FrameSteps, ModelSteps, model_refine_block, model_survey_block, pad_batch,  # noqa: F401
+                    post_config_dict)
 
 _END = object()
 
@@ -450,14 +451,6 @@ def frame_record(fr: Frame, r, steps: FrameSteps, *, mm_per_px: float | None = N
     return rec
 
 
-def pad_batch(arr: np.ndarray, fixed_batch: int | None) -> np.ndarray:
-    """Zero frames appended up to a fixed-batch graph's size (their outputs are dropped)."""
-    n = len(arr)
-    if fixed_batch and n < fixed_batch:
-        arr = np.concatenate([arr, np.zeros((fixed_batch - n,) + arr.shape[1:], arr.dtype)])
-    return arr
-
-
 def finish_frame(fr: Frame, steps: FrameSteps, plan, probs, maps, infer_s: float, t0: float, *, out: Path, save,
                  source_kind: str, source_root: str | None, mm_per_px=None, gps=None, gps_method: str = "linear",
                  gps_max_gap: float = 5.0):
@@ -473,21 +466,6 @@ def finish_frame(fr: Frame, steps: FrameSteps, plan, probs, maps, infer_s: float
     rec["post_ms"] = round((t2 - t) * 1000, 3)
     rec["ms"] = round((t2 - t0) * 1000, 3)
     return rec, r.post
-
-
-def infer_tiles(session, tiles: list, batch: int, fixed_batch: int | None = None) -> tuple[list, list, float]:
-    """Run one frame's tiles through the session in chunks of ``batch`` (padded to a fixed-batch graph's size);
-    ``(probs, maps, seconds)``.  The local pipeline batches tiles across frames in its inference thread instead."""
-    probs, maps, secs = [], [], 0.0
-    for k in range(0, len(tiles), batch):
-        n = len(tiles[k:k + batch])
-        arr = pad_batch(np.stack(tiles[k:k + batch]), fixed_batch)
-        t = time.perf_counter()
-        p, m = session.run(arr)
-        secs += time.perf_counter() - t
-        probs += [float(x) for x in p[:n]]
-        maps += [np.array(x, np.float32, copy=True) for x in m[:n]]
-    return probs, maps, secs
 
 
 def save_frame_images(out: Path, fr: Frame, res, steps: FrameSteps, save, source_kind: str,

@@ -3,7 +3,7 @@
 Frames are read and decoded in Ray tasks; inference and the frame steps run in an actor pool (one ONNX Runtime
 session per actor: a GPU per actor where the cluster has as many, CPU otherwise); the driver alone appends to
 ``results.jsonl``.  The per-frame work is the local pipeline's own (:func:`crackcam.runtime.pipeline.build_model_steps`,
-:func:`~crackcam.runtime.pipeline.infer_tiles`, :func:`~crackcam.runtime.pipeline.finish_frame`,
+:func:`~crackcam.runtime.steps.infer_tiles`, :func:`~crackcam.runtime.pipeline.finish_frame`,
 :func:`~crackcam.runtime.pipeline.run_summary`; frames read by the local source's own loader), so the files and their schema are the same: results.jsonl,
 masks / overlays / skeletons, summary.json, cracks.geojson.
 
@@ -30,9 +30,10 @@ from . import geo, sinks
 from .imageio import BadInputError
 from .meta import BackendUnavailable
 from .optional import OptionalBroken, import_optional
-from .pipeline import build_model_steps, finish_frame, infer_tiles, run_summary
+from .pipeline import build_model_steps, finish_frame, run_summary
 from .progress import bar as progress_bar
 from .sources import Frame, ImageListSource, SourceStats, open_source
+from .steps import infer_tiles
 
 RAY_HINT = "pip install 'crackcam[cluster]'"
 

@@ -11,6 +11,7 @@ runtime runs (tests/test_survey.py pins the two together).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import cv2
@@ -20,7 +21,8 @@ from . import survey as S
 from .cues import RefineConfig, refine
 from .postprocess import PostProcessConfig, PostResult, postprocess
 
-__all__ = ["FrameSteps", "FrameResult", "model_refine_block", "model_survey_block", "post_config_dict"]
+__all__ = ["FrameSteps", "FrameResult", "infer_tiles", "model_refine_block", "model_survey_block", "pad_batch",
+           "post_config_dict"]
 
 
 def model_refine_block(meta) -> dict | None:
@@ -203,14 +205,29 @@ class FrameSteps:
         plan = S.plan_frame(image_bgr.shape, self.survey, fixed)
         tiles = self.tiles(image_bgr, plan)
         nb = getattr(meta, "batch", None)
-        step = nb or batch or max(1, len(tiles))
-        probs, maps = [], []
-        for i in range(0, len(tiles), step):
-            chunk = np.stack(tiles[i:i + step])
-            n = len(chunk)
-            if nb and n < nb:  # a graph of fixed batch: pad with zeros
-                chunk = np.concatenate([chunk, np.zeros((nb - n,) + chunk.shape[1:], chunk.dtype)])
-            p, m = session.run(np.ascontiguousarray(chunk))
-            probs += [float(v) for v in np.asarray(p).reshape(-1)[:n]]
-            maps += [np.asarray(v, np.float32) for v in m[:n]]
+        probs, maps, _ = infer_tiles(session, tiles, nb or batch or max(1, len(tiles)), nb)
         return self.finish(image_bgr, plan, probs, maps, mm_per_px)
+
+
+def pad_batch(arr: np.ndarray, fixed_batch: int | None) -> np.ndarray:
+    """Zero frames appended up to a fixed-batch graph's size (their outputs are dropped)."""
+    n = len(arr)
+    if fixed_batch and n < fixed_batch:
+        arr = np.concatenate([arr, np.zeros((fixed_batch - n,) + arr.shape[1:], arr.dtype)])
+    return arr
+
+
+def infer_tiles(session, tiles: list, batch: int, fixed_batch: int | None = None) -> tuple[list, list, float]:
+    """Run one frame's tiles through ``session`` in chunks of ``batch`` (padded to a fixed-batch graph's size);
+    ``(probs, maps, seconds)``.  The maps are copies (a session may reuse its output buffers between calls).  The
+    local pipeline batches tiles across frames in its inference thread instead."""
+    probs, maps, secs = [], [], 0.0
+    for k in range(0, len(tiles), batch):
+        n = len(tiles[k:k + batch])
+        arr = pad_batch(np.ascontiguousarray(np.stack(tiles[k:k + batch])), fixed_batch)
+        t = time.perf_counter()
+        p, m = session.run(arr)
+        secs += time.perf_counter() - t
+        probs += [float(x) for x in np.asarray(p).reshape(-1)[:n]]
+        maps += [np.array(x, np.float32, copy=True) for x in m[:n]]
+    return probs, maps, secs

@@ -28,15 +28,12 @@ class SegPredictor:
 
     def __call__(self, image: np.ndarray) -> dict:
         from crackcam.runtime import survey as S
+        from crackcam.runtime.steps import infer_tiles
 
         bgr = np.ascontiguousarray(image[..., ::-1])
         plan = S.plan_frame(bgr.shape, self.survey, None)
         tiles = S.cut_tiles(bgr, plan)
-        probs, maps = [], []
-        for i in range(0, len(tiles), 8):
-            p, m = self.session.run(np.stack(tiles[i:i + 8]))
-            probs += [float(v) for v in p]
-            maps += list(m.astype(np.float32))
+        probs, maps, _ = infer_tiles(self.session, tiles, 8)
         return {"plan": plan, "bgr": bgr, "probs": probs, "maps": {METHOD: maps}}
 
     def frame(self, res: dict, method: str = METHOD, refine=None):
