@@ -24,7 +24,6 @@ import numpy as np
 from crackcam.runtime.imageio import BadInputError, read_image, read_mask
 from crackcam.runtime.sessions import open_session
 from crackcam.runtime.steps import ModelSteps
-from crackcam.runtime.survey import roi_mask
 
 from .bench_runtime import DEFAULT_MODEL, bench_fps
 from .metrics import BinaryScorer
@@ -32,7 +31,7 @@ from .metrics import BinaryScorer
 
 def val_f1(model: Path, roots: list[str], limit: int | None = None) -> dict:
     """Pixel F1 at t=0 / t=2 per data set on the validation split, through the model's frame steps."""
-    from crackcam.train.data import list_items
+    from crackcam.train.data import list_items, scored_pixels
 
     sess = open_session(model, log=lambda s: None)
     steps = ModelSteps(sess.meta)
@@ -49,11 +48,7 @@ def val_f1(model: Path, roots: list[str], limit: int | None = None) -> dict:
             bgr = np.ascontiguousarray(rgb[..., ::-1])
             st = steps.for_shape(bgr.shape)
             res = st.process(sess, bgr)
-            valid = roi_mask(gt.shape, st.survey)
-            if it.ignore is not None:
-                ign = read_mask(it.ignore, gt.shape)
-                valid = ~ign if valid is None else valid & ~ign
-            sc.add(res.post.mask, gt, it.image.name, valid)
+            sc.add(res.post.mask, gt, it.image.name, scored_pixels(it, gt.shape, st.survey))
         out[Path(root).name] = {"f1_t0": round(sc.figures(0)["f1"], 4), "f1_t2": round(sc.figures(2)["f1"], 4),
                                 "images": len(sc.per_image)}
     return out

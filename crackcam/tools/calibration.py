@@ -124,14 +124,6 @@ def _read_cache(path: Path, key: str):
     return rows, s2, {m: s2[i] for m, i in d["bpm"].items()}, d["items"], d["stems"], d["sec"]
 
 
-def _valid(it, shape, survey):
-    roi = roi_mask(shape, survey)
-    ign = read_mask(it.ignore, shape) if it.ignore is not None else None
-    if ign is None:
-        return roi
-    return ~ign if roi is None else (roi & ~ign)
-
-
 def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, layers: str | None = None,
               mode: str = "tiles", tile: int | None = None, gate: float | None = None, budget: float = 0.05,
               frame_budget: float = 0.20, min_detection: float = 0.90, survey: dict | None = None,
@@ -140,7 +132,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     """Search the recipe on the validation split(s); write ``checkpoint/recipe.json`` (or ``out``).
     ``quick``: a smaller grid (2 gates, 2 refinements, fewer post-processing settings) for the demo and tests."""
     from crackcam.models.checkpoint import read_config
-    from crackcam.train.data import list_items
+    from crackcam.train.data import list_items, scored_pixels
 
     if checkpoint is None:
         raise CalibrationError("calibrate needs --checkpoint DIR (a crack-train run folder)")
@@ -232,8 +224,8 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             try:
                 img = read_image(it.image)
                 gt = None if it.is_tile else read_mask(it.mask, img.shape[:2])
-                v_roi = None if it.is_tile else _valid(it, img.shape[:2], sv0)
-                v_no = None if it.is_tile else _valid(it, img.shape[:2], _no_roi(sv0))
+                v_roi = None if it.is_tile else scored_pixels(it, img.shape[:2], sv0)
+                v_no = None if it.is_tile else scored_pixels(it, img.shape[:2], _no_roi(sv0))
             except BadInputError as exc:
                 log(f"skipped {exc}")
                 continue

@@ -239,17 +239,6 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
     return job
 
 
-def _valid_mask(it, shape, survey) -> np.ndarray | None:
-    """Pixels that count: inside the ROI and outside ``ignore/`` (None = every pixel)."""
-    from crackcam.runtime.survey import roi_mask
-
-    valid = roi_mask(shape, survey)
-    if it.ignore is not None:
-        ign = read_mask(it.ignore, shape)
-        valid = ~ign if valid is None else (valid & ~ign)
-    return valid
-
-
 N_WORST = 8
 
 
@@ -266,6 +255,8 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     Pixel figures skip ``ignore/`` pixels and pixels outside the ROI; frames of a data set with frame classes
     (PaveSeg ``labels.csv``) also give the frame-level detection and false-alarm rates, and its clean tiles the
     share flagged (each tile run as crack-run runs an image file)."""
+    from crackcam.train.data import scored_pixels
+
     recipe = read_recipe(checkpoint, recipe_path)
     if method is None:
         if recipe is None:
@@ -324,7 +315,7 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
         for j in todo:
             st = j.state
             v = j.variant(img.shape)
-            valid = _valid_mask(it, img.shape[:2], v.survey) if gt is not None else None
+            valid = scored_pixels(it, img.shape[:2], v.survey) if gt is not None else None
             t0 = time.perf_counter()
             m, prob = v.fn(img)
             m = np.asarray(m, np.float32)

@@ -172,6 +172,18 @@ class Item:
         return self.image_label == "clean_tile"
 
 
+def scored_pixels(it: Item, shape, survey) -> np.ndarray | None:
+    """The pixels of ``it`` that pixel scores count: inside the ROI of ``survey`` (a ``SurveyConfig``) and outside
+    its ``ignore/`` mask (None = every pixel).  Evaluation, calibration and the distillation's validation use it."""
+    from crackcam.runtime.survey import roi_mask
+
+    valid = roi_mask(shape, survey)
+    if it.ignore is not None:
+        ign = read_mask(it.ignore, shape)
+        valid = ~ign if valid is None else (valid & ~ign)
+    return valid
+
+
 def detect_layout(root: str | os.PathLike) -> str:
     root = Path(root)
     if not root.exists():

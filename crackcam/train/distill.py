@@ -176,10 +176,7 @@ class Validator:
                 try:
                     img = read_image(it.image)
                     gt = read_mask(it.mask, img.shape)
-                    valid = S.roi_mask(img.shape[:2], survey)
-                    if it.ignore is not None:
-                        ign = read_mask(it.ignore, img.shape)
-                        valid = ~ign if valid is None else valid & ~ign
+                    valid = D.scored_pixels(it, img.shape[:2], survey)
                 except BadInputError as exc:
                     log(f"distill: validation skips {exc}")
                     continue
