@@ -9,13 +9,14 @@ block saying what the calibration saw.
 
 from __future__ import annotations
 
-import json
-import os
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from crackcam.models.checkpoint import atomic_write_bytes
+
+from . import metadata as md
 from .onnx_export import ExportError
 
 
@@ -91,13 +92,12 @@ def quantize_int8(fp32_path: Path, out: Path, calib: Path, limit: int = 32, floa
                                               quant_pre_process, quantize_static)
     except ImportError as exc:
         raise ExportError(f"int8 needs onnx and onnxruntime's quantization tools ({exc})") from None
-    from crackcam.runtime.meta import META_KEY
-
     proto = onnx.load(str(fp32_path))
     props = {p.key: p.value for p in proto.metadata_props}
-    if META_KEY not in props:
-        raise ExportError(f"{fp32_path}: no crackcam metadata")
-    meta = json.loads(props[META_KEY])
+    try:
+        meta = md.get_metadata(proto)
+    except ValueError as exc:
+        raise ExportError(f"{fp32_path}: {exc}") from None
     batches, split = calibration_tiles(meta, calib, limit=limit)
 
     class Reader(CalibrationDataReader):
@@ -129,18 +129,13 @@ def quantize_int8(fp32_path: Path, out: Path, calib: Path, limit: int = 32, floa
                            "MinMax)", "fp32": Path(fp32_path).name, "float_convs": keep_float}
         meta = {**meta, "int8": block}
         del q.metadata_props[:]
-        for k, v in props.items():
-            e = q.metadata_props.add()
-            e.key, e.value = k, (json.dumps(meta) if k == META_KEY else v)
+        for k, v in props.items():  # the fp32 graph's entries, then ours with its int8 block
+            if k != md.METADATA_KEY:
+                e = q.metadata_props.add()
+                e.key, e.value = k, v
+        md.set_metadata(q, meta)
         out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, part = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=str(out.parent))
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(q.SerializeToString())
-        os.replace(part, out)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(out, 0o666 & ~umask)  # mkstemp made it private; a model file is for everyone who runs it
+        atomic_write_bytes(out, q.SerializeToString())
     log(f"int8 graph → {out} (calibrated on {block['tiles']} tiles of {block['images']} images of "
         f"{calib})")
     return block
