@@ -129,15 +129,14 @@ def _work(a: np.ndarray, shape: tuple, interp=cv2.INTER_AREA) -> np.ndarray:
     return cv2.resize(a, (w, h), interpolation=interp)
 
 
-def gate_map(plan: S.FramePlan, tile_probs, gate: float) -> np.ndarray:
-    """Work-scale bool map of the tiles whose probability reaches ``gate`` (all True when gate is 0)."""
+def gate_map(plan: S.FramePlan, tile_probs, survey: S.SurveyConfig) -> np.ndarray:
+    """Work-scale bool map of the tiles the survey's per-tile gate lets through (:func:`survey.tile_keep`, the rule
+    the frame steps apply)."""
     h, w = plan.work_shape
-    if gate <= 0:
-        return np.ones((h, w), bool)
     m = np.zeros(plan.padded_shape, bool)
     th, tw = plan.tile
-    for (y, x), p in zip(plan.coords, np.asarray(tile_probs).reshape(-1)):
-        if p >= gate:
+    for (y, x), keep in zip(plan.coords, S.tile_keep(plan, tile_probs, survey)):
+        if keep:
             m[y:y + th, x:x + tw] = True
     return m[:h, :w]
 
@@ -159,8 +158,7 @@ class Teacher:
         st = self.steps.for_shape(bgr.shape)
         res = st.process(self.session, bgr)
         return {"map": res.map, "binary": res.post.mask, "threshold": float(st.post.threshold),
-                "plan": res.plan, "tile_probs": res.tile_probs, "gate": float(st.survey.gate), "survey": st.survey,
-                "cracked": bool(res.cracked)}
+                "plan": res.plan, "tile_probs": res.tile_probs, "survey": st.survey}
 
 
 def resolve_teacher(teacher: str | Path | None) -> Path:
@@ -233,7 +231,7 @@ def make_pseudo_masks(items_by_set: dict[str, list], out: Path, teacher_fn, tile
                     thr, gate = t["threshold"], None
                 else:
                     score, thr, binary = student_fn(wimg)
-                    gate = gate_map(plan, t["tile_probs"], t["gate"])
+                    gate = gate_map(plan, t["tile_probs"], t["survey"])
                 lab = pseudo_labels(score, binary, thr, negative=is_negative(it), valid=valid_w, tiles=tiles,
                                     cue=C.cue(wimg, "blackhat"), gate=gate, rule=rule)
             except BadInputError as exc:
