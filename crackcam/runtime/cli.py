@@ -243,19 +243,20 @@ def _run_ray(model, source, out, log, *, gps, address, workers, resume, max_fram
     except RoiError as e:
         _err(f"--roi: {e}")
     except OutputWriteError as e:
-        _err(f"{e.filename}: {e.strerror}; stopped cleanly, the records in {out}/results.jsonl are intact; make "
-             f"room and run the same command again to resume", 3)
+        _err(storage_line(e, out, None, kept=f"the records in {out}/results.jsonl are intact"), 3)
     except Exception as e:  # noqa: BLE001 - a cluster error: one line
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         _err(f"--engine ray: run failed ({type(e).__name__}: {first}); summary in {out}/summary.json", 1)
     typer.echo(format_summary(summary))
 
 
-def storage_line(e, out: Path, pipe) -> str:
-    """The one line for an output that cannot be written (exit 3)."""
+def storage_line(e, out: Path, pipe, kept: str | None = None) -> str:
+    """The one line for an output that cannot be written (exit 3), for either engine (``kept``: what the run kept,
+    when the caller knows better than ``pipe``)."""
     what = "the disk is full" if e.disk_full else "the output folder is read-only" if e.read_only else "a write failed"
     n = pipe.summary["frames"] if pipe is not None and pipe.summary else 0
-    kept = f"{n} new frame(s) in {out}/results.jsonl are intact" if pipe is not None else "nothing new was written"
+    if kept is None:
+        kept = f"{n} new frame(s) in {out}/results.jsonl are intact" if pipe is not None else "nothing new was written"
     summ = "" if pipe is None or pipe.summary_written else " (summary.json not written)"
     return (f"{e.filename}: {e.strerror}: {what}; stopped cleanly, {kept}{summ}; "
             f"make room and run the same command again to resume")
