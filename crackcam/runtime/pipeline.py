@@ -311,20 +311,8 @@ class Pipeline:
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         cfg = self.cfg
-        done = sinks.read_keys(self.results_path) if cfg.resume else set()
-        if not cfg.resume and self.results_path.exists():
-            try:
-                self.results_path.unlink()
-            except OSError as e:
-                raise sinks.OutputWriteError(self.results_path, e) from None
-        if done and self.source.live:
-            done = set()  # live frames are never the same twice; keep appending
-        if done:
-            self.log(f"crack-run: resuming: {len(done)} frames already in {self.results_path}")
+        done = start_results(self.out, cfg.resume, self.log, live=self.source.live)
         skip = (lambda k: k in done) if done else None
-        stale = sinks.remove_stale_temps(self.out)
-        if stale:
-            self.log(f"crack-run: removed {stale} half-written temp file(s) a killed run left in {self.out}")
         jw = sinks.JsonlWriter(self.results_path, fsync_every=cfg.fsync_every)
         total = len(self.source)
         if total:
@@ -386,9 +374,7 @@ class Pipeline:
             summary["error"] = f"{type(self.error).__name__}: {self.error}"
         self.summary = summary
         try:
-            sinks.atomic_write_json(self.out / "summary.json", summary)
-            if self.cfg.gps is not None or self._n_geo:
-                geo.write_geojson(self.out / "cracks.geojson", self._feats)
+            write_run_files(self.out, summary, self._feats, geojson=self.cfg.gps is not None or bool(self._n_geo))
             self.summary_written = True
         except sinks.OutputWriteError as e:  # the disk is still full: results.jsonl is what counts
             self.summary_written = False
@@ -423,6 +409,34 @@ def build_model_steps(session, *, tile=None, overlap=None, max_side=None, survey
     except (ValueError, TypeError) as e:
         raise ModelFileError(session.path, f"crackcam metadata 'survey'/'postprocess' does not fit this "
                                            f"runtime or the options ({e})")
+
+
+def start_results(out: Path, resume: bool, log, live: bool = False) -> set[str]:
+    """The start of a run's output, for both engines: the keys already in ``out/results.jsonl`` (``resume``; none
+    for a live source, whose frames are never the same twice: it keeps appending), else the old file removed; temp
+    files a killed run left removed."""
+    results = Path(out) / "results.jsonl"
+    done = sinks.read_keys(results) if resume else set()
+    if not resume and results.exists():
+        try:
+            results.unlink()
+        except OSError as e:
+            raise sinks.OutputWriteError(results, e) from None
+    if done and live:
+        done = set()
+    if done:
+        log(f"crack-run: resuming: {len(done)} frames already in {results}")
+    stale = sinks.remove_stale_temps(out)
+    if stale:
+        log(f"crack-run: removed {stale} half-written temp file(s) a killed run left in {out}")
+    return done
+
+
+def write_run_files(out: Path, summary: dict, feats: list, geojson: bool) -> None:
+    """``summary.json`` and (with a GPS track, or located records from earlier runs) ``cracks.geojson``."""
+    sinks.atomic_write_json(Path(out) / "summary.json", summary)
+    if geojson:
+        geo.write_geojson(Path(out) / "cracks.geojson", feats)
 
 
 # The per-frame record, the frame's images and the run summary: one implementation for the local pipeline and the

@@ -30,7 +30,7 @@ from . import geo, sinks
 from .imageio import BadInputError
 from .meta import BackendUnavailable
 from .optional import OptionalBroken, import_optional
-from .pipeline import build_model_steps, finish_frame, run_summary
+from .pipeline import build_model_steps, finish_frame, run_summary, start_results, write_run_files
 from .progress import bar as progress_bar
 from .sources import Frame, ImageListSource, SourceStats, open_source
 from .steps import infer_tiles
@@ -181,9 +181,7 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
     except OSError as e:
         raise sinks.OutputWriteError(out, e) from None
     results = out / "results.jsonl"
-    if not resume and results.exists():
-        results.unlink()
-    done = sinks.read_keys(results) if resume else set()
+    done = start_results(out, resume, log)
     stats = SourceStats()
     rows = []
     for i, p in enumerate(src.paths):
@@ -193,11 +191,6 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
             rows.append({"index": i, "path": str(p), "key": str(p)})
     if max_frames is not None:
         rows = rows[:max_frames]
-    if done:
-        log(f"crack-run: resuming: {len(done)} frames already in {results}")
-    stale = sinks.remove_stale_temps(out)
-    if stale:
-        log(f"crack-run: removed {stale} half-written temp file(s) a killed run left in {out}")
 
     for name in ("ray", "ray.data"):  # the run says what it does; Ray's INFO lines would drown it
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -279,9 +272,7 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
               "ray_first_record_s": round(t_first - t_start, 3) if t_first else None},
         tail={"batch": job.batch, "threshold": job.threshold, "interrupted": interrupted,
               "stopped_reason": None if error is None else f"{type(error).__name__}: {error}"})
-    sinks.atomic_write_json(out / "summary.json", summary)
-    if job.gps is not None or feats:
-        geo.write_geojson(out / "cracks.geojson", feats)
+    write_run_files(out, summary, feats, geojson=job.gps is not None or bool(feats))
     if error is not None:
         raise error
     return summary
