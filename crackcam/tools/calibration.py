@@ -25,15 +25,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from crackcam.runtime import cues as C
 from crackcam.runtime.imageio import BadInputError, read_image, read_mask
 from crackcam.runtime.postprocess import PostProcessConfig, postprocess, remove_wide, skeleton_length
 from crackcam.runtime.steps import FrameSteps
-from crackcam.runtime.survey import SurveyConfig, decide_frame, roi_mask
+from crackcam.runtime.survey import SurveyConfig, decide_frame, roi_mask, work_scale
 from crackcam.tools import methods as M
 from crackcam.tools.metrics import Counts, MapScorer, binary_counts
+from crackcam.train.data import TileRule, scaled_mask, tile_labels
 
 RECIPE = "recipe.json"
 GATES = (0.0, 0.3, 0.5, 0.7, 0.85)
@@ -49,6 +51,13 @@ PP_GRID = ((0, 0, 0.0), (50, 0, 0.0), (150, 0, 0.0), (50, 1, 0.0), (0, 0, 0.3), 
 MIN_LENGTHS = (0, 25, 50, 100, 200, 400)
 MAX_WIDTHS = (0.0, 12.0, 20.0, 32.0)  # px at frame size: components wider on average are not cracks (0 = off)
 TOP_K = 4
+CRACK_SHARES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)  # the mask-free pixel estimate's expected crack share of a
+#                                                  crack tile (one of them is the objective: MASK_FREE below)
+PROFILE_MIN_IMAGES = 10  # a data set gets its own camera profile only when scored on this many masked images
+MASK_FREE: float | None = 0.04  # the objective of a data set with no masked image: None = tile-decision F1, else
+#   the estimated pixel F1 at this crack share.  0.04 won `mask_budget.objective_study` on the validation split of
+#   PaveSeg + DeepCrack (runs/sv5: mean validation pixel F1 of the mask-free choice 0.499, tile-decision F1 0.497;
+#   with 1 mask, PaveSeg mask-free: 0.483 vs 0.438) — see the README, section 8
 
 
 class CalibrationError(Exception):
@@ -66,6 +75,7 @@ class _Item:
     valid_noroi: np.ndarray | None  # valid pixels without it
     res: dict = field(default_factory=dict)  # CamPredictor output
     size: tuple = ()  # (H, W) of the image
+    tiles: "FrameTiles | None" = None  # the training rule's tile labels (frames with a mask)
 
 
 @dataclass
@@ -77,9 +87,10 @@ class _ItemMeta:
     size: tuple
     has_gt: bool
     label: str = ""
+    name: str = ""
 
 
-def _cache_key(checkpoint: Path, roots, sv0, cams, gates, limit, quick, layers) -> str:
+def _cache_key(checkpoint: Path, roots, sv0, cams, gates, limit, quick, layers, selections=None) -> str:
     w = checkpoint / "best.pt"
     st = w.stat() if w.is_file() else None
     return json.dumps({"weights": [str(w), st.st_size if st else None, st.st_mtime_ns if st else None],
@@ -87,7 +98,7 @@ def _cache_key(checkpoint: Path, roots, sv0, cams, gates, limit, quick, layers) 
                        else None, "roots": [str(Path(r).resolve()) for r in roots], "survey": sv0.to_dict(),
                        "cams": cams, "gates": list(gates), "limit": limit, "quick": quick, "layers": layers,
                        "grids": [REFINE_GRID, PP_GRID, THR_STEPS, MIN_LENGTHS, MAX_WIDTHS, TOP_K, list(C.CUES)],
-                       "version": 3}, sort_keys=True, default=str)
+                       "masks": selections, "version": 5}, sort_keys=True, default=str)
 
 
 def _strip(c: dict) -> dict:
@@ -128,25 +139,41 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
               mode: str = "tiles", tile: int | None = None, gate: float | None = None, budget: float = 0.05,
               frame_budget: float = 0.20, min_detection: float = 0.90, survey: dict | None = None,
               limit: int | None = None, out: Path | None = None, quick: bool = False, profile: bool = True,
-              labels: str = "masks", masks: int | None = None, seed: int = 0, log=print) -> dict:
-    """Search the recipe on the validation split(s); write ``checkpoint/recipe.json`` (or ``out``).
-    ``quick``: a smaller grid (2 gates, 2 refinements, fewer post-processing settings) for the demo and tests."""
+              labels: str = "masks", masks: int | None = None, seed: int = 0, budgets: list | None = None,
+              crack_share: float | None = None, log=print):
+    """Search the recipe on the validation split(s); write ``checkpoint/recipe.json`` (or ``out``) and return it.
+    ``quick``: a smaller grid (2 gates, 2 refinements, fewer post-processing settings) for the demo and tests.
+
+    Labels: with every mask (default) the objective is pixel F1.  ``masks=N`` uses the masks of N validation crack
+    frames only (seeded, spread over the data sets, the stems written in the recipe) and ``labels="tiles"`` none:
+    a data set with no masked image is scored by the **tile-decision F1** of its frames (the training tile rule
+    gives each tile its crack / crack-free bit: a crack tile must hold a crack pixel, a crack-free one none).  The
+    frame labels and clean tiles (false-alarm budget) are labels, so they count with any budget.
+    ``budgets``: several mask budgets (N, or None = all) searched in one pass over the maps; then ``out`` is a
+    folder and one ``recipe_m<N>.json`` per budget is written, and a dict {N: recipe} returned."""
     from crackcam.models.checkpoint import read_config
     from crackcam.train.data import list_items, scored_pixels
 
     if checkpoint is None:
         raise CalibrationError("calibrate needs --checkpoint DIR (a crack-train run folder)")
+    if labels not in ("masks", "tiles"):
+        raise CalibrationError(f"--labels must be masks or tiles, not {labels!r}")
+    if masks is not None and int(masks) < 0:
+        raise CalibrationError(f"--masks must be 0 or more, not {masks}")
     checkpoint = Path(checkpoint)
     try:
         config = read_config(checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         raise CalibrationError(str(exc)) from None
     if str(config.get("model", "")).startswith("upcracknet"):
+        if budgets is not None:
+            raise CalibrationError("several mask budgets in one search are implemented for classifier runs")
         return calibrate_restoration(checkpoint=checkpoint, config=config, data=data, methods=methods, limit=limit,
                                      out=out, labels=labels, masks=masks, seed=seed, log=log)
-    if labels != "masks" or masks is not None:
-        raise CalibrationError("--labels tiles / --masks N are implemented for UP-CrackNet runs so far; classifier "
-                               "runs calibrate on every masked validation image (issue 13)")
+    multi = budgets is not None
+    budget_list = list(budgets) if multi else [0 if labels == "tiles" else masks]
+    if not budget_list:
+        raise CalibrationError("no mask budget given")
     roots = _roots(data, config)
     tc = config.get("train_config", {})
     ws = config.get("work_scale") or {}
@@ -180,6 +207,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     pp_grid = PP_GRID if not quick else PP_GRID[:2] + PP_GRID[5:6]
     top_k = TOP_K if not quick else 2
     max_widths = MAX_WIDTHS if not quick else MAX_WIDTHS[:2]
+    rule = tile_rule_of(config)
     ctx = M.MethodContext(checkpoint=checkpoint, config=config,
                           layers=[s.strip() for s in layers.split(",")] if layers else None, survey=sv0.replace(gate=0.0))
     ctx._model = model
@@ -193,7 +221,24 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     else:
         preds = [M.CamPredictor(ctx, g) for g in groups.values()]
 
-    key = _cache_key(checkpoint, roots, sv0, cams, gates, limit, quick, ctx.layers)
+    # the validation images (their stems decide the mask choice, so they are listed before the search)
+    stems: dict[str, list[str]] = {}
+    all_items = []
+    for root in roots:
+        vi = list_items(root, "val", val_fraction=float(tc.get("val_fraction", 0.2)),
+                        split_seed=int(tc.get("split_seed", 0)))
+        vi = [it for it in vi if it.mask is not None or it.is_tile]
+        if limit:
+            vi = vi[:limit]
+        if not vi:
+            raise CalibrationError(f"{root}: no validation images with masks")
+        stems[root.name] = [it.image.name for it in vi]
+        all_items += [(root, it) for it in vi]
+    maskable = [(root.name, it.image.name) for root, it in all_items
+                if not it.is_tile and (it.image_label in (None, "crack"))]
+    selections = {_budget_key(b): mask_choice(maskable, b, seed) for b in budget_list}
+
+    key = _cache_key(checkpoint, roots, sv0, cams, gates, limit, quick, ctx.layers, selections)
     cache = checkpoint / ".calibration_cache.pkl"
     cached = _read_cache(cache, key)
     if cached is not None:
@@ -202,24 +247,13 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     else:
         # ---- 1. tile maps of every validation frame / clean tile
         items: list[_Item] = []
-        stems: dict[str, list[str]] = {}
         t0 = time.perf_counter()
         from crackcam.runtime.progress import progress
 
-        all_items = []
-        for root in roots:
-            vi = list_items(root, "val", val_fraction=float(tc.get("val_fraction", 0.2)),
-                            split_seed=int(tc.get("split_seed", 0)))
-            vi = [it for it in vi if it.mask is not None or it.is_tile]
-            if limit:
-                vi = vi[:limit]
-            if not vi:
-                raise CalibrationError(f"{root}: no validation images with masks")
-            stems[root.name] = [it.image.name for it in vi]
-            all_items += [(root, it) for it in vi]
         log(f"calibrate: {len(all_items)} validation images of {', '.join(str(r) for r in roots)} "
             f"({sum(it.is_tile for _, it in all_items)} clean tiles); CAM methods {cams}; gates {list(gates)}; "
-            f"survey {sv0.to_dict()}")
+            f"survey {sv0.to_dict()}; mask budgets "
+            + ", ".join(f"{k} ({len(v)} masked)" for k, v in selections.items()))
         for root, it in progress(all_items, desc="calibrate: validation maps", unit="img", every=25):
             try:
                 img = read_image(it.image)
@@ -239,141 +273,489 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             res["cues"] = {c: C.cue(img, c).astype(np.float16) for c in C.CUES}
             label = it.image_label or ("clean_tile" if it.is_tile else ("crack" if gt is not None and gt.any()
                                                                          else "no_crack"))
-            items.append(_Item(root.name, it.image.name, it.is_tile, label, gt, v_roi, v_no, res, tuple(img.shape[:2])))
+            tl = None if gt is None else frame_tiles(gt, rule, work_scale(*img.shape[:2], sv0.scale, sv0.max_side),
+                                                     roi_mask(img.shape[:2], sv0))
+            items.append(_Item(root.name, it.image.name, it.is_tile, label, gt, v_roi, v_no, res, tuple(img.shape[:2]),
+                               tl))
         sec = (time.perf_counter() - t0) / max(1, len(items))
         if not any(x.gt is not None and x.gt.any() for x in items):
             raise CalibrationError("no validation image with a crack could be read")
         sets = sorted({x.set_name for x in items})
+        gt_pos = {i: k for k, i in enumerate(i for i, x in enumerate(items) if x.gt is not None)}
+        views = {bk: _BudgetView(items, gt_pos, sel) for bk, sel in selections.items()}
 
-        # ---- 2. frame maps per (method, gate, refinement, ROI use) → pixel ODS per set
+        # ---- 2. frame maps per (method, gate, refinement, ROI use) → threshold-free ODS per set and budget
         stage2 = []
         combos = [(m, g, r, u) for m in cams for g in gates for r in refine_grid for u in roi_choices]
-        for m, g, r, use_roi in progress(combos, desc="calibrate: gates x refinements", unit="combo", every=10):
-            sv = sv0.replace(gate=g) if use_roi else _no_roi(sv0.replace(gate=g))
-            steps = FrameSteps(sv, C.RefineConfig(**r) if r else None, PostProcessConfig(skeleton=False))
-            maps = []
+
+        def score2(get_map, use_roi):
+            """{budget: {ods, ods_mean, thr_by_set}} of one candidate's frame maps."""
             scorers = {s: MapScorer(N_BINS, (0,)) for s in sets}
-            for x in items:
-                fm, prob, _ = steps.frame_map(x.res["bgr"], x.res["plan"], x.res["probs"],
-                                              [mm.astype(np.float32) for mm in x.res["maps"][m]])
+            tstats = {}
+            maps = []
+            for i, x in enumerate(items):
+                fm = get_map(x)
                 maps.append(fm.astype(np.float16))
                 if x.gt is not None:
                     scorers[x.set_name].add(fm, x.gt, x.name, x.valid_roi if use_roi else x.valid_noroi)
-            ods = {s: scorers[s].ods(0) for s in sets if len(scorers[s])}
-            score = float(np.mean([o["f1"] for o in ods.values()]))
-            thr0 = float(np.median([o["threshold"] for o in ods.values()]))
-            stage2.append({"method": m, "gate": g, "refine": r, "roi": use_roi, "ods": {s: round(o["f1"], 4)
-                          for s, o in ods.items()}, "ods_mean": round(score, 4), "ods_thr": thr0,
-                           "thr_by_set": {s: o["threshold"] for s, o in ods.items()}, "maps": maps, "survey": sv})
-            # keep memory flat: only the best TOP_K per method keep their maps
+                    tstats[i] = tile_rcum(tile_max(fm, x.tiles), x.tiles, use_roi, N_BINS)
+            out_ = {}
+            for bk, v in views.items():
+                ods, thr = {}, {}
+                for s in sets:
+                    if v.masked_local[s]:
+                        o = scorers[s].ods(0, v.masked_local[s])
+                        ods[s], thr[s] = o["f1"], o["threshold"]
+                    elif v.unmasked[s]:
+                        f, t_ = tile_ods([tstats[i] for i in v.unmasked[s]], N_BINS)
+                        ods[s], thr[s] = f, t_
+                out_[bk] = {"ods": {s: round(f, 4) for s, f in ods.items()},
+                            "ods_mean": round(float(np.mean(list(ods.values()))), 4), "thr_by_set": thr}
+            return maps, out_
+
+        def entry(maps, by, **kw):
+            p = by[next(iter(by))]
+            return {**kw, "ods": p["ods"], "ods_mean": p["ods_mean"], "thr_by_set": p["thr_by_set"],
+                    "by_budget": by, "maps": maps}
+
+        for m, g, r, use_roi in progress(combos, desc="calibrate: gates x refinements", unit="combo", every=10):
+            sv = sv0.replace(gate=g) if use_roi else _no_roi(sv0.replace(gate=g))
+            steps = FrameSteps(sv, C.RefineConfig(**r) if r else None, PostProcessConfig(skeleton=False))
+
+            def fmap(x, steps=steps, m=m):
+                return steps.frame_map(x.res["bgr"], x.res["plan"], x.res["probs"],
+                                       [mm.astype(np.float32) for mm in x.res["maps"][m]])[0]
+            maps, by = score2(fmap, use_roi)
+            stage2.append(entry(maps, by, method=m, gate=g, refine=r, roi=use_roi, survey=sv))
+            # keep memory flat: only the best few per method and budget keep their maps
             mine = [c for c in stage2 if c["method"] == m]
-            keep = {id(c) for c in sorted(mine, key=lambda c: -c["ods_mean"])[:top_k]}
-            for s_ in sets:
-                keep |= {id(c) for c in sorted(mine, key=lambda c: -c["ods"].get(s_, 0.0))[:max(1, top_k // 2)]}
+            keep = set()
+            for bk in views:
+                keep |= {id(c) for c in sorted(mine, key=lambda c: -c["by_budget"][bk]["ods_mean"])[:top_k]}
+                for s_ in sets:
+                    keep |= {id(c) for c in sorted(mine, key=lambda c: -c["by_budget"][bk]["ods"].get(s_, 0.0))
+                             [:max(1, top_k // 2)]}
             for c in mine:
                 if id(c) not in keep:
                     c["maps"] = None
         for cname in C.CUES:  # the learning-free floor, calibrated alike (reported, never chosen)
             for use_roi in roi_choices:
                 sv = sv0.replace(gate=0.0) if use_roi else _no_roi(sv0.replace(gate=0.0))
-                maps, scorers = [], {s_: MapScorer(N_BINS, (0,)) for s_ in sets}
-                for x in items:
+
+                def cmap(x, sv=sv, cname=cname):
                     fm = x.res["cues"][cname].astype(np.float32)
                     roi = roi_mask(fm.shape, sv)
-                    if roi is not None:
-                        fm = fm * roi
-                    maps.append(fm.astype(np.float16))
-                    if x.gt is not None:
-                        scorers[x.set_name].add(fm, x.gt, x.name, x.valid_roi if use_roi else x.valid_noroi)
-                ods = {s_: scorers[s_].ods(0) for s_ in sets if len(scorers[s_])}
-                stage2.append({"method": cname, "learned": False, "gate": 0.0, "refine": None, "roi": use_roi,
-                               "ods": {s_: round(o["f1"], 4) for s_, o in ods.items()},
-                               "ods_mean": round(float(np.mean([o["f1"] for o in ods.values()])), 4),
-                               "thr_by_set": {s_: o["threshold"] for s_, o in ods.items()}, "maps": maps, "survey": sv})
+                    return fm * roi if roi is not None else fm
+                maps, by = score2(cmap, use_roi)
+                stage2.append(entry(maps, by, method=cname, learned=False, gate=0.0, refine=None, roi=use_roi,
+                                    survey=sv))
         best_per_method = {}
         for c in stage2:
             if c["method"] not in best_per_method or c["ods_mean"] > best_per_method[c["method"]]["ods_mean"]:
                 best_per_method[c["method"]] = c
         with_maps = [c for c in stage2 if c["maps"] is not None and c.get("learned", True)]
-        learned = sorted(with_maps, key=lambda c: -c["ods_mean"])[:top_k]
-        for s_ in sets:  # and the best few of each data set alone (candidates for its camera profile)
-            for c in sorted(with_maps, key=lambda c: -c["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
-                if all(c is not d for d in learned):
-                    learned.append(c)
-        floors = [max((c for c in stage2 if c["method"] == n), key=lambda c: c["ods_mean"]) for n in C.CUES]
-        finalists = learned + floors
+        thr_of: dict[str, dict[int, set]] = {bk: {} for bk in views}  # budget → candidate → its thresholds
+        finalists: list[dict] = []
+        for bk in views:
+            mine = sorted(with_maps, key=lambda c: -c["by_budget"][bk]["ods_mean"])[:top_k]
+            for s_ in sets:  # and the best few of each data set alone (candidates for its camera profile)
+                for c in sorted(with_maps, key=lambda c: -c["by_budget"][bk]["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
+                    if all(c is not d for d in mine):
+                        mine.append(c)
+            if bk == next(iter(views)):  # the learning-free floors (reported, never chosen): for the first budget
+                mine += [max((c for c in stage2 if c["method"] == n), key=lambda c: c["by_budget"][bk]["ods_mean"])
+                         for n in C.CUES]
+            for c in mine:
+                if all(c is not d for d in finalists):
+                    finalists.append(c)
+                thr_of[bk].setdefault(id(c), set()).update(
+                    _shift(t, d) for t in set(c["by_budget"][bk]["thr_by_set"].values()) for d in THR_STEPS)
         log("calibrate: best threshold-free ODS per method: " + ", ".join(
             f"{m} {c['ods_mean']:.3f} (gate {c['gate']}, refine {'-' if not c['refine'] else c['refine']['mode']})"
             for m, c in best_per_method.items()))
 
-        # ---- 3. thresholds x post-processing x min length → figures
+        # ---- 3. thresholds x post-processing x min length → per-image counts (pixels, tiles) and frame figures
+        # each budget chooses among its own finalists and thresholds only (what a search for it alone tries)
+        jobs = [(ci, t, [bk for bk, v in thr_of.items() if t in v.get(id(c), ())])
+                for ci, c in enumerate(finalists)
+                for t in sorted(set().union(*(v.get(id(c), set()) for v in thr_of.values())))]
+        global _S3
+        _S3 = {"items": items, "finalists": finalists, "gt_pos": gt_pos, "pp_grid": pp_grid,
+               "max_widths": max_widths}
         rows = []
-        for c in progress(finalists, desc="calibrate: thresholds x post-processing", unit="cand", every=1):
-            thrs = sorted({_shift(t, d) for t in set(c["thr_by_set"].values()) for d in THR_STEPS})
-            for t in thrs:
-                for ma, cr, hy in pp_grid:
-                    cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, hysteresis=hy, skeleton=True)
-                    counts = {w: {s_: Counts() for s_ in sets} for w in max_widths}
-                    lengths: dict = {w: [] for w in max_widths}
-                    for x, fm in zip(items, c["maps"]):
-                        pr = postprocess(np.asarray(fm, np.float32), cfg)
-                        v = (x.valid_roi if c["roi"] else x.valid_noroi) if x.gt is not None else None
-                        for w in max_widths:
-                            mk, sk = pr.mask, pr.skeleton
-                            if w > 0 and mk.any():
-                                mk, sk, _ = remove_wide(mk, w, sk)
-                            if x.gt is not None:
-                                counts[w][x.set_name] = counts[w][x.set_name] + binary_counts(mk, x.gt, 0, v)
-                            ln = pr.measures.get("length_px", 0.0) if sk is pr.skeleton else skeleton_length(sk)
-                            lengths[w].append((float(ln), bool(mk.any())))
-                    for w in max_widths:
-                        f1 = {s_: round(counts[w][s_].figures()["f1"], 4) for s_ in sets if counts[w][s_].gt > 0}
-                        for ml in MIN_LENGTHS:
-                            fig = _frame_figures(items, lengths[w], ml, c["survey"])
-                            rows.append({"cand": c, "threshold": t, "min_area": ma, "close_radius": cr, "hysteresis": hy,
-                                         "max_width": w, "min_length": ml, "f1": f1,
-                                         "f1_mean": round(float(np.mean(list(f1.values()))), 4), **fig,
-                                         "per_set": _frame_figures_per_set(items, lengths[w], ml, c["survey"])})
-        meta_items = [_ItemMeta(x.set_name, x.tile, x.size, x.gt is not None, x.label) for x in items]
+        workers = _workers(len(jobs) * len(pp_grid) * len(items))
+        log(f"calibrate: {len(finalists)} finalists, {len(jobs)} (finalist, threshold) pairs x {len(pp_grid)} "
+            f"post-processing settings on {workers} process(es)")
+        try:
+            if workers > 1:
+                import multiprocessing as mp
+
+                with mp.get_context("fork").Pool(workers) as pool:
+                    done = pool.imap(_stage3_job, jobs)
+                    for part in progress(done, total=len(jobs), desc="calibrate: thresholds x post-processing",
+                                         unit="thr", every=10):
+                        rows += part
+            else:
+                for job in progress(jobs, desc="calibrate: thresholds x post-processing", unit="thr", every=10):
+                    rows += _stage3_job(job)
+        finally:
+            _S3 = None
+        for r in rows:
+            r["cand"] = finalists[r["cand"]]
+        meta_items = [_ItemMeta(x.set_name, x.tile, x.size, x.gt is not None, x.label, x.name) for x in items]
         _write_cache(cache, key, rows, stage2, best_per_method, meta_items, stems, sec)
     items = meta_items
-    learned_rows = [r for r in rows if r["cand"].get("learned", True)]
-    n_crack = min((sum(1 for x in items if x.set_name == s_ and x.has_gt and not x.tile and x.label == "crack")
-                   for s_ in {x.set_name for x in items if x.label != "crack" and not x.tile}), default=None)
-    best, met, level = _choose(learned_rows, budget, frame_budget, min_detection, n_crack or None)
-    c = best["cand"]
+    gt_pos = {i: k for k, i in enumerate(i for i, x in enumerate(items) if x.has_gt)}
     n_frames = sum(not x.tile for x in items)
     n_tiles = sum(x.tile for x in items)
-    chosen_on = (f"validation split of {', '.join(r.name for r in roots)} ({n_frames} frames, {n_tiles} clean "
-                 f"tiles)")
-    recipe = {**_entry(best), "layers": ctx.layers,
-              "budget": {"clean_tiles": budget, "false_alarm_frames": frame_budget, "min_detection": min_detection,
-                         "met": met},
-              "objective": "best mean pixel F1 (t=0) over the data sets subject to the false-alarm budget; " + level,
-              "chosen_on": chosen_on, "masks_used": sum(1 for x in items if x.has_gt),
-              "val_images": stems, "val_seconds_per_image_all_maps": round(sec, 3),
-              "selection": "crack-eval calibrate (crackcam.tools.calibration)"}
-    profiles = _profiles(items, learned_rows, best, budget, frame_budget, min_detection) if profile else {}
-    if profiles:
-        recipe["profiles"] = profiles
-        recipe["profiles_note"] = ("per camera (frame size): the settings chosen on that data set's own validation "
-                                   "frames; frames of any other size use the top-level settings")
-    recipe["candidates"] = _candidates(rows, stage2, budget, frame_budget, min_detection)
-    recipe["threshold_free"] = [{k: c_[k] for k in ("method", "gate", "refine", "roi", "ods", "ods_mean")}
-                                for c_ in stage2]
-    target = Path(out) if out else checkpoint / RECIPE
-    if target.is_dir():
-        target = target / RECIPE
-    _write(target, recipe)
-    log(f"calibrate: {recipe['method']} gate {c['gate']} threshold {best['threshold']} post-processing "
-        f"{recipe['postprocess']} min length {best['min_length']} ROI {'on' if c['roi'] else 'off'} — val pixel F1 "
-        f"{best['f1']}, clean tiles flagged {best['clean_rate']}, crack-free frames flagged {best['frame_fa']}, "
-        f"crack frames detected {best['detection']} ({level}) → {target}")
-    for size, e in profiles.items():
-        log(f"calibrate: profile {size} ({e['chosen_on']}): {e['method']} threshold {e['threshold']} "
-            f"post-processing {e['postprocess']} refine {e['refine']} — val pixel F1 {e['val']['pixel_f1_t0']}, "
-            f"crack-free frames flagged {e['val']['false_alarm_frames']}, detected {e['val']['detection_rate']}")
-    return recipe
+    n_crack = _n_crack(items)
+    recipes = {}
+    share = MASK_FREE if crack_share is None else (None if crack_share == 0 else float(crack_share))
+    for bk, sel in selections.items():
+        view = _BudgetView(items, gt_pos, sel, share)
+        all_rows = [view.row(r) for r in rows if bk in r["budgets"]]
+        vrows = [r for r in all_rows if r["cand"].get("learned", True)]
+        best, met, level = _choose(vrows, budget, frame_budget, min_detection, n_crack or None)
+        c = best["cand"]
+        chosen_on = (f"validation split of {', '.join(r.name for r in roots)} ({n_frames} frames, {n_tiles} clean "
+                     f"tiles; {len(sel)} masked)")
+        recipe = {**_entry(best), "layers": ctx.layers,
+                  "budget": {"clean_tiles": budget, "false_alarm_frames": frame_budget,
+                             "min_detection": min_detection, "met": met},
+                  "objective": view.objective_text(rule) + " subject to the false-alarm budget; " + level,
+                  "chosen_on": chosen_on, "masks_used": len(sel), "labels": "tiles" if not sel else "masks",
+                  "mask_images": "all" if len(sel) == len(maskable) else sorted(f"{s}/{n}" for s, n in sel),
+                  "mask_seed": seed, "tile_rule": rule.as_dict(),
+                  "mask_free_objective": "tile-decision F1" if share is None else {"estimated pixel F1, crack share":
+                                                                                  share},
+                  "val_images": stems, "val_seconds_per_image_all_maps": round(sec, 3),
+                  "selection": "crack-eval calibrate (crackcam.tools.calibration)"}
+        # a camera profile is tuned on one data set alone: only from pixel F1 on enough masked images (mask-free
+        # or few-mask profiles overfit their objective — README section 8)
+        prof_sets = {s_ for s_ in view.sets if len(view.masked[s_]) >= PROFILE_MIN_IMAGES}
+        profiles = _profiles(items, vrows, best, budget, frame_budget, min_detection, prof_sets) if profile else {}
+        if profiles:
+            recipe["profiles"] = profiles
+            recipe["profiles_note"] = ("per camera (frame size): the settings chosen on that data set's own "
+                                       "validation frames; frames of any other size use the top-level settings")
+        if profile and set(view.sets) - prof_sets:
+            recipe["profiles_skipped"] = (f"no camera profile for {', '.join(sorted(set(view.sets) - prof_sets))}: "
+                                          f"fewer than {PROFILE_MIN_IMAGES} masked validation images")
+        recipe["candidates"] = _candidates(all_rows, stage2, budget, frame_budget, min_detection)
+        recipe["threshold_free"] = [{**{k: c_[k] for k in ("method", "gate", "refine", "roi")},
+                                     "ods": c_["by_budget"][bk]["ods"], "ods_mean": c_["by_budget"][bk]["ods_mean"]}
+                                    for c_ in stage2]
+        if multi:
+            target = Path(out or checkpoint / "mask_budget") / f"recipe_m{bk}.json"
+        else:
+            target = Path(out) if out else checkpoint / RECIPE
+            if target.is_dir():
+                target = target / RECIPE
+        _write(target, recipe)
+        log(f"calibrate [{bk} masks]: {recipe['method']} gate {c['gate']} threshold {best['threshold']} "
+            f"post-processing {recipe['postprocess']} min length {best['min_length']} ROI {'on' if c['roi'] else 'off'}"
+            f" — val {view.kind_text()} {best['f1']}, clean tiles flagged {best['clean_rate']}, crack-free frames "
+            f"flagged {best['frame_fa']}, crack frames detected {best['detection']} ({level}) → {target}")
+        for size, e in profiles.items():
+            log(f"calibrate: profile {size} ({e['chosen_on']}): {e['method']} threshold {e['threshold']} "
+                f"post-processing {e['postprocess']} refine {e['refine']} — val {e['val']}")
+        recipes[bk] = recipe
+    return recipes if multi else recipes[next(iter(recipes))]
+
+
+_S3: dict | None = None  # stage 3's inputs, read by the (forked) workers
+
+
+def _workers(n_evals: int) -> int:
+    """Stage-3 processes: CRACKCAM_CALIBRATE_WORKERS, else every core for a large search (fork keeps the maps
+    shared), one for a small one."""
+    import os
+
+    env = os.environ.get("CRACKCAM_CALIBRATE_WORKERS")
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise CalibrationError(f"CRACKCAM_CALIBRATE_WORKERS={env!r} is not a number") from None
+    if n_evals < 20000 or not hasattr(os, "fork"):
+        return 1
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _stage3_job(job) -> list[dict]:
+    """The rows of one (finalist, threshold): every post-processing setting, maximum width and minimum length,
+    with the per-image pixel / tile counts a mask budget scores them by ("cand" is the finalist's index)."""
+    ci, t, mine = job
+    S = _S3
+    items, c, gt_pos = S["items"], S["finalists"][ci], S["gt_pos"]
+    max_widths = S["max_widths"]
+    rows = []
+    for ma, cr, hy in S["pp_grid"]:
+        cfg = PostProcessConfig(threshold=t, min_area=ma, close_radius=cr, hysteresis=hy, skeleton=True)
+        pix = {w: np.zeros((len(gt_pos), 3), np.int64) for w in max_widths}  # pred, tp, gt
+        til = {w: np.zeros((len(gt_pos), 3), np.int64) for w in max_widths}  # tp, fp, fn tiles
+        shr = {w: np.zeros((len(gt_pos), len(CRACK_SHARES), 3)) for w in max_widths}  # per share ρ
+        lengths: dict = {w: [] for w in max_widths}
+        for i, (x, fm) in enumerate(zip(items, c["maps"])):
+            pr = postprocess(np.asarray(fm, np.float32), cfg)
+            v = (x.valid_roi if c["roi"] else x.valid_noroi) if x.gt is not None else None
+            for w in max_widths:
+                mk, sk = pr.mask, pr.skeleton
+                if w > 0 and mk.any():
+                    mk, sk, _ = remove_wide(mk, w, sk)
+                if x.gt is not None:
+                    k = binary_counts(mk, x.gt, 0, v)
+                    pix[w][gt_pos[i]] = (k.pred, k.tp_p, k.gt)
+                    tpx = tile_pixels(mk, x.tiles)
+                    til[w][gt_pos[i]] = tile_counts(tpx > 0, x.tiles, c["roi"])
+                    shr[w][gt_pos[i]] = share_counts(tpx, x.tiles, c["roi"])
+                ln = pr.measures.get("length_px", 0.0) if sk is pr.skeleton else skeleton_length(sk)
+                lengths[w].append((float(ln), bool(mk.any())))
+        for w in max_widths:
+            length_arr = np.array([ln for ln, _ in lengths[w]], np.float32)
+            for ml in MIN_LENGTHS:
+                rows.append({"cand": ci, "threshold": t, "min_area": ma, "close_radius": cr, "hysteresis": hy,
+                             "max_width": w, "min_length": ml, "pix": pix[w], "tiles": til[w], "share": shr[w],
+                             "length_px": length_arr, "budgets": mine,
+                             **_frame_figures(items, lengths[w], ml, c["survey"]),
+                             "per_set": _frame_figures_per_set(items, lengths[w], ml, c["survey"])})
+    return rows
+
+
+# ------------------------------------------------------------------------------- labels without masks (issue 13)
+def tile_rule_of(config: dict) -> TileRule:
+    """The run's training tile rule (tile size, crack pixels needed, border, margin; no overlap)."""
+    tc = config.get("train_config", {})
+    return TileRule(tile=int(tc.get("tile") or config.get("tile") or 128),
+                    min_crack_px=int(tc.get("min_crack_px", TileRule.min_crack_px)),
+                    border=int(tc.get("border", TileRule.border)), margin=int(tc.get("margin", TileRule.margin)))
+
+
+@dataclass
+class FrameTiles:
+    """The training rule's tiles of one validation frame, in frame pixels: origins, side, label (1 crack,
+    0 crack-free; dropped tiles left out) and whether the tile's centre lies in the ROI (the tiles that count when
+    the ROI is used)."""
+
+    ys: np.ndarray
+    xs: np.ndarray
+    size: int
+    labels: np.ndarray
+    in_roi: np.ndarray
+
+    def use(self, roi: bool) -> np.ndarray:
+        return self.in_roi if roi else np.ones(len(self.ys), bool)
+
+
+def frame_tiles(gt: np.ndarray, rule: TileRule, scale: float, roi: np.ndarray | None = None) -> FrameTiles:
+    """One bit per tile of a frame, as training derives it: the tile rule on the mask at work scale ``scale``,
+    tiles mapped back to frame pixels.  A user without masks has these bits (or the frame's crack-free label)."""
+    origins, lab = tile_labels(scaled_mask(gt, scale), rule)
+    keep = lab >= 0
+    o = np.asarray(origins, np.int64).reshape(-1, 2)[keep]
+    size = max(1, int(round(rule.tile / scale)))
+    ys = np.round(o[:, 0] / scale).astype(np.int64)
+    xs = np.round(o[:, 1] / scale).astype(np.int64)
+    h, w = gt.shape[:2]
+    if roi is None:
+        in_roi = np.ones(len(ys), bool)
+    else:
+        in_roi = np.asarray(roi, bool)[np.clip(ys + size // 2, 0, h - 1), np.clip(xs + size // 2, 0, w - 1)]
+    return FrameTiles(ys, xs, size, lab[keep].astype(np.int8), in_roi)
+
+
+def _boxes(t: FrameTiles, shape):
+    h, w = shape[:2]
+    return (np.clip(t.ys, 0, h), np.clip(t.ys + t.size, 0, h), np.clip(t.xs, 0, w), np.clip(t.xs + t.size, 0, w))
+
+
+def tile_pixels(mask: np.ndarray, t: FrameTiles) -> np.ndarray:
+    """Per tile: how many pixels of ``mask`` lie inside it (summed-area table, one lookup per tile)."""
+    if not len(t.ys):
+        return np.zeros(0, np.int64)
+    ii = cv2.integral(np.asarray(mask, np.uint8)).astype(np.int64)
+    y0, y1, x0, x1 = _boxes(t, mask.shape)
+    return ii[y1, x1] - ii[y0, x1] - ii[y1, x0] + ii[y0, x0]
+
+
+def tile_hits(mask: np.ndarray, t: FrameTiles) -> np.ndarray:
+    """Per tile: does ``mask`` hold a pixel inside it."""
+    return tile_pixels(mask, t) > 0
+
+
+def share_counts(px: np.ndarray, t: FrameTiles, roi: bool, shares=CRACK_SHARES) -> np.ndarray:
+    """The mask-free pixel estimate, per expected crack share ρ of a crack tile (rows: ρ; columns TP, FP, FN
+    pixels): a crack tile is taken to hold ρ·tile² crack pixels, so its first ρ·tile² predicted pixels count as
+    hits, any beyond as false, any short of it as missed; every predicted pixel in a crack-free tile is false."""
+    u = t.use(roi)
+    pos, neg = px[(t.labels == 1) & u].astype(np.float64), px[(t.labels == 0) & u].astype(np.float64)
+    out = np.zeros((len(shares), 3), np.float64)
+    for k, rho in enumerate(shares):
+        e = rho * t.size * t.size
+        out[k] = (np.minimum(pos, e).sum(), neg.sum() + np.maximum(0.0, pos - e).sum(), np.maximum(0.0, e - pos).sum())
+    return out
+
+
+def tile_max(m: np.ndarray, t: FrameTiles) -> np.ndarray:
+    """Per tile: the largest map value inside it (0 for a tile outside the map)."""
+    y0, y1, x0, x1 = _boxes(t, m.shape)
+    return np.array([float(m[a:b, c:d].max()) if b > a and d > c else 0.0 for a, b, c, d in zip(y0, y1, x0, x1)],
+                    np.float32)
+
+
+def tile_counts(hits: np.ndarray, t: FrameTiles, roi: bool) -> tuple[int, int, int]:
+    """(TP, FP, FN) tiles: a crack tile with a predicted pixel, a crack-free one with one, a crack tile without."""
+    u = t.use(roi)
+    pos, neg = (t.labels == 1) & u, (t.labels == 0) & u
+    return int((hits & pos).sum()), int((hits & neg).sum()), int((~hits & pos).sum())
+
+
+def tile_rcum(maxima: np.ndarray, t: FrameTiles, roi: bool, n_bins: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Crack tiles and crack-free tiles whose maximum reaches each threshold k / n_bins, and the crack-tile count."""
+    u = t.use(roi)
+
+    def rc(v):
+        b = np.floor(np.clip(v, 0, 1) * n_bins + 1e-6).astype(np.int64)
+        return np.cumsum(np.bincount(b, minlength=n_bins + 1)[::-1])[::-1][1:]
+    pos = maxima[(t.labels == 1) & u]
+    return rc(pos), rc(maxima[(t.labels == 0) & u]), int(len(pos))
+
+
+def tile_ods(stats: list, n_bins: int) -> tuple[float, float]:
+    """Best tile-decision F1 over the threshold sweep of ``tile_rcum`` results, and its threshold."""
+    tp = np.sum([s[0] for s in stats], axis=0)
+    fp = np.sum([s[1] for s in stats], axis=0)
+    npos = sum(s[2] for s in stats)
+    f1 = 2 * tp / np.maximum(1, 2 * tp + fp + (npos - tp))
+    i = int(np.argmax(f1))
+    return float(f1[i]), float((i + 1) / n_bins)
+
+
+def _budget_key(b) -> str:
+    return "all" if b is None else str(int(b))
+
+
+def mask_choice(maskable: list[tuple[str, str]], n: int | None, seed: int = 0) -> list[tuple[str, str]]:
+    """The (set, image) pairs whose masks a budget of ``n`` masked images uses (None = all): taken from the data
+    sets in turn (sorted by name), each set's crack frames in a seeded order — reproducible for one seed."""
+    if n is None or n >= len(maskable):
+        return list(maskable)
+    by: dict[str, list] = {}
+    for s, name in maskable:
+        by.setdefault(s, []).append(name)
+    rng = np.random.default_rng(seed)
+    order = {s: [sorted(v)[j] for j in rng.permutation(len(v))] for s, v in sorted(by.items())}
+    out: list[tuple[str, str]] = []
+    while len(out) < n:
+        for s in sorted(order):
+            if order[s] and len(out) < n:
+                out.append((s, order[s].pop(0)))
+    return sorted(out)
+
+
+class _BudgetView:
+    """Which validation images a mask budget scores on their masks (pixel F1) and which on their tile labels."""
+
+    def __init__(self, items, gt_pos: dict, selected, proxy: float | None = None):
+        if proxy is not None and proxy not in CRACK_SHARES:
+            raise CalibrationError(f"--crack-share must be one of {', '.join(map(str, CRACK_SHARES))}, not {proxy}")
+        self.proxy = proxy
+        sel = set(map(tuple, selected))
+        self.sets = sorted({x.set_name for x in items})
+        # a crack-free / sealed-only frame's crack mask is empty by its label: no mask needs drawing, so it counts
+        # in the pixel F1 of every set that has a masked image at all
+        has = {x.set_name for x in items if (x.set_name, x.name) in sel}
+        self.masked = {s: [] for s in self.sets}  # positions in the per-image count arrays
+        self.masked_local = {s: [] for s in self.sets}  # positions among the set's masked images (MapScorer order)
+        self.unmasked = {s: [] for s in self.sets}  # item indices (stage 2) ...
+        self.unmasked_pos = {s: [] for s in self.sets}  # ... and their count-array positions (stage 3)
+        local = {s: 0 for s in self.sets}
+        for i, x in enumerate(items):
+            if i not in gt_pos:
+                continue
+            s = x.set_name
+            if (s, x.name) in sel or (s in has and x.label != "crack"):
+                self.masked[s].append(gt_pos[i])
+                self.masked_local[s].append(local[s])
+            else:
+                self.unmasked[s].append(i)
+                self.unmasked_pos[s].append(gt_pos[i])
+            local[s] += 1
+
+    def set_kind(self, s: str) -> str:
+        return "pixel" if self.masked[s] else "tile"
+
+    def row(self, r: dict) -> dict:
+        """``r`` with "f1" (per set: pixel F1 on its masked images, else the tile-decision F1), "f1_mean" and
+        "f1_kind"."""
+        f1, kind = {}, {}
+        for s in self.sets:
+            if self.masked[s]:
+                p, tp, g = r["pix"][self.masked[s]].sum(axis=0)
+                if g <= 0:
+                    continue
+                f1[s] = float(prf_f1(p, tp, g))
+                kind[s] = "pixel"
+            elif self.unmasked_pos[s]:
+                if self.proxy is None:
+                    tp, fp, fn = r["tiles"][self.unmasked_pos[s]].sum(axis=0)
+                else:
+                    tp, fp, fn = r["share"][self.unmasked_pos[s], CRACK_SHARES.index(self.proxy)].sum(axis=0)
+                if tp + fn <= 0:
+                    continue
+                f1[s] = 2 * tp / max(1, 2 * tp + fp + fn)
+                kind[s] = "tile" if self.proxy is None else "share"
+        f1 = {s: round(float(v), 4) for s, v in f1.items()}
+        return {**r, "f1": f1, "f1_kind": kind, "f1_mean": round(float(np.mean(list(f1.values()))), 4) if f1 else 0.0}
+
+    def kind_text(self) -> str:
+        free = "tile" if self.proxy is None else "estimated pixel"
+        return "F1 (" + ", ".join(f"{s}: {'pixel' if self.masked[s] else free}" for s in self.sets) + ")"
+
+    def objective_text(self, rule: TileRule) -> str:
+        parts = []
+        for s in self.sets:
+            if self.masked[s]:
+                parts.append(f"{s}: pixel F1 (t=0) on {len(self.masked[s])} masked validation images")
+            elif self.proxy is None:
+                parts.append(f"{s}: tile-decision F1 on its {len(self.unmasked[s])} validation frames (no mask: "
+                             f"a crack tile must hold a predicted pixel, a crack-free tile none; training tile rule, "
+                             f"{rule.tile} px at work scale)")
+            else:
+                parts.append(f"{s}: estimated pixel F1 on its {len(self.unmasked[s])} validation frames from their "
+                             f"tile labels alone (training tile rule, {rule.tile} px at work scale): a crack tile is "
+                             f"taken to hold {self.proxy:g} x its area of crack, every predicted pixel in a "
+                             f"crack-free tile is false")
+        return "best mean over the data sets of " + "; ".join(parts)
+
+
+def prf_f1(pred, tp, gt) -> float:
+    """Pixel F1 from summed counts (t = 0)."""
+    from crackcam.tools.metrics import prf
+
+    return float(prf(pred, tp, gt, tp)["f1"])
+
+
+def _n_crack(items) -> int | None:
+    """Crack frames of the smallest data set that has crack-free frames (its detection rate's unit)."""
+    return min((sum(1 for x in items if x.set_name == s_ and x.has_gt and not x.tile and x.label == "crack")
+                for s_ in {x.set_name for x in items if x.label != "crack" and not x.tile}), default=None)
+
+
+def read_search(checkpoint: Path) -> dict:
+    """The cached validation search of ``checkpoint`` (rows with their candidates, image list, mask choices) —
+    for studies of the objective (:func:`crackcam.tools.mask_budget.objective_study`)."""
+    import pickle
+
+    path = Path(checkpoint) / ".calibration_cache.pkl"
+    if not path.is_file():
+        raise CalibrationError(f"{path}: no cached search (run crack-eval calibrate / mask-budget first)")
+    d = pickle.loads(path.read_bytes())
+    s2 = d["stage2"]
+    items = d["items"]
+    return {"rows": [{**r, "cand": s2[r["cand"]]} for r in d["rows"]], "items": items,
+            "selections": json.loads(d["key"]).get("masks") or {},
+            "gt_pos": {i: k for k, i in enumerate(i for i, x in enumerate(items) if x.has_gt)}}
 
 
 def _entry(r: dict) -> dict:
@@ -384,15 +766,27 @@ def _entry(r: dict) -> dict:
                             "hysteresis": r["hysteresis"], "max_width": r.get("max_width", 0.0)},
             "gate": c["gate"], "refine": c["refine"],
             "survey": c["survey"].replace(min_length=float(r["min_length"])).to_dict(), "val_f1": r["f1_mean"],
-            "val": {"pixel_f1_t0": r["f1"], "clean_tiles_flagged": r["clean_rate"],
+            "val": {**_val_f1(r), "clean_tiles_flagged": r["clean_rate"],
                     "false_alarm_frames": r["frame_fa"], "detection_rate": r["detection"]},
             "roi_used": bool(c["roi"])}
 
 
-def _profiles(items, rows, best, budget, frame_budget, min_detection) -> dict:
+def _val_f1(r: dict, only: str | None = None) -> dict:
+    """A row's per-set objective under its own name: pixel F1 for sets scored on masks, tile F1 for the others."""
+    kind = r.get("f1_kind") or {}
+    out: dict = {}
+    for s_, v in r["f1"].items():
+        if only is None or s_ == only:
+            k = kind.get(s_, "pixel")
+            out.setdefault({"pixel": "pixel_f1_t0", "tile": "tile_f1"}.get(k, "estimated_pixel_f1"), {})[s_] = v
+    return out or {"pixel_f1_t0": {}}
+
+
+def _profiles(items, rows, best, budget, frame_budget, min_detection, sets=None) -> dict:
     """Per data set whose validation frames share one size: the best row on that set alone (its own detection and
     false-alarm constraints; the same CAM method as the top level, which is the graph's output), kept when it
-    beats the top-level settings on that set by at least 0.01 F1."""
+    beats the top-level settings on that set by at least 0.01 F1.  ``sets``: the data sets that may have one
+    (None = all)."""
     base = best["cand"]["method"]
     sizes: dict[str, set] = {}
     for x in items:
@@ -407,6 +801,8 @@ def _profiles(items, rows, best, budget, frame_budget, min_detection) -> dict:
         if len(owners) != 1:
             continue
         s_ = owners[0]
+        if sets is not None and s_ not in sets:
+            continue
         cand = [r for r in rows if r["cand"]["method"] == base and s_ in r["f1"]]
         ok = []
         n_c = sum(1 for x in items if x.set_name == s_ and x.has_gt and not x.tile and x.label == "crack")
@@ -423,7 +819,7 @@ def _profiles(items, rows, best, budget, frame_budget, min_detection) -> dict:
             continue
         e = _entry(pick)
         ps = pick["per_set"][s_]
-        e["val"] = {"pixel_f1_t0": {s_: pick["f1"][s_]}, "false_alarm_frames": ps["frame_fa"],
+        e["val"] = {**_val_f1(pick, s_), "false_alarm_frames": ps["frame_fa"],
                     "detection_rate": ps["detection"], "clean_tiles_flagged": None}
         e["val_f1"] = pick["f1"][s_]
         e["chosen_on"] = f"validation frames of {s_} ({sz[1]}x{sz[0]})"
@@ -552,7 +948,7 @@ def _candidates(rows, stage2, budget, frame_budget, min_detection) -> dict:
                                          "open_radius": 0, "hysteresis": r["hysteresis"],
                                          "max_width": r.get("max_width", 0.0)},
                          "survey": c["survey"].replace(min_length=float(r["min_length"])).to_dict(),
-                         "val_f1": r["f1_mean"], "val": {"pixel_f1_t0": r["f1"], "clean_tiles_flagged":
+                         "val_f1": r["f1_mean"], "val": {**_val_f1(r), "clean_tiles_flagged":
                                                         r["clean_rate"], "false_alarm_frames": r["frame_fa"],
                                                         "detection_rate": r["detection"]}, "budget_met": ok}
     for c in stage2:  # every method / refinement that did not reach the threshold grid: its threshold-free ODS

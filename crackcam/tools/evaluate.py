@@ -635,10 +635,9 @@ def calibrate_cmd(
         overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in px (default: tile/4)"),
         limit: Optional[int] = typer.Option(None, help="use only the first N validation images per set"),
         labels: str = typer.Option("masks", help="masks (pixel F1 on the masked validation images) | tiles (no "
-                                   "mask: each validation tile's crack / crack-free bit; UP-CrackNet runs)"),
+                                   "mask: each validation tile's crack / crack-free bit, the training tile rule)"),
         masks: Optional[int] = typer.Option(None, help="a mask budget: pixel F1 on N seeded masked validation "
-                                            "images, tile labels for the rest (stems in the recipe; UP-CrackNet "
-                                            "runs)"),
+                                            "crack frames, tile labels for the rest (stems in the recipe)"),
         seed: int = typer.Option(0, help="seed of the --masks choice")):
     """Choose method, gate, refinement, threshold, post-processing, minimum crack length and ROI use on the
     VALIDATION split under a false-alarm budget → DIR/recipe.json."""
@@ -650,6 +649,35 @@ def calibrate_cmd(
              mode=mode, tile=tile, gate=gate, budget=budget, frame_budget=frame_budget, min_detection=min_detection,
              survey=sv, limit=limit, out=out, labels=labels, masks=masks, seed=seed)
     typer.echo(json.dumps({k: v for k, v in r.items() if k not in ("candidates", "val_images")}))
+
+
+@app.command("mask-budget")
+def mask_budget_cmd(
+        checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="crack-train run folder"),
+        test: List[str] = typer.Option(..., "--test", help="DATA[:SPLIT] to score each recipe on (repeatable; "
+                                       "split default test)"),
+        budgets: str = typer.Option("0,1,5,20,all", help="comma-separated mask budgets (N or all)"),
+        seed: int = typer.Option(0, help="seed of the masked images' choice"),
+        out: Optional[Path] = typer.Option(None, help="folder of the recipes, evaluations and table (default: "
+                                           "DIR/mask_budget)"),
+        tile: Optional[int] = typer.Option(None, help="calibration tile size (see crack-eval calibrate)"),
+        roi: Optional[str] = typer.Option(None, "--roi", help="region of interest to try (see crack-eval --help)"),
+        roi_size: Optional[str] = typer.Option(None, "--roi-size", help="the ROI's frame size (WIDTHxHEIGHT)"),
+        limit: Optional[int] = typer.Option(None, help="score only the first N images per test set")):
+    """The recipe chosen with 0 (mask-free), 1, 5, 20 and all masked validation images, each scored on the test
+    sets next to Otsu with defaults → OUT/table.md, OUT/table.json."""
+    from crackcam.tools.mask_budget import mask_budget, parse_test
+
+    _threads()
+    try:
+        bl = [None if b.strip() == "all" else int(b) for b in budgets.split(",") if b.strip()]
+    except ValueError:
+        typer.echo(f"crack-eval: --budgets {budgets!r}: comma-separated numbers or 'all'", err=True)
+        raise typer.Exit(2)
+    sv = _run(survey_options, roi=roi, roi_size=roi_size, scale=None, max_side=None, overlap=None, min_length=None)
+    r = _run(mask_budget, checkpoint=checkpoint, tests=[parse_test(t) for t in test], budgets=bl, seed=seed, out=out,
+             limit=limit, calibrate_kw={"tile": tile, "survey": sv})
+    typer.echo(json.dumps(r))
 
 
 def main() -> None:

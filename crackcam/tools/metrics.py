@@ -168,10 +168,15 @@ class MapScorer:
     def __len__(self) -> int:
         return len(self._gt)
 
-    def curve(self, tol: int = 0) -> dict:
-        """Split-level precision/recall/F1/IoU arrays over :attr:`thresholds`."""
-        pred = np.sum(self._pred, axis=0)
-        return prf(pred, np.sum(self._tp_p[tol], axis=0), float(np.sum(self._gt)), np.sum(self._tp_r[tol], axis=0))
+    def curve(self, tol: int = 0, subset=None) -> dict:
+        """Split-level precision/recall/F1/IoU arrays over :attr:`thresholds` (``subset``: indices of the images
+        added, in :meth:`add` order, to count; None = all)."""
+        idx = list(range(len(self._gt))) if subset is None else [int(i) for i in subset]
+        if not idx:
+            raise ValueError("no image to score")
+        pred = np.sum([self._pred[i] for i in idx], axis=0)
+        return prf(pred, np.sum([self._tp_p[tol][i] for i in idx], axis=0), float(sum(self._gt[i] for i in idx)),
+                   np.sum([self._tp_r[tol][i] for i in idx], axis=0))
 
     def index_of(self, threshold: float) -> int:
         """Index into :attr:`thresholds` of the grid value closest to ``threshold``."""
@@ -182,9 +187,10 @@ class MapScorer:
         i = self.index_of(threshold)
         return {"threshold": float(self.thresholds[i]), **{k: float(v[i]) for k, v in c.items()}}
 
-    def ods(self, tol: int = 0) -> dict:
-        """Optimal dataset scale: the best split-level F1 over the sweep and its threshold."""
-        c = self.curve(tol)
+    def ods(self, tol: int = 0, subset=None) -> dict:
+        """Optimal dataset scale: the best split-level F1 over the sweep and its threshold (``subset``: as in
+        :meth:`curve`)."""
+        c = self.curve(tol, subset)
         i = int(np.argmax(c["f1"]))
         return {"threshold": float(self.thresholds[i]), **{k: float(v[i]) for k, v in c.items()}}
 
