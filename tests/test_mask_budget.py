@@ -96,6 +96,13 @@ def test_tile_objective_prefers_the_thin_map_and_a_painted_map_loses():
     assert est["paint"] < min(est["thick"], est["sliver"]) and max(est["thick"], est["sliver"]) < est["line"]
     assert est["line"] > 0.8 and sv.row({"pix": np.zeros((1, 3)), "tiles": np.zeros((1, 3)),
                                           "share": np.zeros((1, len(CRACK_SHARES), 3))})["f1"] == {}
+    # a blob in a crack-free tile is false even when the crack tiles hold exactly the assumed share
+    neg = np.argwhere(ft.labels == 0)[0][0]
+    blob = gt.copy()
+    blob[ft.ys[neg] + 4:ft.ys[neg] + 12, ft.xs[neg] + 4:ft.xs[neg] + 12] = True
+    est_blob = sv.row({"pix": np.zeros((1, 3)), "tiles": np.zeros((1, 3)),
+                       "share": share_counts(tile_pixels(blob, ft), ft, False)[None]})["f1"]["s"]
+    assert est_blob < est["line"] - 0.02
     with pytest.raises(Exception, match="crack-share"):
         _BudgetView(items, {0: 0}, [], 0.3)
 
@@ -263,3 +270,26 @@ def test_stage3_in_worker_processes_gives_the_serial_rows(tmp_path, monkeypatch)
     with pytest.raises(Exception, match="CRACKCAM_CALIBRATE_WORKERS"):
         (run / ".calibration_cache.pkl").unlink()
         calibrate(checkpoint=run, quick=True, profile=False, out=tmp_path / "x.json", log=lambda m: None)
+
+
+def test_budget_view_counts_crack_free_frames_and_gates_profiles():
+    """With a masked image in a set, its crack-free frames count in the pixel F1 (their empty mask is their
+    label); a set gets a camera profile only from enough masked images."""
+    from crackcam.tools.calibration import PROFILE_MIN_IMAGES
+
+    items = [_ItemMeta("s", False, (8, 8), True, "crack", "c.png"), _ItemMeta("s", False, (8, 8), True, "no_crack", "f.png"),
+             _ItemMeta("t", False, (8, 8), True, "crack", "d.png")]
+    gt_pos = {0: 0, 1: 1, 2: 2}
+    pix = np.array([[10, 10, 10], [30, 0, 0], [5, 5, 5]])  # perfect on the crack frame, 30 false on the free one
+    row = {"pix": pix, "tiles": np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0]]),
+           "share": np.zeros((3, len(CRACK_SHARES), 3))}
+    v = _BudgetView(items, gt_pos, [("s", "c.png")])
+    r = v.row(row)
+    assert r["f1_kind"]["s"] == "pixel" and abs(r["f1"]["s"] - 2 * 10 / (2 * 10 + 30)) < 1e-3
+    assert v.masked["s"] == [0, 1] and v.unmasked_pos["t"] == [2]
+    assert v.profile_sets() == set()
+    many = [_ItemMeta("s", False, (8, 8), True, "crack", f"{i}.png") for i in range(PROFILE_MIN_IMAGES)]
+    vm = _BudgetView(many, {i: i for i in range(len(many))}, [("s", f"{i}.png") for i in range(len(many))])
+    assert vm.profile_sets() == {"s"}
+    vf = _BudgetView(many[:-1], {i: i for i in range(len(many) - 1)}, [("s", f"{i}.png") for i in range(len(many) - 1)])
+    assert vf.profile_sets() == set()

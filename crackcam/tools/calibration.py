@@ -432,7 +432,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                   "selection": "crack-eval calibrate (crackcam.tools.calibration)"}
         # a camera profile is tuned on one data set alone: only from pixel F1 on enough masked images (mask-free
         # or few-mask profiles overfit their objective — README section 8)
-        prof_sets = {s_ for s_ in view.sets if len(view.masked[s_]) >= PROFILE_MIN_IMAGES}
+        prof_sets = view.profile_sets()
         profiles = _profiles(items, vrows, best, budget, frame_budget, min_detection, prof_sets) if profile else {}
         if profiles:
             recipe["profiles"] = profiles
@@ -681,6 +681,10 @@ class _BudgetView:
                 self.unmasked[s].append(i)
                 self.unmasked_pos[s].append(gt_pos[i])
             local[s] += 1
+
+    def profile_sets(self) -> set:
+        """The data sets that may get a camera profile: scored on pixel F1 of >= PROFILE_MIN_IMAGES images."""
+        return {s for s in self.sets if len(self.masked[s]) >= PROFILE_MIN_IMAGES}
 
     def set_kind(self, s: str) -> str:
         return "pixel" if self.masked[s] else "tile"
