@@ -199,6 +199,12 @@ def test_mask_free_calibration_never_sees_pixel_positions_and_budgets_are_reprod
     assert many["2"]["mask_images"] == two["mask_images"]
     for k in ("method", "threshold", "gate", "postprocess", "val"):  # one search for several budgets = separate ones
         assert many["2"][k] == two[k] and many["all"][k] == full[k] and many["0"][k] == free[k], k
+    logs = []  # the several-budget search serves each of its budgets alone
+    again = calibrate(checkpoint=run, masks=2, seed=3, out=tmp_path / "again.json", **{**quiet, "log": logs.append})
+    assert any("reusing" in m for m in logs) and again["threshold"] == two["threshold"]
+    logs.clear()
+    calibrate(checkpoint=run, masks=2, seed=4, out=tmp_path / "other.json", **{**quiet, "log": logs.append})
+    assert not any("reusing" in m for m in logs)  # other masked images: a new search
     crack_frames = sum(1 for n in full["val_images"]["pv"] if not n.startswith("pv_"))
     assert full["mask_images"] == "all" and 0 < full["masks_used"] <= crack_frames
 

@@ -98,7 +98,7 @@ def _cache_key(checkpoint: Path, roots, sv0, cams, gates, limit, quick, layers, 
                        else None, "roots": [str(Path(r).resolve()) for r in roots], "survey": sv0.to_dict(),
                        "cams": cams, "gates": list(gates), "limit": limit, "quick": quick, "layers": layers,
                        "grids": [REFINE_GRID, PP_GRID, THR_STEPS, MIN_LENGTHS, MAX_WIDTHS, TOP_K, list(C.CUES)],
-                       "masks": selections, "version": 5}, sort_keys=True, default=str)
+                       "masks": selections, "version": 6}, sort_keys=True, default=str)
 
 
 def _strip(c: dict) -> dict:
@@ -119,6 +119,17 @@ def _write_cache(path: Path, key: str, rows, stage2, best_per_method, meta_items
     os.replace(tmp, path)
 
 
+def _covers(stored: str | None, key: str) -> bool:
+    """A search made for several mask budgets serves any of them alone (each budget's rows are its own): the same
+    settings, and every requested budget among the stored ones with the same masked images."""
+    try:
+        a, b = json.loads(stored), json.loads(key)
+    except (TypeError, ValueError):
+        return False
+    ma, mb = a.pop("masks", None) or {}, b.pop("masks", None) or {}
+    return a == b and bool(mb) and all(k in ma and ma[k] == v for k, v in json.loads(json.dumps(mb)).items())
+
+
 def _read_cache(path: Path, key: str):
     import pickle
 
@@ -128,7 +139,7 @@ def _read_cache(path: Path, key: str):
         d = pickle.loads(path.read_bytes())
     except Exception:  # noqa: BLE001 - a broken cache is simply ignored
         return None
-    if d.get("key") != key:
+    if d.get("key") != key and not _covers(d.get("key"), key):
         return None
     s2 = d["stage2"]
     rows = [{**r, "cand": s2[r["cand"]]} for r in d["rows"]]
@@ -299,6 +310,13 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                 if x.gt is not None:
                     scorers[x.set_name].add(fm, x.gt, x.name, x.valid_roi if use_roi else x.valid_noroi)
                     tstats[i] = tile_rcum(tile_max(fm, x.tiles), x.tiles, use_roi, N_BINS)
+            # the tile-decision ODS threshold of every frame of a set: labels only, so every budget's threshold
+            # grid also spans it (a finer grid than around the pixel ODS alone)
+            tile_thr = {}
+            for s in sets:
+                st = [tstats[i] for i in tstats if items[i].set_name == s]
+                if st:
+                    tile_thr[s] = tile_ods(st, N_BINS)[1]
             out_ = {}
             for bk, v in views.items():
                 ods, thr = {}, {}
@@ -310,7 +328,8 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                         f, t_ = tile_ods([tstats[i] for i in v.unmasked[s]], N_BINS)
                         ods[s], thr[s] = f, t_
                 out_[bk] = {"ods": {s: round(f, 4) for s, f in ods.items()},
-                            "ods_mean": round(float(np.mean(list(ods.values()))), 4), "thr_by_set": thr}
+                            "ods_mean": round(float(np.mean(list(ods.values()))), 4), "thr_by_set": thr,
+                            "tile_thr_by_set": tile_thr}
             return maps, out_
 
         def entry(maps, by, **kw):
@@ -368,8 +387,9 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             for c in mine:
                 if all(c is not d for d in finalists):
                     finalists.append(c)
-                thr_of[bk].setdefault(id(c), set()).update(
-                    _shift(t, d) for t in set(c["by_budget"][bk]["thr_by_set"].values()) for d in THR_STEPS)
+                centres = set(c["by_budget"][bk]["thr_by_set"].values()) | \
+                    set(c["by_budget"][bk].get("tile_thr_by_set", {}).values())
+                thr_of[bk].setdefault(id(c), set()).update(_shift(t, d) for t in centres for d in THR_STEPS)
         log("calibrate: best threshold-free ODS per method: " + ", ".join(
             f"{m} {c['ods_mean']:.3f} (gate {c['gate']}, refine {'-' if not c['refine'] else c['refine']['mode']})"
             for m, c in best_per_method.items()))
