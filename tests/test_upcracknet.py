@@ -452,7 +452,10 @@ def test_mask_budget_and_mask_free_calibration_of_a_restoration_run(tmp_path):
     right = np.zeros((64, 64), bool)
     right[5:20, 5:8] = True
     f1 = lambda tp, fp, fn: 2 * tp / max(1, 2 * tp + fp + fn)  # noqa: E731
-    assert f1(*cal._tile_decisions(right, origins, labs, 32)) == 1.0
-    assert f1(*cal._tile_decisions(paint, origins, labs, 32)) == pytest.approx(0.5)
+    keep = labs >= 0
+    ft = cal.FrameTiles(np.array([o[0] for o in origins])[keep], np.array([o[1] for o in origins])[keep], 32,
+                        labs[keep], np.ones(int(keep.sum()), bool))
+    assert f1(*cal.tile_counts(cal.tile_hits(right, ft), ft, False)) == 1.0
+    assert f1(*cal.tile_counts(cal.tile_hits(paint, ft), ft, False)) == pytest.approx(0.5)
     with pytest.raises(cal.CalibrationError, match="masks or tiles"):
         cal.calibrate(labels="pixels", **kw)

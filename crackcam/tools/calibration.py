@@ -16,6 +16,10 @@ recipe), through the very frame steps ``crack-run`` runs (:class:`crackcam.runti
    no candidate meets them, the one with the fewest false alarms wins and the recipe says so.
 
 Close-up sets (every image cracked) contribute pixel F1 only; PaveSeg contributes all figures.
+
+With fewer masks (``--masks N``, ``--labels tiles``; issue 13) a data set without a masked image is scored from its
+frames' tile labels instead (stage 2: the tile-decision ODS; stage 3: the estimated pixel F1, :data:`MASK_FREE`),
+and one search can serve several mask budgets, each choosing among its own finalists and thresholds.
 """
 
 from __future__ import annotations
@@ -76,6 +80,10 @@ class _Item:
     res: dict = field(default_factory=dict)  # CamPredictor output
     size: tuple = ()  # (H, W) of the image
     tiles: "FrameTiles | None" = None  # the training rule's tile labels (frames with a mask)
+
+    @property
+    def has_gt(self) -> bool:
+        return self.gt is not None
 
 
 @dataclass
@@ -157,8 +165,9 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
 
     Labels: with every mask (default) the objective is pixel F1.  ``masks=N`` uses the masks of N validation crack
     frames only (seeded, spread over the data sets, the stems written in the recipe) and ``labels="tiles"`` none:
-    a data set with no masked image is scored by the **tile-decision F1** of its frames (the training tile rule
-    gives each tile its crack / crack-free bit: a crack tile must hold a crack pixel, a crack-free one none).  The
+    a data set with no masked image is scored from the tile labels of its frames (the training tile rule gives
+    each tile its crack / crack-free bit) by ``MASK_FREE``: the estimated pixel F1 at ``crack_share`` (default
+    :data:`MASK_FREE`; 0 = the tile-decision F1: a crack tile must hold a crack pixel, a crack-free one none).  The
     frame labels and clean tiles (false-alarm budget) are labels, so they count with any budget.
     ``budgets``: several mask budgets (N, or None = all) searched in one pass over the maps; then ``out`` is a
     folder and one ``recipe_m<N>.json`` per budget is written, and a dict {N: recipe} returned."""
@@ -292,7 +301,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         if not any(x.gt is not None and x.gt.any() for x in items):
             raise CalibrationError("no validation image with a crack could be read")
         sets = sorted({x.set_name for x in items})
-        gt_pos = {i: k for k, i in enumerate(i for i, x in enumerate(items) if x.gt is not None)}
+        gt_pos = _gt_positions(items)
         views = {bk: _BudgetView(items, gt_pos, sel) for bk, sel in selections.items()}
 
         # ---- 2. frame maps per (method, gate, refinement, ROI use) → threshold-free ODS per set and budget
@@ -425,7 +434,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         meta_items = [_ItemMeta(x.set_name, x.tile, x.size, x.gt is not None, x.label, x.name) for x in items]
         _write_cache(cache, key, rows, stage2, best_per_method, meta_items, stems, sec)
     items = meta_items
-    gt_pos = {i: k for k, i in enumerate(i for i, x in enumerate(items) if x.has_gt)}
+    gt_pos = _gt_positions(items)
     n_frames = sum(not x.tile for x in items)
     n_tiles = sum(x.tile for x in items)
     n_crack = _n_crack(items)
@@ -433,8 +442,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     share = MASK_FREE if crack_share is None else (None if crack_share == 0 else float(crack_share))
     for bk, sel in selections.items():
         view = _BudgetView(items, gt_pos, sel, share)
-        all_rows = [view.row(r) for r in rows if bk in r["budgets"]]
-        vrows = [r for r in all_rows if r["cand"].get("learned", True)]
+        all_rows, vrows = _budget_rows(rows, view, bk)
         best, met, level = _choose(vrows, budget, frame_budget, min_detection, n_crack or None)
         c = best["cand"]
         chosen_on = (f"validation split of {', '.join(r.name for r in roots)} ({n_frames} frames, {n_tiles} clean "
@@ -760,6 +768,18 @@ def prf_f1(pred, tp, gt) -> float:
     return float(prf(pred, tp, gt, tp)["f1"])
 
 
+def _gt_positions(items) -> dict[int, int]:
+    """Item index → its row in the per-image count arrays (the images with a mask, in item order)."""
+    return {i: k for k, i in enumerate(i for i, x in enumerate(items) if x.has_gt)}
+
+
+def _budget_rows(rows: list[dict], view: "_BudgetView", bk: str) -> tuple[list[dict], list[dict]]:
+    """The rows mask budget ``bk`` chooses among (its own finalists and thresholds), scored by ``view``: every one
+    (the learning-free floors too, for the record) and the learned ones (the choice)."""
+    all_rows = [view.row(r) for r in rows if bk in r["budgets"]]
+    return all_rows, [r for r in all_rows if r["cand"].get("learned", True)]
+
+
 def _n_crack(items) -> int | None:
     """Crack frames of the smallest data set that has crack-free frames (its detection rate's unit)."""
     return min((sum(1 for x in items if x.set_name == s_ and x.has_gt and not x.tile and x.label == "crack")
@@ -779,7 +799,7 @@ def read_search(checkpoint: Path) -> dict:
     items = d["items"]
     return {"rows": [{**r, "cand": s2[r["cand"]]} for r in d["rows"]], "items": items,
             "selections": json.loads(d["key"]).get("masks") or {},
-            "gt_pos": {i: k for k, i in enumerate(i for i, x in enumerate(items) if x.has_gt)}}
+            "gt_pos": _gt_positions(items)}
 
 
 def _entry(r: dict) -> dict:
@@ -1003,20 +1023,6 @@ RESTORATION_THRESHOLDS = ("otsu",) + tuple(round(0.1 + 0.05 * i, 2) for i in ran
 RESTORATION_MIN_AREAS = (0, 30, 100)
 
 
-def _tile_decisions(pred: np.ndarray, origins, labels, tile: int) -> tuple[int, int, int]:
-    """(TP, FP, FN) of the tiles' crack / crack-free labels against "the map has a crack pixel in the tile"."""
-    tp = fp = fn = 0
-    h, w = pred.shape
-    for (y, x), lab in zip(origins, labels):
-        if lab < 0:
-            continue
-        hit = bool(pred[y:min(h, y + tile), x:min(w, x + tile)].any())
-        tp += int(hit and lab == 1)
-        fp += int(hit and lab == 0)
-        fn += int((not hit) and lab == 1)
-    return tp, fp, fn
-
-
 def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=None, limit=None, out=None,
                           labels: str = "masks", masks: int | None = None, seed: int = 0, log=print) -> dict:
     """The recipe of an UP-CrackNet run on the VALIDATION split (masked images): restoration map (variant,
@@ -1050,16 +1056,12 @@ def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=
     imgs = [(read_image(it.image), read_mask(it.mask)) for it in items]
     # mask budget (issue 13): pixel F1 on `masks` seeded masked images, tile-label F1 on the rest; labels="tiles"
     # = no mask at all (each validation tile's crack / crack-free bit, the training tile rule, is all it sees)
-    if labels not in ("masks", "tiles"):
-        raise CalibrationError(f"--labels must be masks or tiles, not {labels!r}")
     n_masks = 0 if labels == "tiles" else (len(imgs) if masks is None else max(0, min(int(masks), len(imgs))))
     masked = sorted(np.random.default_rng(seed).choice(len(imgs), n_masks, replace=False).tolist()) \
         if n_masks < len(imgs) else list(range(len(imgs)))
     rest = [i for i in range(len(imgs)) if i not in set(masked)]
-    from crackcam.train.data import TileRule, tile_labels
-
     rule = TileRule(tile=int(config.get("tile") or 128))
-    tiles = {i: tile_labels(imgs[i][1], rule) for i in rest}
+    tiles = {i: frame_tiles(imgs[i][1], rule, 1.0) for i in rest}
     log(f"calibrate (restoration): {len(imgs)} validation images of {', '.join(map(str, roots))}; "
         f"{len(masked)} scored on their masks, {len(rest)} on their tile labels only; maps {', '.join(names)}")
     from crackcam.runtime.progress import progress
@@ -1078,8 +1080,7 @@ def calibrate_restoration(*, checkpoint: Path, config: dict, data=None, methods=
                     t = otsu_threshold(m) if thr == "otsu" else float(thr)
                     r = _post(m, PostProcessConfig(threshold=t, min_area=ma, skeleton=False))
                     if i in tiles:
-                        o, lab = tiles[i]
-                        tt = [a + b for a, b in zip(tt, _tile_decisions(r.mask, o, lab, rule.tile))]
+                        tt = [a + b for a, b in zip(tt, tile_counts(tile_hits(r.mask, tiles[i]), tiles[i], False))]
                     else:
                         c = c + binary_counts(r.mask, gt)
                 pix = c.figures()["f1"] if masked else None

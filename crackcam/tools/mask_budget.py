@@ -136,7 +136,7 @@ def objective_study(checkpoint: Path, budget: str = "0", clean_budget: float = 0
     """How each mask-free objective (tile-decision F1; the estimated pixel F1 at each crack share) would choose
     on a cached validation search, and the *validation* pixel F1 (every mask) of what it chooses: the study that
     fixed ``calibration.MASK_FREE`` (masks are used here to choose the objective, on validation images only)."""
-    from crackcam.tools.calibration import CRACK_SHARES, _BudgetView, _choose, _n_crack, read_search
+    from crackcam.tools.calibration import CRACK_SHARES, _budget_rows, _BudgetView, _choose, _n_crack, read_search
 
     s = read_search(checkpoint)
     if "all" not in s["selections"] or budget not in s["selections"]:
@@ -147,7 +147,7 @@ def objective_study(checkpoint: Path, budget: str = "0", clean_budget: float = 0
     out = []
     for proxy in (None,) + tuple(CRACK_SHARES):
         v = _BudgetView(items, gt_pos, s["selections"][budget], proxy)
-        rows = [v.row(r) for r in s["rows"] if r["cand"].get("learned", True) and budget in r["budgets"]]
+        _, rows = _budget_rows(s["rows"], v, budget)
         best, met, _ = _choose(rows, clean_budget, frame_budget, min_detection, _n_crack(items) or None)
         true = full.row(best)
         c = best["cand"]

@@ -171,12 +171,15 @@ class MapScorer:
     def curve(self, tol: int = 0, subset=None) -> dict:
         """Split-level precision/recall/F1/IoU arrays over :attr:`thresholds` (``subset``: indices of the images
         added, in :meth:`add` order, to count; None = all)."""
-        idx = list(range(len(self._gt))) if subset is None else [int(i) for i in subset]
-        if not idx:
-            raise ValueError("no image to score")
-        pred = np.sum([self._pred[i] for i in idx], axis=0)
-        return prf(pred, np.sum([self._tp_p[tol][i] for i in idx], axis=0), float(sum(self._gt[i] for i in idx)),
-                   np.sum([self._tp_r[tol][i] for i in idx], axis=0))
+        if subset is None:
+            pred, tp_p, gt, tp_r = self._pred, self._tp_p[tol], self._gt, self._tp_r[tol]
+        else:
+            idx = [int(i) for i in subset]
+            if not idx:
+                raise ValueError("no image to score")
+            pred, tp_p = [self._pred[i] for i in idx], [self._tp_p[tol][i] for i in idx]
+            gt, tp_r = [self._gt[i] for i in idx], [self._tp_r[tol][i] for i in idx]
+        return prf(np.sum(pred, axis=0), np.sum(tp_p, axis=0), float(np.sum(gt)), np.sum(tp_r, axis=0))
 
     def index_of(self, threshold: float) -> int:
         """Index into :attr:`thresholds` of the grid value closest to ``threshold``."""
