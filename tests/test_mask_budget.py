@@ -197,6 +197,17 @@ def test_mask_free_calibration_never_sees_pixel_positions_and_budgets_are_reprod
     assert sorted(p.name for p in (tmp_path / "mb").iterdir()) == ["recipe_m0.json", "recipe_m2.json",
                                                                   "recipe_mall.json"]
     assert many["2"]["mask_images"] == two["mask_images"]
+    # every budget also ranks the candidates by the label-only score: the mask-free budget's finalists (and their
+    # label-only thresholds) are among every other budget's
+    from crackcam.tools.calibration import read_search
+
+    found = read_search(run)
+
+    def pairs(bk):
+        return {(json.dumps({k: r["cand"][k] for k in ("method", "gate", "refine", "roi")}, sort_keys=True),
+                 r["threshold"]) for r in found["rows"] if bk in r["budgets"] and r["cand"].get("learned", True)}
+    free_pairs = pairs("0")
+    assert free_pairs and free_pairs <= pairs("2") and free_pairs <= pairs("all")
     for k in ("method", "threshold", "gate", "postprocess", "val"):  # one search for several budgets = separate ones
         assert many["2"][k] == two[k] and many["all"][k] == full[k] and many["0"][k] == free[k], k
     logs = []  # the several-budget search serves each of its budgets alone
@@ -299,3 +310,28 @@ def test_budget_view_counts_crack_free_frames_and_gates_profiles():
     assert vm.profile_sets() == {"s"}
     vf = _BudgetView(many[:-1], {i: i for i in range(len(many) - 1)}, [("s", f"{i}.png") for i in range(len(many) - 1)])
     assert vf.profile_sets() == set()
+
+
+def test_every_budget_also_takes_the_label_only_finalists_with_their_thresholds():
+    """A candidate the few masks rank low but the tile labels rank first is thresholded for every budget, around
+    its tile-decision threshold too; the learning-free floors go to the first budget only."""
+    from crackcam.tools.calibration import LABELS, THR_STEPS, _shift, stage3_finalists
+
+    def cand(name, pixel, label, thr=0.5, tile_thr=0.2):
+        by = {bk: {"ods": {"a": pixel}, "ods_mean": pixel, "thr_by_set": {"a": thr}, "tile_thr_by_set":
+                   {"a": tile_thr}} for bk in ("5", "all")}
+        by["0"] = by[LABELS] = {"ods": {"a": label}, "ods_mean": label, "thr_by_set": {"a": tile_thr},
+                                "tile_thr_by_set": {"a": tile_thr}}
+        return {"name": name, "by_budget": by}
+    cands = [cand("p1", 0.9, 0.1), cand("p2", 0.8, 0.2), cand("p3", 0.7, 0.3), cand("lab", 0.1, 0.9, tile_thr=0.3)]
+    floor = cand("cue", 0.5, 0.5)
+    fin, thr = stage3_finalists(cands, ["5", "all"], ["a"], top_k=2, floors=[floor])
+    assert [c["name"] for c in fin] == ["p1", "p2", "lab", "p3", "cue"]  # lab and p3: the label rank's top 2
+    lab = cands[3]
+    for bk in ("5", "all"):
+        assert {c["name"] for c in cands if id(c) in thr[bk]} == {"p1", "p2", "p3", "lab"}
+        assert thr[bk][id(lab)] == {_shift(t, d) for t in (0.5, 0.3) for d in THR_STEPS}
+    assert id(floor) in thr["5"] and id(floor) not in thr["all"]
+    free, thr0 = stage3_finalists(cands, ["0"], ["a"], top_k=2)
+    assert {c["name"] for c in free} == {"lab", "p3"}  # mask-free: both ranks are the label rank
+    assert thr0["0"][id(lab)] == {_shift(0.3, d) for d in THR_STEPS}

@@ -55,6 +55,7 @@ PP_GRID = ((0, 0, 0.0), (50, 0, 0.0), (150, 0, 0.0), (50, 1, 0.0), (0, 0, 0.3), 
 MIN_LENGTHS = (0, 25, 50, 100, 200, 400)
 MAX_WIDTHS = (0.0, 12.0, 20.0, 32.0)  # px at frame size: components wider on average are not cracks (0 = off)
 TOP_K = 4
+LABELS = "labels"  # the rank every mask budget shares: tile-decision ODS from the frames' tile labels
 CRACK_SHARES = (0.005, 0.01, 0.02, 0.04, 0.08, 0.16)  # the mask-free pixel estimate's expected crack share of a
 #                                                  crack tile (one of them is the objective: MASK_FREE below)
 PROFILE_MIN_IMAGES = 10  # a data set gets its own camera profile only when scored on this many masked images
@@ -106,7 +107,7 @@ def _cache_key(checkpoint: Path, roots, sv0, cams, gates, limit, quick, layers, 
                        else None, "roots": [str(Path(r).resolve()) for r in roots], "survey": sv0.to_dict(),
                        "cams": cams, "gates": list(gates), "limit": limit, "quick": quick, "layers": layers,
                        "grids": [REFINE_GRID, PP_GRID, THR_STEPS, MIN_LENGTHS, MAX_WIDTHS, TOP_K, list(C.CUES)],
-                       "masks": selections, "version": 6}, sort_keys=True, default=str)
+                       "masks": selections, "version": 7}, sort_keys=True, default=str)
 
 
 def _strip(c: dict) -> dict:
@@ -321,11 +322,11 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                     tstats[i] = tile_rcum(tile_max(fm, x.tiles), x.tiles, use_roi, N_BINS)
             # the tile-decision ODS threshold of every frame of a set: labels only, so every budget's threshold
             # grid also spans it (a finer grid than around the pixel ODS alone)
-            tile_thr = {}
+            tile_thr, tile_f1 = {}, {}
             for s in sets:
                 st = [tstats[i] for i in tstats if items[i].set_name == s]
                 if st:
-                    tile_thr[s] = tile_ods(st, N_BINS)[1]
+                    tile_f1[s], tile_thr[s] = tile_ods(st, N_BINS)
             out_ = {}
             for bk, v in views.items():
                 ods, thr = {}, {}
@@ -339,6 +340,10 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                 out_[bk] = {"ods": {s: round(f, 4) for s, f in ods.items()},
                             "ods_mean": round(float(np.mean(list(ods.values()))), 4), "thr_by_set": thr,
                             "tile_thr_by_set": tile_thr}
+            # the label-only rank (tile-decision ODS of every frame): the same for every budget, which all rank by it
+            out_[LABELS] = {"ods": {s: round(f, 4) for s, f in tile_f1.items()},
+                            "ods_mean": round(float(np.mean(list(tile_f1.values()))), 4) if tile_f1 else 0.0,
+                            "thr_by_set": tile_thr, "tile_thr_by_set": tile_thr}
             return maps, out_
 
         def entry(maps, by, **kw):
@@ -358,7 +363,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             # keep memory flat: only the best few per method and budget keep their maps
             mine = [c for c in stage2 if c["method"] == m]
             keep = set()
-            for bk in views:
+            for bk in [*views, LABELS]:
                 keep |= {id(c) for c in sorted(mine, key=lambda c: -c["by_budget"][bk]["ods_mean"])[:top_k]}
                 for s_ in sets:
                     keep |= {id(c) for c in sorted(mine, key=lambda c: -c["by_budget"][bk]["ods"].get(s_, 0.0))
@@ -382,23 +387,10 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             if c["method"] not in best_per_method or c["ods_mean"] > best_per_method[c["method"]]["ods_mean"]:
                 best_per_method[c["method"]] = c
         with_maps = [c for c in stage2 if c["maps"] is not None and c.get("learned", True)]
-        thr_of: dict[str, dict[int, set]] = {bk: {} for bk in views}  # budget → candidate → its thresholds
-        finalists: list[dict] = []
-        for bk in views:
-            mine = sorted(with_maps, key=lambda c: -c["by_budget"][bk]["ods_mean"])[:top_k]
-            for s_ in sets:  # and the best few of each data set alone (candidates for its camera profile)
-                for c in sorted(with_maps, key=lambda c: -c["by_budget"][bk]["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
-                    if all(c is not d for d in mine):
-                        mine.append(c)
-            if bk == next(iter(views)):  # the learning-free floors (reported, never chosen): for the first budget
-                mine += [max((c for c in stage2 if c["method"] == n), key=lambda c: c["by_budget"][bk]["ods_mean"])
-                         for n in C.CUES]
-            for c in mine:
-                if all(c is not d for d in finalists):
-                    finalists.append(c)
-                centres = set(c["by_budget"][bk]["thr_by_set"].values()) | \
-                    set(c["by_budget"][bk].get("tile_thr_by_set", {}).values())
-                thr_of[bk].setdefault(id(c), set()).update(_shift(t, d) for t in centres for d in THR_STEPS)
+        first = next(iter(views))
+        floors = [max((c for c in stage2 if c["method"] == n), key=lambda c: c["by_budget"][first]["ods_mean"])
+                  for n in C.CUES]
+        finalists, thr_of = stage3_finalists(with_maps, list(views), sets, top_k, floors)
         log("calibrate: best threshold-free ODS per method: " + ", ".join(
             f"{m} {c['ods_mean']:.3f} (gate {c['gate']}, refine {'-' if not c['refine'] else c['refine']['mode']})"
             for m, c in best_per_method.items()))
@@ -489,6 +481,39 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
                 f"post-processing {e['postprocess']} refine {e['refine']} — val {e['val']}")
         recipes[bk] = recipe
     return recipes if multi else recipes[next(iter(recipes))]
+
+
+def stage3_finalists(cands: list[dict], budgets: list[str], sets: list[str], top_k: int = TOP_K,
+                     floors: list[dict] = ()) -> tuple[list[dict], dict[str, dict[int, set]]]:
+    """The candidates (stage-2 entries with ``by_budget``) stage 3 thresholds, and each budget's thresholds per
+    candidate ({budget: {id(candidate): thresholds}}).  A budget takes the best ``top_k`` by its own threshold-free
+    score (pixel ODS on its masks) and the best few of each data set alone (candidates for its camera profile),
+    and the same from the label-only rank :data:`LABELS` every budget has (few masks, and a threshold-free pixel
+    ODS misses candidates that win once thresholded: README, section 0).  Thresholds: around each set's ODS
+    threshold and its tile-decision ODS threshold.  ``floors`` (the learning-free cues, reported, never chosen) go
+    to the first budget."""
+    def ranked(rank):
+        out = sorted(cands, key=lambda c: -c["by_budget"][rank]["ods_mean"])[:top_k]
+        for s_ in sets:
+            for c in sorted(cands, key=lambda c: -c["by_budget"][rank]["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
+                if all(c is not d for d in out):
+                    out.append(c)
+        return out
+
+    finalists: list[dict] = []
+    thr_of: dict[str, dict[int, set]] = {bk: {} for bk in budgets}
+    for bk in budgets:
+        mine = ranked(bk)
+        mine += [c for c in ranked(LABELS) if all(c is not d for d in mine)]
+        if bk == budgets[0]:
+            mine += [c for c in floors if all(c is not d for d in mine)]
+        for c in mine:
+            if all(c is not d for d in finalists):
+                finalists.append(c)
+            centres = set(c["by_budget"][bk]["thr_by_set"].values()) | \
+                set(c["by_budget"][bk].get("tile_thr_by_set", {}).values())
+            thr_of[bk].setdefault(id(c), set()).update(_shift(t, d) for t in centres for d in THR_STEPS)
+    return finalists, thr_of
 
 
 _S3: dict | None = None  # stage 3's inputs, read by the (forked) workers
