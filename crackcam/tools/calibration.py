@@ -6,7 +6,8 @@ interest.  It is chosen on the validation split of the run's data sets only (the
 recipe), through the very frame steps ``crack-run`` runs (:class:`crackcam.runtime.steps.FrameSteps`):
 
 1. per validation frame and clean tile, the tile maps of every CAM method (one pass per tile batch);
-2. per (method, gate, refinement, ROI use): frame maps → threshold-free pixel ODS per data set; the best few go on;
+2. per (method, gate, refinement, ROI use): frame maps → threshold-free pixel ODS per data set and the label-only
+   tile-decision ODS; the best few by either go on (:func:`stage3_finalists`);
 3. per (threshold around the ODS, min_area, closing): post-processed masks → pixel F1 (t=0, ``ignore/`` and
    out-of-ROI pixels skipped), and per minimum length the frame decisions → detection rate on crack frames,
    false-alarm rate on crack-free / sealed-only frames, share of clean tiles flagged;
@@ -310,7 +311,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
         combos = [(m, g, r, u) for m in cams for g in gates for r in refine_grid for u in roi_choices]
 
         def score2(get_map, use_roi):
-            """{budget: {ods, ods_mean, thr_by_set}} of one candidate's frame maps."""
+            """{budget or LABELS: {ods, ods_mean, thr_by_set, tile_thr_by_set}} of one candidate's frame maps."""
             scorers = {s: MapScorer(N_BINS, (0,)) for s in sets}
             tstats = {}
             maps = []
