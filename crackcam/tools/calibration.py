@@ -365,10 +365,7 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
             mine = [c for c in stage2 if c["method"] == m]
             keep = set()
             for bk in [*views, LABELS]:
-                keep |= {id(c) for c in sorted(mine, key=lambda c: -c["by_budget"][bk]["ods_mean"])[:top_k]}
-                for s_ in sets:
-                    keep |= {id(c) for c in sorted(mine, key=lambda c: -c["by_budget"][bk]["ods"].get(s_, 0.0))
-                             [:max(1, top_k // 2)]}
+                keep |= {id(c) for c in _ranked(mine, bk, sets, top_k)}
             for c in mine:
                 if id(c) not in keep:
                     c["maps"] = None
@@ -484,6 +481,17 @@ def calibrate(*, checkpoint: Path, data=None, methods: list[str] | None = None, 
     return recipes if multi else recipes[next(iter(recipes))]
 
 
+def _ranked(cands: list[dict], rank: str, sets: list[str], top_k: int) -> list[dict]:
+    """The best ``top_k`` of ``cands`` by ``rank``'s threshold-free score, then the best ``max(1, top_k // 2)`` of
+    each data set alone (candidates for its camera profile), without repeats."""
+    out = sorted(cands, key=lambda c: -c["by_budget"][rank]["ods_mean"])[:top_k]
+    for s_ in sets:
+        for c in sorted(cands, key=lambda c: -c["by_budget"][rank]["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
+            if all(c is not d for d in out):
+                out.append(c)
+    return out
+
+
 def stage3_finalists(cands: list[dict], budgets: list[str], sets: list[str], top_k: int = TOP_K,
                      floors: list[dict] = ()) -> tuple[list[dict], dict[str, dict[int, set]]]:
     """The candidates (stage-2 entries with ``by_budget``) stage 3 thresholds, and each budget's thresholds per
@@ -493,19 +501,11 @@ def stage3_finalists(cands: list[dict], budgets: list[str], sets: list[str], top
     ODS misses candidates that win once thresholded: README, section 0).  Thresholds: around each set's ODS
     threshold and its tile-decision ODS threshold.  ``floors`` (the learning-free cues, reported, never chosen) go
     to the first budget."""
-    def ranked(rank):
-        out = sorted(cands, key=lambda c: -c["by_budget"][rank]["ods_mean"])[:top_k]
-        for s_ in sets:
-            for c in sorted(cands, key=lambda c: -c["by_budget"][rank]["ods"].get(s_, 0.0))[:max(1, top_k // 2)]:
-                if all(c is not d for d in out):
-                    out.append(c)
-        return out
-
     finalists: list[dict] = []
     thr_of: dict[str, dict[int, set]] = {bk: {} for bk in budgets}
     for bk in budgets:
-        mine = ranked(bk)
-        mine += [c for c in ranked(LABELS) if all(c is not d for d in mine)]
+        mine = _ranked(cands, bk, sets, top_k)
+        mine += [c for c in _ranked(cands, LABELS, sets, top_k) if all(c is not d for d in mine)]
         if bk == budgets[0]:
             mine += [c for c in floors if all(c is not d for d in mine)]
         for c in mine:
