@@ -33,6 +33,21 @@ def rgb_reference(imgs_bgr: np.ndarray, mean, std) -> torch.Tensor:
     return ((x - m) / sd).to(torch.float32)
 
 
+def test_the_pytorch_stand_ins_preprocess_as_the_graph_does():
+    """crack-eval's CAM predictor and the segmenter session feed PyTorch what the exported graph feeds itself:
+    BGR uint8 → RGB, /255, mean/std (checked against the independent channel-index path, non-symmetric mean/std so
+    a swapped channel shows)."""
+    from crackcam.models.preprocess import bgr_to_tensor
+
+    rng = np.random.default_rng(3)
+    imgs = rng.integers(0, 256, (2, 9, 7, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    got = bgr_to_tensor(imgs, mean, std)
+    assert got.shape == (2, 3, 9, 7) and got.dtype == torch.float32
+    assert torch.allclose(got, rgb_reference(imgs, mean, std), atol=1e-5)
+    assert np.abs(got.numpy() - preprocess_numpy(imgs, mean, std)).max() < 1e-5
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
     """PyTorch's OpenMP threads spin-wait for each other: on a busy 2-core machine a 2-thread forward of ResNet-50 at

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from crackcam.models.preprocess import preprocess_torch  # noqa: F401  (the graphs' pre-processing; re-exported)
+
 from . import metadata as md
 
 EXPORTERS = ("auto", "legacy", "dynamo")
@@ -44,13 +46,6 @@ class ExportError(RuntimeError):
 
 
 # --------------------------------------------------------------------------------------------- the graph
-def preprocess_torch(image: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC BGR → normalised float NCHW RGB (the in-graph pre-processing)."""
-    x = image.permute(0, 3, 1, 2).to(torch.float32)
-    x = torch.flip(x, dims=[1])  # BGR → RGB (a Slice with step −1 in ONNX)
-    return (x / 255.0 - mean) / std
-
-
 def preprocess_numpy(image_bgr: np.ndarray, mean, std) -> np.ndarray:
     """The same pre-processing in NumPy (the reference used to verify the graph), float32 NCHW."""
     x = np.ascontiguousarray(image_bgr[..., ::-1]).astype(np.float32) / np.float32(255.0)

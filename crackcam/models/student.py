@@ -149,10 +149,9 @@ class StudentSession:
         self.meta = self._Meta()
 
     def run(self, batch_bgr):
-        import numpy as np
+        from .preprocess import bgr_to_tensor
 
-        x = torch.from_numpy(np.ascontiguousarray(np.asarray(batch_bgr)[..., ::-1])).permute(0, 3, 1, 2).float()
-        x = (x / 255.0 - self.mean) / self.std
+        x = bgr_to_tensor(batch_bgr, self.mean, self.std)
         with torch.no_grad():
             p = torch.sigmoid(self.model(x))
         return tile_prob(p).numpy(), p[:, 0].numpy()

@@ -201,8 +201,9 @@ class CamPredictor:
 
     def tensor(self, tiles_bgr: np.ndarray):
         """uint8 N×H×W×3 BGR → normalised N×3×H×W RGB (the exported graph's own pre-processing)."""
-        t = self.torch.from_numpy(np.ascontiguousarray(tiles_bgr[..., ::-1])).permute(0, 3, 1, 2).float() / 255.0
-        return (t - self.mean) / self.std
+        from crackcam.models.preprocess import bgr_to_tensor
+
+        return bgr_to_tensor(tiles_bgr, self.mean, self.std)
 
     def __call__(self, image: np.ndarray) -> dict:
         """RGB uint8 frame → ``{"plan", "bgr", "probs", "maps": {method: [tile maps]}}``."""
