@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,11 @@ def test_the_pytorch_stand_ins_preprocess_as_the_graph_does():
     assert got.shape == (2, 3, 9, 7) and got.dtype == torch.float32
     assert torch.allclose(got, rgb_reference(imgs, mean, std), atol=1e-5)
     assert np.abs(got.numpy() - preprocess_numpy(imgs, mean, std)).max() < 1e-5
+    ro = imgs.copy()
+    ro.setflags(write=False)  # a read-only frame: same values, and no non-writable-tensor warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(bgr_to_tensor(ro, mean, std), got)
 
 
 @pytest.fixture(autouse=True)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from crackcam.models.preprocess import preprocess_torch  # noqa: F401  (the graphs' pre-processing; re-exported)
+from crackcam.models.preprocess import preprocess_torch  # the graphs' pre-processing (also imported from here)
 
 from . import metadata as md
 

@@ -22,4 +22,7 @@ def bgr_to_tensor(batch_bgr, mean, std) -> torch.Tensor:
     broadcast to 1×3×1×1."""
     mean = torch.as_tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1)
     std = torch.as_tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1)
-    return preprocess_torch(torch.from_numpy(np.ascontiguousarray(batch_bgr)), mean, std)
+    arr = np.ascontiguousarray(batch_bgr)
+    if not arr.flags.writeable:  # torch.from_numpy warns on read-only memory (a decoded frame may be one)
+        arr = arr.copy()
+    return preprocess_torch(torch.from_numpy(arr), mean, std)
