@@ -68,6 +68,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, flat):
     assert r.exit_code == 2 and "unknown method" in r.output
     r = runner.invoke(app, ["--method", "gradcam", "--data", str(flat), "--split", "all"])
     assert r.exit_code == 2 and "--checkpoint" in r.output
+    # a mistyped run folder is named as such (not "no --method and no recipe")
+    r = runner.invoke(app, ["--checkpoint", str(tmp_path / "no-run"), "--data", str(flat), "--split", "all"])
+    assert r.exit_code == 2 and "no-run: run folder not found" in r.output and "Traceback" not in r.output
 
 
 def test_cam_refine_and_calibrated_recipe(flat, tiny_ckpt, tmp_path):

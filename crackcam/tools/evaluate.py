@@ -257,6 +257,8 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     share flagged (each tile run as crack-run runs an image file)."""
     from crackcam.train.data import scored_pixels
 
+    if checkpoint is not None and not Path(checkpoint).is_dir():
+        raise EvalError(f"{checkpoint}: run folder not found")
     recipe = read_recipe(checkpoint, recipe_path)
     if method is None:
         if recipe is None:
