@@ -770,3 +770,18 @@ def test_metadata_refine_step_is_applied_on_the_frame(tmp_path):
     got = cv2.imread(str(tmp_path / "a" / a[0]["files"]["mask"]), cv2.IMREAD_GRAYSCALE) > 0
     assert np.array_equal(got, want.mask)
     assert a[0]["area_px"] != b[0]["area_px"]
+
+
+@pytest.mark.parametrize("area", ["survey", "runtime"])
+def test_crack_bench_bad_model_is_one_line_exit_2(tmp_path, area):
+    """A benchmark pointed at a broken model file says so in one line (exit 2), as crack-run does."""
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model")
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    cv2.imwrite(str(frames / "a.png"), np.full((64, 64, 3), 128, np.uint8))
+    argv = [area, "--model", str(bad)] + (["--frames", str(frames), "--n", "1"] if area == "survey" else [])
+    r = subprocess.run([sys.executable, "-c", f"import sys; from crackcam.tools import bench; "
+                        f"sys.exit(bench.main({argv!r}))"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr[-800:]
+    assert "bad.onnx: not a loadable ONNX model" in r.stderr and "Traceback" not in r.stderr

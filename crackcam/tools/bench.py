@@ -17,6 +17,17 @@ from __future__ import annotations
 import importlib
 import sys
 
+def _input_errors() -> tuple:
+    """The runtime's bad-input and missing-backend errors (each says the file and the problem in one line)."""
+    from crackcam.runtime.imageio import BadInputError
+    from crackcam.runtime.meta import BackendUnavailable, ModelFileError
+    from crackcam.runtime.survey import RoiError
+
+    return (BadInputError, ModelFileError, BackendUnavailable, RoiError, FileNotFoundError)
+
+
+BENCH_INPUT_ERRORS = _input_errors()
+
 AREAS = {
     "cam": "crackcam.tools.bench_cam",
     "export": "crackcam.tools.bench_export",
@@ -38,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     mod = importlib.import_module(AREAS[argv[0]])
     sys.argv = [f"crack-bench {argv[0]}"] + argv[1:]
-    ret = mod.main()
+    try:
+        ret = mod.main()
+    except BENCH_INPUT_ERRORS as exc:  # a bad model file, image or ROI, a missing backend: one line, exit 2
+        print(f"crack-bench {argv[0]}: {exc}", file=sys.stderr)
+        return 2
     return int(ret or 0)
 
 
