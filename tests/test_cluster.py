@@ -91,6 +91,14 @@ def test_ray_engine_matches_the_local_engine(tmp_path, ray_local, model):
     assert s_ray["engine"] == "ray" and set(s_loc) <= set(s_ray)
     for k in ("frames", "frames_total", "cracked", "cracked_total", "unreadable"):
         assert s_loc[k] == s_ray[k], k
+    # both engines say alike which model and options wrote the records (what a resume checks), GPS track included
+    i_loc = json.loads((tmp_path / "local" / "run.json").read_text())
+    i_ray = json.loads((tmp_path / "ray" / "run.json").read_text())
+    assert i_loc["model_sha256"] == i_ray["model_sha256"] and i_loc["settings"] == i_ray["settings"]
+    assert i_ray["settings"]["overlap"] == 16 and i_ray["settings"]["gps"]
+    # the Ray engine refuses to resume into records written with other options (one line, exit 2)
+    r = runner.invoke(cli.app, base + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--threshold", "0.9"])
+    assert r.exit_code == 2 and "other options (threshold" in r.output and "Traceback" not in r.output
 
 
 def test_killed_actor_still_gives_each_frame_once_and_resume(tmp_path, ray_local, model):

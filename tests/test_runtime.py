@@ -224,6 +224,45 @@ def test_resume_folder_after_max_frames_same_results(tmp_path, models):
     assert len(keys) == len(set(keys)) == 6
 
 
+
+def test_resume_refuses_records_of_another_model_or_other_options(tmp_path, models):
+    """Resuming into an OUT whose records another model or other options wrote would mix two runs in one
+    results.jsonl and summary: one line, exit 2, nothing touched; --no-resume starts over."""
+    from crackcam.runtime.pipeline import RUN_FILE
+
+    synth_images(tmp_path / "imgs", 4)
+    out = tmp_path / "out"
+    base = ("--source", tmp_path / "imgs", "--out", out)
+    assert run_cli("--model", models["dyn"], *base, "--max-frames", "2").exit_code == 0
+    ident = json.loads((out / RUN_FILE).read_text())
+    assert len(ident["model_sha256"]) == 64 and ident["settings"]["threshold"] is None
+    before = (out / "results.jsonl").read_bytes()
+
+    r = run_cli("--model", models["fixed"], *base)  # another model file
+    assert r.exit_code == 2 and "written by another model" in r.output and "--no-resume" in r.output
+    assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
+    r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7")  # same model, another threshold
+    assert r.exit_code == 2 and "other options (threshold None → 0.7)" in r.output
+    r = run_cli("--model", models["dyn"], *base, "--roi", "0,0 1,0 1,0.5")
+    assert r.exit_code == 2 and "other options (survey" in r.output
+    assert (out / "results.jsonl").read_bytes() == before  # refused runs wrote nothing
+
+    # the same model under another path (a copy) and the same options: resumes
+    copy = tmp_path / "copy.onnx"
+    copy.write_bytes(Path(models["dyn"]).read_bytes())
+    r = run_cli("--model", copy, *base)
+    assert r.exit_code == 0 and "resuming: 2 frames" in r.output and len(records(out)) == 4
+    # --no-resume starts over with the new options and records them
+    r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7", "--no-resume")
+    assert r.exit_code == 0 and len(records(out)) == 4
+    assert json.loads((out / RUN_FILE).read_text())["settings"]["threshold"] == 0.7
+
+    # records with no run.json (an older crackcam): not resumed blindly
+    (out / RUN_FILE).unlink()
+    r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7")
+    assert r.exit_code == 2 and "no run.json" in r.output
+
+
 # ------------------------------------------------------------------------------------------------ faults
 def test_unreadable_files_are_skipped_with_one_line(tmp_path, models):
     paths = synth_images(tmp_path / "imgs", 3)

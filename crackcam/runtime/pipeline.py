@@ -16,6 +16,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 import queue
 import signal
@@ -31,6 +33,7 @@ import numpy as np
 
 from . import geo, sinks
 from . import survey as S
+from .imageio import BadInputError
 from .meta import ModelFileError
 from .progress import bar as progress_bar
 from .sources import Frame, Source
@@ -311,7 +314,11 @@ class Pipeline:
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         cfg = self.cfg
-        done = start_results(self.out, cfg.resume, self.log, live=self.source.live)
+        identity = run_identity(self.session.path, threshold=cfg.threshold, tile=cfg.tile, overlap=cfg.overlap,
+                                max_side=cfg.max_side, survey=cfg.survey, mm_per_px=cfg.mm_per_px,
+                                no_refine=cfg.no_refine, gps=cfg.gps, gps_method=cfg.gps_method,
+                                gps_max_gap=cfg.gps_max_gap)
+        done = start_results(self.out, cfg.resume, self.log, live=self.source.live, identity=identity)
         skip = (lambda k: k in done) if done else None
         jw = sinks.JsonlWriter(self.results_path, fsync_every=cfg.fsync_every)
         total = len(self.source)
@@ -411,17 +418,79 @@ def build_model_steps(session, *, tile=None, overlap=None, max_side=None, survey
                                            f"runtime or the options ({e})")
 
 
-def start_results(out: Path, resume: bool, log, live: bool = False) -> set[str]:
+RUN_FILE = "run.json"  # what wrote OUT/results.jsonl: the model's sha256 and the options that change a record
+
+
+class ResumeMismatch(BadInputError):
+    """``OUT/results.jsonl`` was written by another model or other options: resuming would mix two runs' records."""
+
+
+def _file_sha256(path) -> str | None:
+    try:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        return h.hexdigest()
+    except OSError:
+        return None
+
+
+def run_identity(model, *, threshold=None, tile=None, overlap=None, max_side=None, survey=None, mm_per_px=None,
+                 no_refine=False, gps=None, gps_method="linear", gps_max_gap=5.0) -> dict:
+    """What makes a run's records what they are (both engines): the model file's bytes and every option that
+    changes a record.  Batch size, workers, --save, the engine and the model's *path* do not."""
+    g = None
+    if gps is not None:
+        g = hashlib.sha256(json.dumps([gps.t, gps.lat, gps.lon, gps.time_of_day]).encode()).hexdigest()[:16]
+    settings = {"threshold": threshold, "tile": tile, "overlap": overlap, "max_side": max_side,
+                "survey": {k: v for k, v in sorted((survey or {}).items()) if v is not None},
+                "mm_per_px": mm_per_px, "no_refine": bool(no_refine), "gps": g,
+                "gps_method": gps_method if g else None, "gps_max_gap": gps_max_gap if g else None}
+    settings = json.loads(json.dumps(settings, default=str))  # tuples → lists, paths → str: as read back
+    return {"model_sha256": _file_sha256(model), "model": str(model), "settings": settings}
+
+
+def _check_identity(out: Path, identity: dict) -> None:
+    """Refuse to resume ``out`` when its records came from another model or other options (one line)."""
+    try:
+        prev = json.loads((out / RUN_FILE).read_text())
+    except FileNotFoundError:
+        raise ResumeMismatch(out, f"its results.jsonl has no {RUN_FILE} saying which model and options wrote it "
+                                  f"(an older crackcam, or another tool); resuming could mix two runs — pass "
+                                  f"--no-resume to start over, or choose a new --out") from None
+    except (OSError, ValueError) as e:
+        raise ResumeMismatch(out / RUN_FILE, f"unreadable ({e}); pass --no-resume to start over") from None
+    if prev.get("model_sha256") != identity["model_sha256"]:
+        raise ResumeMismatch(out, f"its results were written by another model ({prev.get('model')}, sha256 "
+                                  f"{str(prev.get('model_sha256'))[:12]}…, not {identity['model']}, "
+                                  f"{str(identity['model_sha256'])[:12]}…); pass --no-resume to start over, or "
+                                  f"choose a new --out")
+    a, b = prev.get("settings") or {}, identity["settings"]
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        what = ", ".join(f"{k} {a.get(k)!r} → {b.get(k)!r}" for k in diff)
+        raise ResumeMismatch(out, f"its results were written with other options ({what}); pass --no-resume to "
+                                  f"start over, or choose a new --out")
+
+
+def start_results(out: Path, resume: bool, log, live: bool = False, identity: dict | None = None) -> set[str]:
     """The start of a run's output, for both engines: the keys already in ``out/results.jsonl`` (``resume``; none
     for a live source, whose frames are never the same twice: it keeps appending), else the old file removed; temp
-    files a killed run left removed."""
-    results = Path(out) / "results.jsonl"
+    files a killed run left removed.  With ``identity`` (:func:`run_identity`), records already there must come
+    from the same model and options (:class:`ResumeMismatch` otherwise), and ``out/run.json`` records it."""
+    out = Path(out)
+    results = out / "results.jsonl"
     done = sinks.read_keys(results) if resume else set()
     if not resume and results.exists():
         try:
             results.unlink()
         except OSError as e:
             raise sinks.OutputWriteError(results, e) from None
+    if identity is not None:
+        if resume and results.exists() and results.stat().st_size > 0:
+            _check_identity(out, identity)
+        sinks.atomic_write_json(out / RUN_FILE, identity)
     if done and live:
         done = set()
     if done:

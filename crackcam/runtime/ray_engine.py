@@ -30,7 +30,7 @@ from . import geo, sinks
 from .imageio import BadInputError
 from .meta import BackendUnavailable
 from .optional import OptionalBroken, import_optional
-from .pipeline import build_model_steps, finish_frame, run_summary, start_results, write_run_files
+from .pipeline import build_model_steps, finish_frame, run_identity, run_summary, start_results, write_run_files
 from .progress import bar as progress_bar
 from .sources import Frame, ImageListSource, SourceStats, open_source
 from .steps import infer_tiles
@@ -181,7 +181,10 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
     except OSError as e:
         raise sinks.OutputWriteError(out, e) from None
     results = out / "results.jsonl"
-    done = start_results(out, resume, log)
+    identity = run_identity(job.model, threshold=job.threshold, tile=job.tile, overlap=job.overlap,
+                            max_side=job.max_side, survey=job.survey, mm_per_px=job.mm_per_px, no_refine=job.no_refine,
+                            gps=job.gps, gps_method=job.gps_method, gps_max_gap=job.gps_max_gap)
+    done = start_results(out, resume, log, identity=identity)
     stats = SourceStats()
     rows = []
     for i, p in enumerate(src.paths):

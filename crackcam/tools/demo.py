@@ -123,8 +123,9 @@ def run_demo(out: Path, resume: bool = False, log=None) -> str:
     log("crack-demo 4/5: crack-run on the drawn frames")
     sess = open_session(onnx, provider="cpu", log=log, spin=False)
     src = open_source(str(frames), log=log)
+    # resume=False: 8 frames take a second, and a re-run of the demo may have re-trained the model
     summ = Pipeline(sess, src, RunConfig(out=out / "run", batch=4, save=("masks", "overlays"), progress=False,
-                                         source_root=str(frames)), log=log).run()
+                                         source_root=str(frames), resume=False), log=log).run()
     # 5. summary
     ov = sorted((out / "run" / "overlays").glob("*.jpg"))
     if ov:
