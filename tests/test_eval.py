@@ -61,6 +61,28 @@ def test_blackhat_round_trip(flat, tmp_path):
     assert r2.exit_code == 0 and "resuming" in r2.output and _last_json(r2.output)["f1"] == s["f1"]
 
 
+def test_a_retrained_run_in_the_same_folder_is_not_resumed(tmp_path, flat, tiny_ckpt):
+    """crack-eval resumes a scoring run only for the same weights: new weights in the same run folder (a re-run
+    of crack-train there) start the scoring over instead of mixing two models' images in one figure."""
+    import shutil
+
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_ckpt, run)
+    out = tmp_path / "ev"
+    args = ["--checkpoint", str(run), "--method", "gradcam", "--data", str(flat), "--split", "all", "--gate", "0",
+            "--threshold", "0.5", "--out", str(out), "--limit", "3"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "resuming" in r.output  # same weights: resumes
+    state = torch.load(run / "best.pt", weights_only=True)
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, run / "best.pt")
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0 and "resuming" not in r.output, r.output
+
+
 def test_bad_input_is_one_line_exit_2(tmp_path, flat):
     r = runner.invoke(app, ["--method", "blackhat", "--data", str(tmp_path / "nope")])
     assert r.exit_code == 2 and "nope" in r.output and "Traceback" not in r.output
