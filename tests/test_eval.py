@@ -1,5 +1,6 @@
 """crack-eval round trips on a tiny synthetic flat data set (blackhat, CAM, refinement, calibrate, bad input)."""
 
+import csv
 import json
 
 import pytest
@@ -77,10 +78,15 @@ def test_a_retrained_run_in_the_same_folder_is_not_resumed(tmp_path, flat, tiny_
     assert r.exit_code == 0, r.output
     r = runner.invoke(app, args)
     assert r.exit_code == 0 and "resuming" in r.output  # same weights: resumes
+    def probs():
+        return [row["prob"] for row in csv.DictReader((out / "per_frame.csv").open())]
+
+    before = probs()
     state = torch.load(run / "best.pt", weights_only=True)
-    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, run / "best.pt")
-    r = runner.invoke(app, args)
+    torch.save({k: v * 1.5 + 0.05 if v.is_floating_point() else v for k, v in state.items()}, run / "best.pt")
+    r = runner.invoke(app, args)  # same process: the CAM predictor cached for this run folder is not reused either
     assert r.exit_code == 0 and "resuming" not in r.output, r.output
+    assert len(probs()) == len(before) == 3 and probs() != before  # scored with the new weights
 
 
 def test_bad_input_is_one_line_exit_2(tmp_path, flat):

@@ -207,8 +207,11 @@ def test_video_source_order_timestamps_and_resume(tmp_path, models):
     assert s["frames"] == 7 and s["frames_total"] == 12 and s["skipped_done"] == 5
     assert "resuming: 5 frames" in r.output
     # a third run has nothing left to do
-    r = run_cli("--model", models["dyn"], "--source", vid, "--out", out)
+    r = run_cli("--model", models["dyn"], "--source", vid, "--out", out, "--start-time", str(t0))
     assert r.exit_code == 0 and len(records(out)) == 12
+    # without --start-time its timestamps would be others: refused, not mixed
+    r = run_cli("--model", models["dyn"], "--source", vid, "--out", out)
+    assert r.exit_code == 2 and "start_time" in r.output
 
 
 def test_resume_folder_after_max_frames_same_results(tmp_path, models):
@@ -246,6 +249,7 @@ def test_resume_refuses_records_of_another_model_or_other_options(tmp_path, mode
     r = run_cli("--model", models["dyn"], *base, "--roi", "0,0 1,0 1,0.5")
     assert r.exit_code == 2 and "other options (survey" in r.output
     assert (out / "results.jsonl").read_bytes() == before  # refused runs wrote nothing
+    assert json.loads((out / RUN_FILE).read_text()) == ident  # ... and left the record of what wrote it
 
     # the same model under another path (a copy) and the same options: resumes
     copy = tmp_path / "copy.onnx"
@@ -261,6 +265,10 @@ def test_resume_refuses_records_of_another_model_or_other_options(tmp_path, mode
     (out / RUN_FILE).unlink()
     r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7")
     assert r.exit_code == 2 and "no run.json" in r.output
+    # ... but a file holding only a cut-off line has no record to mix with: the run goes on
+    (out / "results.jsonl").write_text('{"key": "cut off by a power fail')
+    r = run_cli("--model", models["dyn"], *base)
+    assert r.exit_code == 0 and len(records(out)) == 4 and (out / RUN_FILE).is_file()
 
 
 # ------------------------------------------------------------------------------------------------ faults

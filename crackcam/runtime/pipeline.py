@@ -317,7 +317,7 @@ class Pipeline:
         identity = run_identity(self.session.path, threshold=cfg.threshold, tile=cfg.tile, overlap=cfg.overlap,
                                 max_side=cfg.max_side, survey=cfg.survey, mm_per_px=cfg.mm_per_px,
                                 no_refine=cfg.no_refine, gps=cfg.gps, gps_method=cfg.gps_method,
-                                gps_max_gap=cfg.gps_max_gap)
+                                gps_max_gap=cfg.gps_max_gap, start_time=getattr(self.source, "start_time", None))
         done = start_results(self.out, cfg.resume, self.log, live=self.source.live, identity=identity)
         skip = (lambda k: k in done) if done else None
         jw = sinks.JsonlWriter(self.results_path, fsync_every=cfg.fsync_every)
@@ -437,18 +437,29 @@ def _file_sha256(path) -> str | None:
 
 
 def run_identity(model, *, threshold=None, tile=None, overlap=None, max_side=None, survey=None, mm_per_px=None,
-                 no_refine=False, gps=None, gps_method="linear", gps_max_gap=5.0) -> dict:
-    """What makes a run's records what they are (both engines): the model file's bytes and every option that
-    changes a record.  Batch size, workers, --save, the engine and the model's *path* do not."""
+                 no_refine=False, gps=None, gps_method="linear", gps_max_gap=5.0, start_time=None) -> dict:
+    """What makes a run's records what they are (both engines): the model file's bytes (a TensorRT engine's
+    metadata side-car too), and every option that changes a record, as given (a ROI mask PNG by its content).
+    Batch size, workers, --save, the engine, the execution provider and the model's *path* do not."""
     g = None
     if gps is not None:
         g = hashlib.sha256(json.dumps([gps.t, gps.lat, gps.lon, gps.time_of_day]).encode()).hexdigest()[:16]
-    settings = {"threshold": threshold, "tile": tile, "overlap": overlap, "max_side": max_side,
-                "survey": {k: v for k, v in sorted((survey or {}).items()) if v is not None},
+    sv = {k: v for k, v in sorted((survey or {}).items()) if v is not None}
+    if sv.get("roi_mask"):
+        sv["roi_mask_sha256"] = _file_sha256(sv["roi_mask"])
+    settings = {"threshold": threshold, "tile": tile, "overlap": overlap, "max_side": max_side, "survey": sv,
                 "mm_per_px": mm_per_px, "no_refine": bool(no_refine), "gps": g,
-                "gps_method": gps_method if g else None, "gps_max_gap": gps_max_gap if g else None}
+                "gps_method": gps_method if g else None, "gps_max_gap": gps_max_gap if g else None,
+                "start_time": start_time}
     settings = json.loads(json.dumps(settings, default=str))  # tuples → lists, paths → str: as read back
-    return {"model_sha256": _file_sha256(model), "model": str(model), "settings": settings}
+    model = Path(model)
+    sha = _file_sha256(model)
+    if model.suffix in (".engine", ".plan"):  # its metadata lives beside it (crackcam.runtime.meta.sidecar_meta)
+        side = [c for c in (model.with_name(model.name + ".json"), model.with_suffix(".json"),
+                            model.with_suffix(".onnx")) if c.is_file()]
+        if side:
+            sha = hashlib.sha256((str(sha) + "".join(str(_file_sha256(c)) for c in side)).encode()).hexdigest()
+    return {"model_sha256": sha, "model": str(model), "settings": settings}
 
 
 def _check_identity(out: Path, identity: dict) -> None:
@@ -488,7 +499,7 @@ def start_results(out: Path, resume: bool, log, live: bool = False, identity: di
         except OSError as e:
             raise sinks.OutputWriteError(results, e) from None
     if identity is not None:
-        if resume and results.exists() and results.stat().st_size > 0:
+        if resume and done:  # records there (a cut-off last line alone is none)
             _check_identity(out, identity)
         sinks.atomic_write_json(out / RUN_FILE, identity)
     if done and live:

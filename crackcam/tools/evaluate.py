@@ -114,20 +114,10 @@ def _context(checkpoint: Path | None, layers: str | None, mode: str, tile: int |
                            gate=gate, refine=refine, survey=survey)
 
 
-def _weights_digest(checkpoint: Path | None) -> str | None:
-    """sha256 of the run's ``config.json`` and ``best.pt`` (what every learned map loads), or None without one."""
-    if checkpoint is None:
-        return None
-    import hashlib
+def _digest(run_dir) -> str | None:
+    from crackcam.models.checkpoint import run_digest
 
-    h = hashlib.sha256()
-    for name in ("config.json", "best.pt"):
-        p = Path(checkpoint) / name
-        if p.is_file():
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
+    return run_digest(run_dir) if run_dir else None
 
 
 def _default_out(checkpoint: Path | None, method: str, data: Path, split: str) -> Path:
@@ -218,7 +208,9 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
     def _k(v):
         return {"threshold": v.thr, "pp": v.pcfg.to_dict(), "refine": v.rcfg.to_dict(), "survey": v.survey.to_dict()}
     key = {"method": method, "data": str(Path(data).resolve()), "split": split, "checkpoint": str(checkpoint),
-           "weights": _weights_digest(checkpoint),  # a re-trained run in the same folder is another run
+           "weights": _digest(checkpoint),  # a re-trained run in the same folder is another run
+           "restoration_weights": _digest((options or {}).get("restoration_checkpoint")
+                                          or os.environ.get("CRACKCAM_RESTORATION_CHECKPOINT")),
            **_k(base), "profiles": {k: _k(v) for k, v in profiles.items()}, "layers": base.layers, "mode": mode,
            "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit,
            "options": {k: str(v) for k, v in sorted(base.ctx.options.items())}}

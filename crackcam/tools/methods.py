@@ -294,7 +294,10 @@ def shared_cam(ctx: MethodContext, name: str, refine: C.RefineConfig | None = No
     _, fusion = parse_method(name)
     group = [m for m in cam_method_names() if parse_method(m)[1] == fusion and (m != "cam" or name == "cam")]
     sv = ctx.survey_config()
-    key = (str(ctx.checkpoint), tuple(ctx.layers or ()), fusion, name == "cam", json_key(sv.to_dict()))
+    from crackcam.models.checkpoint import run_digest
+
+    key = (str(ctx.checkpoint), run_digest(ctx.checkpoint), tuple(ctx.layers or ()), fusion, name == "cam",
+           json_key(sv.to_dict()))
     if key not in _SHARED:
         if len(_SHARED) > 8:
             _SHARED.clear()
