@@ -318,7 +318,12 @@ class Pipeline:
                                 max_side=cfg.max_side, survey=cfg.survey, mm_per_px=cfg.mm_per_px,
                                 no_refine=cfg.no_refine, gps=cfg.gps, gps_method=cfg.gps_method,
                                 gps_max_gap=cfg.gps_max_gap, start_time=getattr(self.source, "start_time", None))
-        done = start_results(self.out, cfg.resume, self.log, live=self.source.live, identity=identity)
+        try:
+            done = start_results(self.out, cfg.resume, self.log, live=self.source.live, identity=identity)
+        except BaseException:  # refused (another model's records) or unwritable: release the camera / file
+            with contextlib.suppress(Exception):
+                self.source.close()
+            raise
         skip = (lambda k: k in done) if done else None
         jw = sinks.JsonlWriter(self.results_path, fsync_every=cfg.fsync_every)
         total = len(self.source)
