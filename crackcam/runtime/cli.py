@@ -137,7 +137,8 @@ def run(
                                                "this long (px; default: the model's calibrated value)"),
     workers: int = typer.Option(2, min=1, help="post-processing threads"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
-    resume: bool = typer.Option(True, help="skip frames already in OUT/results.jsonl"),
+    resume: bool = typer.Option(True, help="skip frames already in OUT/results.jsonl (written by the same model and "
+                                "options, OUT/run.json says; else refused)"),
     retries: int = typer.Option(3, min=0, help="camera/stream: reconnect attempts before stopping"),
     stall_timeout: float = typer.Option(10.0, min=0, help="camera/stream: a stream silent for this long (s) without "
                                         "closing is treated as dropped: reconnect, then stop (0 = wait forever)"),
