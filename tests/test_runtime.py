@@ -265,10 +265,44 @@ def test_resume_refuses_records_of_another_model_or_other_options(tmp_path, mode
     (out / RUN_FILE).unlink()
     r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7")
     assert r.exit_code == 2 and "no run.json" in r.output
+    # a ROI mask PNG counts by its content: the same mask elsewhere resumes, an edited one is refused
+    roi = np.zeros((96, 128), np.uint8)
+    roi[:, :100] = 255
+    cv2.imwrite(str(tmp_path / "roi.png"), roi)
+    out2 = tmp_path / "out2"
+    assert run_cli("--model", models["dyn"], "--source", tmp_path / "imgs", "--out", out2, "--roi",
+                   tmp_path / "roi.png", "--max-frames", "2").exit_code == 0
+    (tmp_path / "elsewhere").mkdir()
+    cv2.imwrite(str(tmp_path / "elsewhere" / "roi.png"), roi)
+    r = run_cli("--model", models["dyn"], "--source", tmp_path / "imgs", "--out", out2, "--roi",
+                tmp_path / "elsewhere" / "roi.png", "--max-frames", "1")
+    assert r.exit_code == 0 and "resuming: 2 frames" in r.output, r.output
+    roi[:, 100:] = 255
+    cv2.imwrite(str(tmp_path / "roi.png"), roi)
+    r = run_cli("--model", models["dyn"], "--source", tmp_path / "imgs", "--out", out2, "--roi", tmp_path / "roi.png")
+    assert r.exit_code == 2 and "other options (survey" in r.output
+
     # ... but a file holding only a cut-off line has no record to mix with: the run goes on
     (out / "results.jsonl").write_text('{"key": "cut off by a power fail')
     r = run_cli("--model", models["dyn"], *base)
     assert r.exit_code == 0 and len(records(out)) == 4 and (out / RUN_FILE).is_file()
+
+
+
+def test_a_live_source_is_never_told_to_delete_its_records(tmp_path):
+    """A camera's OUT only ever appends: a mismatch there points to a new --out, not to --no-resume."""
+    from crackcam.runtime.pipeline import ResumeMismatch, start_results
+
+    (tmp_path / "results.jsonl").write_text('{"key": "camera:0#1", "frame": 1}\n')
+    ident = {"model_sha256": "a" * 64, "model": "m.onnx", "settings": {}}
+    start_results(tmp_path, False, print, identity=ident)  # --no-resume: starts over, records the identity
+    (tmp_path / "results.jsonl").write_text('{"key": "camera:0#1", "frame": 1}\n')
+    other = {**ident, "model_sha256": "b" * 64}
+    with pytest.raises(ResumeMismatch, match="choose a new --out .--no-resume would delete"):
+        start_results(tmp_path, True, print, live=True, identity=other)
+    with pytest.raises(ResumeMismatch, match="pass --no-resume to start over"):
+        start_results(tmp_path, True, print, live=False, identity=other)
+    assert start_results(tmp_path, True, print, live=True, identity=ident) == set()  # same: appends
 
 
 # ------------------------------------------------------------------------------------------------ faults

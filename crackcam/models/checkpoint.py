@@ -53,7 +53,8 @@ def read_config(run_dir: str | os.PathLike) -> dict:
 
 
 def run_digest(run_dir: str | os.PathLike | None) -> str | None:
-    """sha256 of a run folder's ``config.json`` and ``best.pt`` (what every learned map loads); None for no run.
+    """sha256 of a run folder's ``config.json`` and ``best.pt`` (what every learned map loads; ``last.pt`` when a
+    run has no ``best.pt``); None for no run.
     Keys what is cached or resumed per run (crack-eval's scoring state, the CAM predictors): a re-trained run in
     the same folder is another run."""
     if run_dir is None:
@@ -61,7 +62,8 @@ def run_digest(run_dir: str | os.PathLike | None) -> str | None:
     import hashlib
 
     h = hashlib.sha256()
-    for name in ("config.json", "best.pt"):
+    names = ("config.json", "best.pt") if (Path(run_dir) / "best.pt").is_file() else ("config.json", "last.pt")
+    for name in names:
         p = Path(run_dir) / name
         if p.is_file():
             with open(p, "rb") as f:

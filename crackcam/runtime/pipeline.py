@@ -450,8 +450,8 @@ def run_identity(model, *, threshold=None, tile=None, overlap=None, max_side=Non
     if gps is not None:
         g = hashlib.sha256(json.dumps([gps.t, gps.lat, gps.lon, gps.time_of_day]).encode()).hexdigest()[:16]
     sv = {k: v for k, v in sorted((survey or {}).items()) if v is not None}
-    if sv.get("roi_mask"):
-        sv["roi_mask_sha256"] = _file_sha256(sv["roi_mask"])
+    if sv.get("roi_mask"):  # by content: the same mask under another path is the same run
+        sv["roi_mask"] = {"sha256": _file_sha256(sv["roi_mask"])}
     settings = {"threshold": threshold, "tile": tile, "overlap": overlap, "max_side": max_side, "survey": sv,
                 "mm_per_px": mm_per_px, "no_refine": bool(no_refine), "gps": g,
                 "gps_method": gps_method if g else None, "gps_max_gap": gps_max_gap if g else None,
@@ -467,27 +467,27 @@ def run_identity(model, *, threshold=None, tile=None, overlap=None, max_side=Non
     return {"model_sha256": sha, "model": str(model), "settings": settings}
 
 
-def _check_identity(out: Path, identity: dict) -> None:
-    """Refuse to resume ``out`` when its records came from another model or other options (one line)."""
+def _check_identity(out: Path, identity: dict, live: bool = False) -> None:
+    """Refuse to resume ``out`` when its records came from another model or other options (one line).  A live
+    source only ever appends, so there the way out is a new --out (--no-resume would delete the earlier records)."""
+    fix = ("choose a new --out (--no-resume would delete its earlier records)" if live else
+           "pass --no-resume to start over, or choose a new --out")
     try:
         prev = json.loads((out / RUN_FILE).read_text())
     except FileNotFoundError:
         raise ResumeMismatch(out, f"its results.jsonl has no {RUN_FILE} saying which model and options wrote it "
-                                  f"(an older crackcam, or another tool); resuming could mix two runs — pass "
-                                  f"--no-resume to start over, or choose a new --out") from None
+                                  f"(an older crackcam, or another tool); resuming could mix two runs — {fix}") from None
     except (OSError, ValueError) as e:
         raise ResumeMismatch(out / RUN_FILE, f"unreadable ({e}); pass --no-resume to start over") from None
     if prev.get("model_sha256") != identity["model_sha256"]:
         raise ResumeMismatch(out, f"its results were written by another model ({prev.get('model')}, sha256 "
                                   f"{str(prev.get('model_sha256'))[:12]}…, not {identity['model']}, "
-                                  f"{str(identity['model_sha256'])[:12]}…); pass --no-resume to start over, or "
-                                  f"choose a new --out")
+                                  f"{str(identity['model_sha256'])[:12]}…); {fix}")
     a, b = prev.get("settings") or {}, identity["settings"]
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
         what = ", ".join(f"{k} {a.get(k)!r} → {b.get(k)!r}" for k in diff)
-        raise ResumeMismatch(out, f"its results were written with other options ({what}); pass --no-resume to "
-                                  f"start over, or choose a new --out")
+        raise ResumeMismatch(out, f"its results were written with other options ({what}); {fix}")
 
 
 def start_results(out: Path, resume: bool, log, live: bool = False, identity: dict | None = None) -> set[str]:
@@ -505,7 +505,7 @@ def start_results(out: Path, resume: bool, log, live: bool = False, identity: di
             raise sinks.OutputWriteError(results, e) from None
     if identity is not None:
         if resume and done:  # records there (a cut-off last line alone is none)
-            _check_identity(out, identity)
+            _check_identity(out, identity, live=live)
         sinks.atomic_write_json(out / RUN_FILE, identity)
     if done and live:
         done = set()

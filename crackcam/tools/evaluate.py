@@ -210,7 +210,8 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
     key = {"method": method, "data": str(Path(data).resolve()), "split": split, "checkpoint": str(checkpoint),
            "weights": _digest(checkpoint),  # a re-trained run in the same folder is another run
            "restoration_weights": _digest((options or {}).get("restoration_checkpoint")
-                                          or os.environ.get("CRACKCAM_RESTORATION_CHECKPOINT")),
+                                          or os.environ.get("CRACKCAM_RESTORATION_CHECKPOINT"))
+           if method == "fusion" or method.startswith("fusion-") else None,  # CAM × restoration: its second run
            **_k(base), "profiles": {k: _k(v) for k, v in profiles.items()}, "layers": base.layers, "mode": mode,
            "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit,
            "options": {k: str(v) for k, v in sorted(base.ctx.options.items())}}
@@ -220,6 +221,8 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
         try:
             state = pickle.loads(state_path.read_bytes())
             if state.get("key") != key:
+                if state.get("done"):
+                    log(f"{method}: the scores in {out} came from other weights or settings; scoring again")
                 state = None
         except Exception:  # noqa: BLE001 - a broken state file is simply ignored
             state = None
