@@ -866,3 +866,15 @@ def test_crack_bench_bad_model_is_one_line_exit_2(tmp_path, area):
                         f"sys.exit(bench.main({argv!r}))"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr[-800:]
     assert "bad.onnx: not a loadable ONNX model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_crack_bench_runtime_measures_the_model_alone_for_tiled_models_too(tmp_path, models):
+    """A fixed-input model (the packaged default is one: 128² tiles) is timed alone on the tiles crack-run cuts;
+    this used to print 'nan' for it."""
+    from crackcam.tools.bench_runtime import bench_fps
+
+    for name in ("fixed", "dyn"):
+        r = bench_fps(models[name], n_images=4, size=96, batch=2, provider="cpu", threads=1,
+                      workdir=tmp_path / name, repeats=1)
+        assert r["bare_fps"] is not None and np.isfinite(r["bare_fps"]) and r["bare_fps"] > 0, name
+        assert r["e2e_fps"] > 0 and r["frames"] == 4

@@ -54,6 +54,20 @@ def _frames(arg: str | None, n: int, workdir: Path) -> tuple[list[Path], str]:
     return paths, f"{n} drawn 1280x1080 frames (shared PaveSeg frames absent)"
 
 
+def tile_batches(sess, steps: FrameSteps, imgs: list, batch: int) -> list:
+    """The tiles ``crack-run`` cuts from each BGR frame (the model's survey plan), preloaded as the uint8 batches
+    it would feed the session (a fixed-batch graph's last batch zero-padded): the benchmarks' "model alone"."""
+    tiles = [t for im in imgs for t in steps.tiles(im, steps.plan(im))]
+    nb = sess.meta.batch or batch
+    out = []
+    for i in range(0, len(tiles), nb):
+        b = np.stack(tiles[i:i + nb])
+        if sess.meta.batch and len(b) < nb:
+            b = np.concatenate([b, np.zeros((nb - len(b),) + b.shape[1:], b.dtype)])
+        out.append(b)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="crack-bench survey", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
@@ -73,15 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         imgs = [np.ascontiguousarray(read_image(p)[..., ::-1]) for p in paths]
         h, w = imgs[0].shape[:2]
         # 1. the model alone on every frame's tiles, preloaded
-        plans = [steps.plan(im) for im in imgs]
-        tiles = [t for im, pl in zip(imgs, plans) for t in steps.tiles(im, pl)]
         nb = sess.meta.batch or a.batch
-        batches = []
-        for i in range(0, len(tiles), nb):
-            b = np.stack(tiles[i:i + nb])
-            if sess.meta.batch and len(b) < nb:
-                b = np.concatenate([b, np.zeros((nb - len(b),) + b.shape[1:], b.dtype)])
-            batches.append(b)
+        batches = tile_batches(sess, steps, imgs, a.batch)
+        plans = [steps.plan(imgs[0])]  # the plan of a frame of this size (reported below)
         sess.run(batches[0])
         bare = []
         for _ in range(a.repeats):
