@@ -164,3 +164,23 @@ def test_region_prior_half_resolution_dilation_matches_the_disk():
             else:
                 assert err.mean() < 0.01 and np.percentile(err, 99) < 0.08, (h, w, d, err.mean())
     assert not cues._prior(np.zeros((50, 60), np.float32), 16).any()
+
+
+@pytest.mark.parametrize("cfg", [dict(threshold=0.5, min_area=30, close_radius=1),
+                                 dict(threshold=0.329, min_area=50, hysteresis=0.5, max_width=32.0),
+                                 dict(threshold=0.329, min_area=50, hysteresis=0.5, max_width=4.0)])
+def test_the_benchmarks_scikit_image_reference_does_the_same_steps(cfg):
+    """crack-bench compares the shared post-processing with a scikit-image-only pipeline: it must keep the same
+    pixels (hysteresis and the width filter included), or the timing compares different work."""
+    pytest.importorskip("skimage")
+    from crackcam.tools.bench_runtime import crack_maps, skimage_postprocess
+
+    for skeleton in (False, True):
+        c = PostProcessConfig(**cfg, skeleton=skeleton)
+        kept = 0
+        for m in crack_maps(6, 160, seed=3):
+            a = postprocess(m, c).mask
+            b = skimage_postprocess(m, c, c.threshold)
+            assert int(a.sum()) == b["area_px"]
+            kept += b["area_px"]
+        assert kept > 0 or cfg.get("max_width", 0) < 5  # not all removed (the narrow width filter may)

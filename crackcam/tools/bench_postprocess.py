@@ -6,13 +6,13 @@ components, ≤ 4 ms with skeleton and measures (per frame, one thread)."""
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import cv2
 import numpy as np
 
 from crackcam.runtime.postprocess import PostProcessConfig, postprocess, skeletonize
+from crackcam.tools.bench_runtime import skimage_postprocess
 from crackcam.train.synth import draw_crack
 
 
@@ -27,37 +27,6 @@ def _maps(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
         noise = cv2.GaussianBlur(rng.random((size, size)).astype(np.float32), (0, 0), 1.5)
         out.append(np.clip(0.8 * soft / max(soft.max(), 1e-6) + 0.5 * noise, 0, 1).astype(np.float32))
     return out
-
-
-def skimage_pipeline(m: np.ndarray, thr: float, min_area: int, close_radius: int, skeleton: bool) -> dict:
-    """The same steps with scikit-image / SciPy only (reference)."""
-    from skimage import measure as skm
-    from skimage import morphology as mo
-    from scipy import ndimage as ndi
-
-    b = (m >= thr) & (m > 0)
-    if close_radius:
-        b = mo.closing(b, mo.disk(close_radius))
-    lab0 = skm.label(b, connectivity=2)
-    sizes = np.bincount(lab0.ravel())
-    keep = sizes >= min_area
-    keep[0] = False
-    b = keep[lab0]
-    if not skeleton:
-        return {"area_px": int(b.sum())}
-    sk = mo.skeletonize(b)
-    lab = skm.label(b, connectivity=2)
-    dt = ndi.distance_transform_edt(b)
-    p = np.pad(sk, 1)
-    c = p[1:-1, 1:-1]
-    n_orth = np.count_nonzero(c & p[1:-1, 2:]) + np.count_nonzero(c & p[2:, 1:-1])
-    n_diag = np.count_nonzero(c & p[2:, 2:] & ~p[1:-1, 2:] & ~p[2:, 1:-1]) + \
-        np.count_nonzero(c & p[2:, :-2] & ~p[1:-1, :-2] & ~p[2:, 1:-1])
-    length = n_orth + math.sqrt(2) * n_diag
-    nb = ndi.convolve(sk.astype(np.uint8), np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]]), mode="constant")
-    seg = skm.label(sk & ~(sk & (nb >= 3)), connectivity=2).max()
-    return {"length_px": length, "area_px": int(b.sum()), "components": int(lab.max()), "segments": int(seg),
-            "max_width_px": 2 * float(dt[sk].max()) - 1 if sk.any() else 0.0}
 
 
 def _time(fn, maps, repeat: int) -> float:
@@ -86,9 +55,9 @@ def main(argv=None) -> int:
     c0 = PostProcessConfig(**base, skeleton=False)
     c1 = PostProcessConfig(**base, skeleton=True)
     rows = [("threshold + morphology + components", _time(lambda m: postprocess(m, c0), maps, a.repeat), 1.0,
-             lambda m: skimage_pipeline(m, a.threshold, a.min_area, a.close_radius, False)),
+             lambda m: skimage_postprocess(m, c0, a.threshold)),
             ("... + skeleton + measures", _time(lambda m: postprocess(m, c1), maps, a.repeat), 4.0,
-             lambda m: skimage_pipeline(m, a.threshold, a.min_area, a.close_radius, True))]
+             lambda m: skimage_postprocess(m, c1, a.threshold))]
     try:
         import skimage  # noqa: F401
 
@@ -111,7 +80,7 @@ def main(argv=None) -> int:
         print(f"{name:<40}{t:>10.2f}{r:>14.2f}{target:>7.1f} {ok}")
     print(f"{'skeleton only: sparse Zhang-Suen':<40}{sk_fast:>10.2f}{sk_sk:>14.2f}   (cv2.ximgproc.thinning {sk_cv:.2f})")
     res = postprocess(maps[0], c1)
-    ref0 = skimage_pipeline(maps[0], a.threshold, a.min_area, a.close_radius, True)
+    ref0 = skimage_postprocess(maps[0], c1, a.threshold)
     print(f"frame 0 measures: crackcam length {res.measures['length_px']:.1f} px, components "
           f"{res.measures['components']}, max width {res.measures['max_width_px']:.1f} | scikit-image length "
           f"{ref0['length_px']:.1f}, components {ref0['components']}, max width {ref0['max_width_px']:.1f}")

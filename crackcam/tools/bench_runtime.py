@@ -152,18 +152,36 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
 
 # ---------------------------------------------------------------------------------------- post-processing
 def skimage_postprocess(cmap: np.ndarray, cfg: PostProcessConfig, t: float) -> dict:
-    """The same steps with scikit-image / SciPy only (the reference for the post-processing timing)."""
+    """The same steps with scikit-image / SciPy only: the reference of the post-processing timings (``crack-bench
+    runtime`` and ``crack-bench postprocess``): threshold, hysteresis, closing/opening, small components, wide
+    components, skeleton and measures (the skeletons differ in detail: scikit-image's vs crackcam's Zhang–Suen)."""
     from scipy import ndimage as ndi
     from skimage import measure, morphology
 
     mask = (cmap >= t) & (cmap > 0)
+    if cfg.hysteresis > 0 and mask.any():  # weak 8-connected pieces (>= f·t) that hold a strong pixel
+        weak = measure.label((cmap >= cfg.hysteresis * t) & (cmap > 0), connectivity=2)
+        keep = np.zeros(int(weak.max()) + 1, bool)
+        keep[np.unique(weak[mask])] = True
+        keep[0] = False
+        mask = keep[weak] | mask
     if cfg.close_radius > 0:
-        mask = morphology.binary_closing(mask, morphology.disk(cfg.close_radius))
+        mask = morphology.closing(mask, morphology.disk(cfg.close_radius))
     if cfg.open_radius > 0:
-        mask = morphology.binary_opening(mask, morphology.disk(cfg.open_radius))
+        mask = morphology.opening(mask, morphology.disk(cfg.open_radius))
     if cfg.min_area > 1:
         mask = morphology.remove_small_objects(mask, max_size=cfg.min_area - 1, connectivity=2)
+    if not cfg.skeleton and cfg.max_width <= 0:  # crackcam's mask-only path: no skeleton, no measures
+        return {"area_px": int(mask.sum())}
     sk = morphology.skeletonize(mask)
+    if cfg.max_width > 0 and mask.any():  # components wider on average than max_width: area / skeleton pixels
+        lab = measure.label(mask, connectivity=2)
+        area = np.bincount(lab.ravel())
+        skl = np.bincount(lab[sk], minlength=len(area))
+        wide = area > cfg.max_width * np.maximum(skl, 1)
+        wide[0] = False
+        mask = mask & ~wide[lab]
+        sk = sk & ~wide[lab]
     area = int(mask.sum())
     # length: orthogonal steps 1, diagonal √2 (counted once per pixel pair)
     p = np.pad(sk, 1)
