@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtime.optional import OptionalBroken, cuda_device_count, import_cudart, import_optional
+from ..runtime.sinks import file_sha256
 
 INSTALL_HINT = ("install it on a machine with an NVIDIA GPU and driver: pip install 'crackcam[trt]' cuda-python "
                 "(TensorRT 10); or use the ONNX file with ONNX Runtime: crack-export --format onnx")
@@ -132,14 +133,6 @@ def check_available():
         raise TensorRTUnavailable(f"no NVIDIA GPU found (CUDA reports none): TensorRT engines are built on the GPU "
                                   f"they will run on; {INSTALL_HINT}")
     return trt, gpu
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_key(*, gpu: dict, trt_version: str, onnx_sha256: str, fp16: bool, int8: bool, profile: Profile,

@@ -52,26 +52,6 @@ def read_config(run_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{p}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def run_digest(run_dir: str | os.PathLike | None) -> str | None:
-    """sha256 of a run folder's ``config.json`` and ``best.pt`` (what every learned map loads; ``last.pt`` when a
-    run has no ``best.pt``); None for no run.
-    Keys what is cached or resumed per run (crack-eval's scoring state, the CAM predictors): a re-trained run in
-    the same folder is another run."""
-    if run_dir is None:
-        return None
-    import hashlib
-
-    h = hashlib.sha256()
-    names = ("config.json", "best.pt") if (Path(run_dir) / "best.pt").is_file() else ("config.json", "last.pt")
-    for name in names:
-        p = Path(run_dir) / name
-        if p.is_file():
-            with open(p, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    return h.hexdigest()
-
-
 def load_classifier(run_dir: str | os.PathLike, which: str = "best", map_location="cpu"):
     """Build the run's model and load its ``best`` or ``last`` weights (or a ``.pt`` path); returns
     ``(model.eval(), config)``."""

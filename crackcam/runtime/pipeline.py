@@ -432,11 +432,7 @@ class ResumeMismatch(BadInputError):
 
 def _file_sha256(path) -> str | None:
     try:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        return h.hexdigest()
+        return sinks.file_sha256(path)
     except OSError:
         return None
 

@@ -82,6 +82,18 @@ def remove_stale_temps(out: Path) -> int:
     return n
 
 
+def file_sha256(*paths) -> str:
+    """sha256 of the bytes of ``paths``, read in order in 1 MiB chunks (one file: its usual sha256)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 

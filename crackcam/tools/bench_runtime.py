@@ -72,20 +72,22 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
     quiet = lambda m: None  # noqa: E731
     sess = open_session(model, provider=provider, log=print, threads=threads, spin=False)  # as crack-run opens it
     fixed = sess.meta.fixed_size
-    if fixed and fixed != (size, size):
+    tiled = bool(fixed and fixed != (size, size))
+    if tiled:
         print(f"note: model input is fixed at {fixed[0]}x{fixed[1]}; frames of {size}x{size} are tiled")
     # bare ONNX Runtime: the same decoded frames, preloaded as uint8 NHWC batches
     imgs = [cv2.imread(str(p)) for p in paths]
-    batches = [np.stack(imgs[i:i + batch]) for i in range(0, len(imgs), batch)]
-    if sess.meta.batch:  # fixed-batch graphs
-        batches = [b if len(b) == sess.meta.batch else
-                   np.concatenate([b, np.zeros((sess.meta.batch - len(b),) + b.shape[1:], b.dtype)]) for b in batches]
-    tiled = bool(fixed and fixed != (size, size))
     if tiled:  # the model alone on the tiles crack-run cuts from these frames (as crack-bench survey measures it)
         from crackcam.tools.bench_survey import tile_batches
 
         steps = FrameSteps.from_meta(sess.meta)
         batches = tile_batches(sess, steps, imgs, batch)
+    else:
+        batches = [np.stack(imgs[i:i + batch]) for i in range(0, len(imgs), batch)]
+        if sess.meta.batch:  # fixed-batch graphs
+            batches = [b if len(b) == sess.meta.batch else
+                       np.concatenate([b, np.zeros((sess.meta.batch - len(b),) + b.shape[1:], b.dtype)])
+                       for b in batches]
     for b in batches[:2]:
         sess.run(b)  # warm-up
     t = time.perf_counter()
@@ -116,7 +118,6 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
             e2e_plain.append(Pipeline(sess, src, cfg, log=quiet).run()["fps"])
     refine_ms = 0.0
     if has_refine and tiled:  # the frame steps with and without the refinement, on the tiles' own maps
-        steps = FrameSteps.from_meta(sess.meta)
         plain = FrameSteps(steps.survey, None, steps.post, steps.fixed_size)
         ts = []
         for img in imgs[:10]:

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         # 1. the model alone on every frame's tiles, preloaded
         nb = sess.meta.batch or a.batch
         batches = tile_batches(sess, steps, imgs, a.batch)
-        plans = [steps.plan(imgs[0])]  # the plan of a frame of this size (reported below)
+        plan = steps.plan(imgs[0])  # the plan of a frame of this size (reported below)
         sess.run(batches[0])
         bare = []
         for _ in range(a.repeats):
@@ -137,15 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         ms = {k: round(float(np.median(v)), 2) for k, v in parts.items()}
         best_e2e = max(e2e)
         print(f"crack-bench survey: {len(paths)} frames {w}x{h} from {where}; model {model.name} "
-              f"({sess.provider}), {plans[0].n_tiles} tiles of {plans[0].tile[0]}x{plans[0].tile[1]} per frame at "
-              f"work scale {plans[0].scale:g}, batch {nb}")
+              f"({sess.provider}), {plan.n_tiles} tiles of {plan.tile[0]}x{plan.tile[1]} per frame at "
+              f"work scale {plan.scale:g}, batch {nb}")
         print(f"  {'bare ONNX Runtime (model alone, tiles preloaded)':<52} {max(bare):7.2f} FPS")
         print(f"  {'crack-run end to end':<52} {best_e2e:7.2f} FPS   (target >= {TARGET_FPS:g}; "
               f"{best_e2e / max(bare):.2f}x the model alone)")
         print("  per frame (sequential, median ms): " + ", ".join(f"{k} {v}" for k, v in ms.items()))
         print(json.dumps({"frames": len(paths), "frame_size": [w, h], "source": where, "model": str(model),
-                          "provider": sess.provider, "tiles_per_frame": plans[0].n_tiles,
-                          "tile": list(plans[0].tile), "work_scale": plans[0].scale, "bare_fps": round(max(bare), 2),
+                          "provider": sess.provider, "tiles_per_frame": plan.n_tiles,
+                          "tile": list(plan.tile), "work_scale": plan.scale, "bare_fps": round(max(bare), 2),
                           "e2e_fps": round(best_e2e, 2), "e2e_all": e2e, "bare_all": [round(b, 2) for b in bare],
                           "ms_per_frame": ms, "target_fps": TARGET_FPS, "cracked": summ["cracked"]}))
     finally:

@@ -19,22 +19,19 @@ from __future__ import annotations
 import argparse
 import shlex
 import datetime as _dt
-import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+from crackcam.runtime.sinks import file_sha256
+
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_TRAIN_ARGS = ("--tile 64 --min-crack-px 12 --border 4 --margin 8 --max-side 640 --epochs 8 --max-tiles 8000 "
                       "--topk 0.1")
 # the PaveSeg camera's hood line: the bottom 12 % of its 1280x1080 frames (read off training frames)
 DEFAULT_CALIBRATE_ARGS = "--tile 128 --roi '0,0 1,0 1,0.88 0,0.88' --roi-size 1280x1080"
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _licence_lines(data: Path) -> list[str]:
@@ -69,7 +66,7 @@ def provenance(run: Path, data, out: Path, commands: list[str]) -> dict:
     best = metrics.get("best_val") or {}
     return {
         "file": out.name,
-        "sha256": _sha256(out),
+        "sha256": file_sha256(out),
         "bytes": out.stat().st_size,
         "made": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commands": commands,

@@ -114,12 +114,6 @@ def _context(checkpoint: Path | None, layers: str | None, mode: str, tile: int |
                            gate=gate, refine=refine, survey=survey)
 
 
-def _digest(run_dir) -> str | None:
-    from crackcam.models.checkpoint import run_digest
-
-    return run_digest(run_dir) if run_dir else None
-
-
 def _default_out(checkpoint: Path | None, method: str, data: Path, split: str) -> Path:
     base = checkpoint / "eval" if checkpoint else Path("runs") / "eval"
     return base / f"{method}_{data.name}_{split}".replace("+", "pp").replace("/", "_")
@@ -208,9 +202,9 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
     def _k(v):
         return {"threshold": v.thr, "pp": v.pcfg.to_dict(), "refine": v.rcfg.to_dict(), "survey": v.survey.to_dict()}
     key = {"method": method, "data": str(Path(data).resolve()), "split": split, "checkpoint": str(checkpoint),
-           "weights": _digest(checkpoint),  # a re-trained run in the same folder is another run
-           "restoration_weights": _digest((options or {}).get("restoration_checkpoint")
-                                          or os.environ.get("CRACKCAM_RESTORATION_CHECKPOINT"))
+           "weights": M.run_digest(checkpoint),  # a re-trained run in the same folder is another run
+           "restoration_weights": M.run_digest((options or {}).get("restoration_checkpoint")
+                                                 or os.environ.get("CRACKCAM_RESTORATION_CHECKPOINT"))
            if method == "fusion" or method.startswith("fusion-") else None,  # CAM × restoration: its second run
            **_k(base), "profiles": {k: _k(v) for k, v in profiles.items()}, "layers": base.layers, "mode": mode,
            "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit,

@@ -284,6 +284,19 @@ class _Memo:
         return self._res
 
 
+def run_digest(run_dir) -> str | None:
+    """sha256 of a run folder's ``config.json`` and ``best.pt`` (what every learned map loads; ``last.pt`` when a
+    run has no ``best.pt``); None for no run.  Keys what is cached or resumed per run (crack-eval's scoring state,
+    the CAM predictors): a re-trained run in the same folder is another run."""
+    if not run_dir:
+        return None
+    from crackcam.runtime.sinks import file_sha256
+
+    d = Path(run_dir)
+    names = ("config.json", "best.pt") if (d / "best.pt").is_file() else ("config.json", "last.pt")
+    return file_sha256(*[d / n for n in names if (d / n).is_file()])
+
+
 def shared_cam(ctx: MethodContext, name: str, refine: C.RefineConfig | None = None
                ) -> Callable[[np.ndarray], tuple[np.ndarray, float]]:
     """image → (frame map, prob) of CAM method ``name`` (``refine``: refined with that pixel cue) through the
@@ -294,8 +307,6 @@ def shared_cam(ctx: MethodContext, name: str, refine: C.RefineConfig | None = No
     _, fusion = parse_method(name)
     group = [m for m in cam_method_names() if parse_method(m)[1] == fusion and (m != "cam" or name == "cam")]
     sv = ctx.survey_config()
-    from crackcam.models.checkpoint import run_digest
-
     key = (str(ctx.checkpoint), run_digest(ctx.checkpoint), tuple(ctx.layers or ()), fusion, name == "cam",
            json_key(sv.to_dict()))
     if key not in _SHARED:
