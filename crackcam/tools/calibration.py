@@ -503,9 +503,10 @@ def stage3_finalists(cands: list[dict], budgets: list[str], sets: list[str], top
     to the first budget."""
     finalists: list[dict] = []
     thr_of: dict[str, dict[int, set]] = {bk: {} for bk in budgets}
+    by_labels = _ranked(cands, LABELS, sets, top_k)  # the same for every budget
     for bk in budgets:
         mine = _ranked(cands, bk, sets, top_k)
-        mine += [c for c in _ranked(cands, LABELS, sets, top_k) if all(c is not d for d in mine)]
+        mine += [c for c in by_labels if all(c is not d for d in mine)]
         if bk == budgets[0]:
             mine += [c for c in floors if all(c is not d for d in mine)]
         for c in mine:
