@@ -201,3 +201,40 @@ def test_crack_train_devices_2_on_cpu_trains_like_one_process(tmp_path):
             assert r.stdout.count("best epoch") == 1  # one process (rank 0) reports and writes
     assert figs[1] >= 0.7 and abs(figs[2] - figs[1]) <= 0.1, figs
     assert abs(seen[2] - seen[1] / 2) <= 8, seen  # each process trains on its half of every epoch
+
+
+def test_crack_train_devices_2_distils_the_segmenter_like_one_process(tmp_path):
+    """The segmenter too: crack-train --model seg_tiny --teacher T --devices 2 (torchrun, gloo) — rank 0 alone makes
+    the pseudo-masks, validates and writes; each process trains on half the crops of every epoch; the validation
+    figure lands in the band of one process."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("torch")
+    from crackcam.runtime.toy import make_toy_model
+    from crackcam.train.synth import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "data", n_crack=20, n_free=10, size=(160, 160), layout="kaggle", seed=5)
+    teacher = make_toy_model(tmp_path / "toy.onnx", threshold=0.5, offset=0.65)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    figs, seen = {}, {}
+    for n in (1, 2):
+        out = tmp_path / f"s{n}"
+        r = subprocess.run([sys.executable, "-m", "crackcam.train.cli", "--data", str(data), "--out", str(out),
+                            "--model", "seg_tiny", "--teacher", str(teacher), "--devices", str(n), "--rounds", "1",
+                            "--epochs", "4", "--samples", "256", "--batch", "16", "--crop", "64", "--no-progress"],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        m = json.loads((out / "metrics.json").read_text())
+        figs[n] = m["best"]["ods_mean"]
+        seen[n] = m["history"][0]["crops_seen"]
+        assert len(m["history"]) == 4 and (out / "best.pt").is_file() and (out / "distill_state.pt").is_file()
+        assert (out / "pseudo" / "round1" / "manifest.jsonl").is_file()
+        if n == 2:
+            assert m["distributed"] == {"world_size": 2, "backend": "gloo", "batch_per_process": 8}
+            assert "launching 2 processes with torchrun" in r.stderr
+            assert r.stdout.count("distill: best round") == 1 and r.stdout.count("pseudo-masks:") == 1
+        else:
+            assert "distributed" not in m
+    assert figs[1] >= 0.5 and abs(figs[2] - figs[1]) <= 0.1, figs
+    assert seen[2] * 2 == seen[1], seen  # each process its half of every epoch's crops

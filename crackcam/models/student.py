@@ -152,6 +152,7 @@ class StudentSession:
         from .preprocess import bgr_to_tensor
 
         x = bgr_to_tensor(batch_bgr, self.mean, self.std)
+        dev = next(self.model.parameters()).device
         with torch.no_grad():
-            p = torch.sigmoid(self.model(x))
+            p = torch.sigmoid(self.model(x.to(dev))).cpu()
         return tile_prob(p).numpy(), p[:, 0].numpy()

@@ -110,12 +110,12 @@ def train_cmd(
     import crackcam.models as M
     from crackcam.train.loop import TrainConfig, TrainingInterrupted, train
 
+    if devices > 1 and "WORLD_SIZE" not in os.environ:  # classifiers and segmenters alike
+        raise typer.Exit(_launch_torchrun(devices, device, threads))
+
     if model in M.list_models(kind="segmenter"):
         return _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume,
-                        overwrite, progress, pretrained, pseudo_topk)
-
-    if devices > 1 and "WORLD_SIZE" not in os.environ:
-        raise typer.Exit(_launch_torchrun(devices, device, threads))
+                        overwrite, progress, pretrained, pseudo_topk, device)
 
     if model not in M.list_models():
         _fail(f"unknown model {model!r}; choose one of: {', '.join(M.list_models() + ['upcracknet'])}")
@@ -158,7 +158,7 @@ def train_cmd(
 
 
 def _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume, overwrite,
-             progress, pretrained, pseudo_topk=0.0) -> None:
+             progress, pretrained, pseudo_topk=0.0, device="auto") -> None:
     """``--model seg_*``: distil the segmenter from ``--teacher`` (crackcam.train.distill)."""
     from crackcam.runtime.imageio import BadInputError
     from crackcam.runtime.meta import ModelFileError
@@ -169,7 +169,7 @@ def _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr
     kw = {k: v for k, v in {"epochs": epochs, "batch": batch, "lr": lr}.items() if v}
     cfg = DistillConfig(data=[str(d) for d in data], out=str(out), model=model,
                         teacher=str(teacher) if teacher else None, rounds=rounds, samples=samples, crop=crop,
-                        seed=seed, threads=threads, resume=resume, overwrite=overwrite, progress=progress,
+                        seed=seed, threads=threads, device=device, resume=resume, overwrite=overwrite, progress=progress,
                         pretrained=pretrained, pseudo_rule={"tile_topk": pseudo_topk} if pseudo_topk else {},
                         **kw)
     try:

@@ -66,6 +66,7 @@ class DistillConfig:
     split_seed: int = 0
     seed: int = 0
     threads: int | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: one GPU per process)
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
@@ -209,6 +210,25 @@ def _student_fn(session, survey: S.SurveyConfig, threshold: float, post: dict):
 
 
 def distill(cfg: DistillConfig, log=print) -> dict:
+    """Run (or resume) a distillation; returns the metrics dict.  Under ``torchrun`` (``crack-train --devices N``)
+    every process trains on its own crops (batch / N per step, DistributedDataParallel: gradients all-reduced, the
+    same weights everywhere); rank 0 alone makes the pseudo-masks, validates, logs and writes the run folder while
+    the others wait at a barrier."""
+    from .loop import Dist
+
+    dist = Dist()
+    prev_threads = torch.get_num_threads()
+    try:
+        return _distill(cfg, log if dist.main else (lambda m: None), dist)
+    finally:
+        dist.close()
+        if torch.get_num_threads() != prev_threads:
+            torch.set_num_threads(prev_threads)
+
+
+def _distill(cfg: DistillConfig, log, dist) -> dict:
+    from .loop import resolve_device
+
     out = Path(cfg.out)
     spec = get_spec(cfg.model)
     if spec.kind != "segmenter":
@@ -216,10 +236,12 @@ def distill(cfg: DistillConfig, log=print) -> dict:
                          f"({', '.join(list_models(kind='segmenter'))})")
     if (out / "metrics.json").is_file() and not (cfg.resume or cfg.overwrite):
         raise FileExistsError(f"{out}: a finished run is there; --overwrite to replace it or --resume")
-    out.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
     torch.manual_seed(cfg.seed)
+    device = dist.init(resolve_device(cfg.device))
     teacher_path = P.resolve_teacher(cfg.teacher)
     teacher = P.Teacher(teacher_path, log=log)
     tmeta = teacher.session.meta.raw
@@ -231,10 +253,11 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         f"TRAINING images, tile bits by the tile rule ({rule.describe()}), crack-free images all background")
     train_items = {Path(r).name: D.list_items(r, "train", val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
                    for r in cfg.data}
-    val = Validator(_val_items(cfg), survey, log=log)
-    log(f"distill: {sum(map(len, train_items.values()))} training images "
-        f"({', '.join(f'{k} {len(v)}' for k, v in train_items.items())}); validation frames "
-        f"{', '.join(f'{k} {len(v)}' for k, v in val.sets.items())}")
+    val = Validator(_val_items(cfg), survey, log=log) if dist.main else None  # rank 0 validates
+    if dist.main:
+        log(f"distill: {sum(map(len, train_items.values()))} training images "
+            f"({', '.join(f'{k} {len(v)}' for k, v in train_items.items())}); validation frames "
+            f"{', '.join(f'{k} {len(v)}' for k, v in val.sets.items())}")
     mean, std = spec.mean, spec.std
     state_path = out / "distill_state.pt"
     st = None
@@ -246,6 +269,15 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     model = create_model(cfg.model, pretrained=cfg.pretrained if cfg.pretrained is not None else True)
     if st:
         model.load_state_dict(st["model"])
+    model.to(device)
+    net = model  # what training calls: the model, or its DistributedDataParallel wrapper
+    proc_batch = max(1, cfg.batch // dist.world)  # the global batch and the steps per epoch of one process
+    if dist.on:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        log(f"distributed: {dist.world} processes ({dist.backend}), {proc_batch} crops per step per process "
+            f"(global batch {proc_batch * dist.world}); rank 0 makes the pseudo-masks, validates and writes")
     config = {"model": cfg.model, "model_kwargs": {}, "kind": "segmenter", "tile": int(cfg.val_tile),
               "mean": list(mean), "std": list(std), "target_layers": list(spec.target_layers),
               "teacher": str(teacher_path), "teacher_meta": {k: tmeta.get(k) for k in ("model", "method", "version")},
@@ -258,22 +290,25 @@ def distill(cfg: DistillConfig, log=print) -> dict:
               "train_config": {**asdict(cfg), "scale_jitter": list(cfg.scale_jitter)},
               "pretrained_source": getattr(model, "pretrained_source", None), "torch": torch.__version__,
               "class_names": ["background", "crack"]}
-    write_json(out / "config.json", config)
+    if dist.main:
+        write_json(out / "config.json", config)
     t_start = time.perf_counter() - (st["seconds"] if st else 0.0)
     r0, e0 = (st["round"], st["epoch"]) if st else (1, 0)
     for rnd in range(r0, cfg.rounds + 1):
         pdir = out / "pseudo" / f"round{rnd}"
-        if rnd == 1:
+        if dist.main and rnd == 1:
             summ = P.make_pseudo_masks(train_items, pdir, teacher, rule, rule=prule, log=log, progress=cfg.progress)
-        else:
+        elif dist.main:
             prev = create_model(cfg.model)
             prev.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True))
             sess = StudentSession(prev.eval(), mean, std)
             sfn = _student_fn(sess, survey, float(best["threshold"]), tmeta.get("postprocess") or {})
             summ = P.make_pseudo_masks(train_items, pdir, teacher, rule, rule=prule, student_fn=sfn, log=log,
                                        progress=cfg.progress)
-        log(f"distill: round {rnd} pseudo-masks: {summ['images']} images ({summ['negative_images']} crack-free), "
-            f"{summ['crack_px']} crack px, ignore share {summ['ignore_share']} → {pdir}/preview.png")
+        if dist.main:
+            log(f"distill: round {rnd} pseudo-masks: {summ['images']} images ({summ['negative_images']} "
+                f"crack-free), {summ['crack_px']} crack px, ignore share {summ['ignore_share']} → {pdir}/preview.png")
+        dist.barrier()  # the other ranks read the pseudo-masks rank 0 wrote
         rows = [json.loads(l) for l in (pdir / "manifest.jsonl").read_text().splitlines() if l.strip()]
         imgs, labs, neg = [], [], []
         for r in rows:
@@ -292,31 +327,36 @@ def distill(cfg: DistillConfig, log=print) -> dict:
         if st and rnd == r0 and "opt" in st:
             opt.load_state_dict(st["opt"])
             sched.load_state_dict(st["sched"])
-        mt = torch.tensor(mean).view(1, 3, 1, 1)
-        sd = torch.tensor(std).view(1, 3, 1, 1)
+        mt = torch.tensor(mean).view(1, 3, 1, 1).to(device)
+        sd = torch.tensor(std).view(1, 3, 1, 1).to(device)
         for ep in range(e0 + 1 if rnd == r0 else 1, n_ep + 1):
-            rng = np.random.default_rng([cfg.seed, rnd, ep])
-            model.train()
+            # each process its own crops (one process: the seeds of a plain run)
+            rng = np.random.default_rng([cfg.seed, rnd, ep] + ([dist.rank] if dist.on else []))
+            net.train()
             t0 = time.perf_counter()
             losses = []
             from crackcam.runtime.progress import progress as prog
 
             it = range(steps_per)
-            for _ in (prog(it, desc=f"round {rnd} epoch {ep}/{n_ep}", unit="batch", every=50) if cfg.progress
-                      else it):
-                xb, yb = sampler.batch(rng, cfg.batch)
-                x = (torch.from_numpy(xb).permute(0, 3, 1, 2).float() / 255.0 - mt) / sd
-                y = torch.from_numpy(yb).unsqueeze(1)
-                loss = confident_loss(model(x), y, cfg.pos_weight, cfg.dice)
+            for _ in (prog(it, desc=f"round {rnd} epoch {ep}/{n_ep}", unit="batch", every=50)
+                      if cfg.progress and dist.main else it):
+                xb, yb = sampler.batch(rng, proc_batch)
+                x = (torch.from_numpy(xb).to(device).permute(0, 3, 1, 2).float() / 255.0 - mt) / sd
+                y = torch.from_numpy(yb).to(device).unsqueeze(1)
+                loss = confident_loss(net(x), y, cfg.pos_weight, cfg.dice)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 losses.append(float(loss.detach()))
             model.eval()
+            if not dist.main:
+                dist.barrier()  # rank 0 validates and writes best.pt / the state before anyone goes on
+                continue
             v = val(StudentSession(model, mean, std))
             row = {"round": rnd, "epoch": ep, "loss": round(float(np.mean(losses)), 4),
-                   "train_s": round(time.perf_counter() - t0, 1), **v}
+                   "train_s": round(time.perf_counter() - t0, 1),
+                   "crops_seen": steps_per * proc_batch, **v}  # by this process (rank 0 under DDP)
             history.append(row)
             improved = v["ods_mean"] > best["ods_mean"]
             if improved:
@@ -330,8 +370,11 @@ def distill(cfg: DistillConfig, log=print) -> dict:
             log(f"round {rnd} epoch {ep}/{n_ep}: loss {row['loss']:.4f}, val pixel ODS {v['ods_mean']:.4f} "
                 f"({per_txt}) at {v['threshold']}"
                 f"{' *best' if improved else ''} [{row['train_s']} s]")
+            dist.barrier()
         e0 = 0
         st = None
+    if not dist.main:
+        return {}
     rounds = {}
     for h in history:
         r = rounds.setdefault(h["round"], {"best_ods": -1.0})
@@ -342,6 +385,8 @@ def distill(cfg: DistillConfig, log=print) -> dict:
                "seconds": round(time.perf_counter() - t_start, 1), "teacher": str(teacher_path),
                "selection": "best epoch of the best round by the mean threshold-free pixel F1 (ODS, t=0) on the "
                             "validation frames"}
+    if dist.on:
+        metrics["distributed"] = {"world_size": dist.world, "backend": dist.backend, "batch_per_process": proc_batch}
     write_json(out / "metrics.json", metrics)
     _plot(history, out / "curves.png")
     log(f"distill: best round {best.get('round')} epoch {best.get('epoch')}: val pixel ODS {best['ods_mean']} → "

@@ -356,8 +356,17 @@ class Dist:
             device = torch.device(f"cuda:{self.local_rank}")
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # rank 0 prepares the data (tiles, pseudo-masks) while the others wait at a barrier: allow hours
+            from datetime import timedelta
+
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=3))
         return device
+
+    @property
+    def backend(self) -> str:
+        import torch.distributed as dist
+
+        return dist.get_backend() if self.on and dist.is_initialized() else "none"
 
     def barrier(self) -> None:
         if self.on:
