@@ -214,16 +214,9 @@ def distill(cfg: DistillConfig, log=print) -> dict:
     every process trains on its own crops (batch / N per step, DistributedDataParallel: gradients all-reduced, the
     same weights everywhere); rank 0 alone makes the pseudo-masks, validates, logs and writes the run folder while
     the others wait at a barrier."""
-    from .loop import Dist
+    from .loop import run_distributed
 
-    dist = Dist()
-    prev_threads = torch.get_num_threads()
-    try:
-        return _distill(cfg, log if dist.main else (lambda m: None), dist)
-    finally:
-        dist.close()
-        if torch.get_num_threads() != prev_threads:
-            torch.set_num_threads(prev_threads)
+    return run_distributed(lambda lg, dist: _distill(cfg, lg, dist), log)
 
 
 def _distill(cfg: DistillConfig, log, dist) -> dict:
@@ -270,12 +263,9 @@ def _distill(cfg: DistillConfig, log, dist) -> dict:
     if st:
         model.load_state_dict(st["model"])
     model.to(device)
-    net = model  # what training calls: the model, or its DistributedDataParallel wrapper
+    net = dist.wrap(model, device)
     proc_batch = max(1, cfg.batch // dist.world)  # the global batch and the steps per epoch of one process
     if dist.on:
-        from torch.nn.parallel import DistributedDataParallel
-
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         log(f"distributed: {dist.world} processes ({dist.backend}), {proc_batch} crops per step per process "
             f"(global batch {proc_batch * dist.world}); rank 0 makes the pseudo-masks, validates and writes")
     config = {"model": cfg.model, "model_kwargs": {}, "kind": "segmenter", "tile": int(cfg.val_tile),
@@ -296,16 +286,15 @@ def _distill(cfg: DistillConfig, log, dist) -> dict:
     r0, e0 = (st["round"], st["epoch"]) if st else (1, 0)
     for rnd in range(r0, cfg.rounds + 1):
         pdir = out / "pseudo" / f"round{rnd}"
-        if dist.main and rnd == 1:
-            summ = P.make_pseudo_masks(train_items, pdir, teacher, rule, rule=prule, log=log, progress=cfg.progress)
-        elif dist.main:
-            prev = create_model(cfg.model)
-            prev.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True))
-            sess = StudentSession(prev.eval(), mean, std)
-            sfn = _student_fn(sess, survey, float(best["threshold"]), tmeta.get("postprocess") or {})
+        if dist.main:  # rank 0 labels; round > 1: the best student so far relabels
+            sfn = None
+            if rnd > 1:
+                prev = create_model(cfg.model)
+                prev.load_state_dict(torch.load(out / "best.pt", map_location="cpu", weights_only=True))
+                sfn = _student_fn(StudentSession(prev.eval(), mean, std), survey, float(best["threshold"]),
+                                  tmeta.get("postprocess") or {})
             summ = P.make_pseudo_masks(train_items, pdir, teacher, rule, rule=prule, student_fn=sfn, log=log,
                                        progress=cfg.progress)
-        if dist.main:
             log(f"distill: round {rnd} pseudo-masks: {summ['images']} images ({summ['negative_images']} "
                 f"crack-free), {summ['crack_px']} crack px, ignore share {summ['ignore_share']} → {pdir}/preview.png")
         dist.barrier()  # the other ranks read the pseudo-masks rank 0 wrote
@@ -386,7 +375,7 @@ def _distill(cfg: DistillConfig, log, dist) -> dict:
                "selection": "best epoch of the best round by the mean threshold-free pixel F1 (ODS, t=0) on the "
                             "validation frames"}
     if dist.on:
-        metrics["distributed"] = {"world_size": dist.world, "backend": dist.backend, "batch_per_process": proc_batch}
+        metrics["distributed"] = dist.record(proc_batch)
     write_json(out / "metrics.json", metrics)
     _plot(history, out / "curves.png")
     log(f"distill: best round {best.get('round')} epoch {best.get('epoch')}: val pixel ODS {best['ods_mean']} → "

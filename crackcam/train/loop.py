@@ -368,6 +368,19 @@ class Dist:
 
         return dist.get_backend() if self.on and dist.is_initialized() else "none"
 
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """What training calls: the model itself, or (under torchrun) its DistributedDataParallel wrapper —
+        gradients all-reduced each step, every rank holding the same weights."""
+        if not self.on:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def record(self, batch_per_process: int) -> dict:
+        """The ``distributed`` block of metrics.json."""
+        return {"world_size": self.world, "backend": self.backend, "batch_per_process": batch_per_process}
+
     def barrier(self) -> None:
         if self.on:
             import torch.distributed as dist
@@ -382,17 +395,23 @@ class Dist:
                 dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
-    """Run (or resume) a training.  Returns the metrics dict.  Raises TrainingInterrupted on Ctrl-C / stop hook,
-    BadInputError for bad data (nothing already written is lost).  ``cfg.threads`` applies to this call only."""
+def run_distributed(body, log=print):
+    """``body(log, dist)`` in this process's place of a torchrun job (world 1 without one): only rank 0 logs; the
+    process group is closed and torch's thread count restored afterwards (``--threads`` applies to the call only)."""
     prev_threads = torch.get_num_threads()
     dist = Dist()
     try:
-        return _train(cfg, stop_after, log if dist.main else (lambda m: None), dist)
+        return body(log if dist.main else (lambda m: None), dist)
     finally:
         dist.close()
         if torch.get_num_threads() != prev_threads:
             torch.set_num_threads(prev_threads)
+
+
+def train(cfg: TrainConfig, stop_after: int | None = None, log=print) -> dict:
+    """Run (or resume) a training.  Returns the metrics dict.  Raises TrainingInterrupted on Ctrl-C / stop hook,
+    BadInputError for bad data (nothing already written is lost).  ``cfg.threads`` applies to this call only."""
+    return run_distributed(lambda lg, dist: _train(cfg, stop_after, lg, dist), log)
 
 
 def _train(cfg: TrainConfig, stop_after: int | None, log, dist: Dist | None = None) -> dict:
@@ -505,11 +524,8 @@ def _train(cfg: TrainConfig, stop_after: int | None, log, dist: Dist | None = No
         f"{pretrained_source or 'none'}), {len(tr)} train tiles ({n_pos} crack / {n_neg} crack-free, pos_weight "
         f"{pos_weight:.2f}), {len(va)} val tiles, {epochs} epochs, batch {cfg.batch}, lr {lr:g}, device {device}")
 
-    train_model = model
-    if dist.on:  # DistributedDataParallel: gradients all-reduced each step; every rank holds the same weights
-        from torch.nn.parallel import DistributedDataParallel
-
-        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = dist.wrap(model, device)
+    if dist.on:
         log(f"distributed: {dist.world} processes ({'NCCL' if device.type == 'cuda' else 'gloo'}), "
             f"{proc_batch} tiles per step per process (global batch {proc_batch * dist.world}); rank 0 writes")
 
@@ -525,8 +541,7 @@ def _train(cfg: TrainConfig, stop_after: int | None, log, dist: Dist | None = No
              "best_val": next((h["val"] for h in history if h["epoch"] == best["epoch"]), None),
              "label_rule": info["label_rule"]["name"], "history": history, **(extra or {})}
         if dist.on:
-            m["distributed"] = {"world_size": dist.world, "backend": "nccl" if device.type == "cuda" else "gloo",
-                                "batch_per_process": proc_batch}
+            m["distributed"] = dist.record(proc_batch)
         if dist.main:
             write_json(out / "metrics.json", m)
         return m
