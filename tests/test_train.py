@@ -192,10 +192,46 @@ def test_upcracknet_is_handed_over(tmp_path, monkeypatch):
         seen["args"], seen["kw"] = args, kw
 
     monkeypatch.setattr(up, "train_upcracknet", fake)
-    if hasattr(up, "main_from_cli"):
-        monkeypatch.setattr(up, "main_from_cli", fake)
     r = runner.invoke(cli.app, ["--model", "upcracknet", "--data", str(tmp_path), "--out", str(tmp_path / "u"),
                                 "--epochs", "3", "--tile", "64", "--seed", "7"])
     assert r.exit_code == 0, r.output
     flat = list(seen["args"]) + list(seen["kw"].values())
     assert tmp_path in flat and tmp_path / "u" in flat and 3 in flat and 64 in flat and 7 in flat
+
+
+def test_each_route_reads_what_is_typed_and_refuses_what_it_would_ignore(tmp_path, monkeypatch):
+    """crack-train hands --model seg_* to the distiller and upcracknet to its trainer; a typed option the chosen
+    route would not read is one error line (exit 2), and the tile-rule options a segmenter does read reach it —
+    only those typed, over the distiller's own defaults (not crack-train's classifier defaults)."""
+    import crackcam.train.distill as dist
+    import crackcam.train.upcracknet as up
+
+    seen = {}
+    monkeypatch.setattr(dist, "distill", lambda cfg, log=print: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr(up, "train_upcracknet", lambda *a, **kw: seen.setdefault("up", (a, kw)))
+    base = ["--data", str(tmp_path), "--out", str(tmp_path / "o")]
+
+    r = runner.invoke(cli.app, ["--model", "seg_tiny", *base, "--tile", "48", "--min-crack-px", "20",
+                                "--val-fraction", "0.3"])
+    assert r.exit_code == 0, r.output
+    cfg = seen.pop("cfg")
+    default = dist.DistillConfig(data=[], out="")
+    assert cfg.tile_rule == {**default.tile_rule, "tile": 48, "min_crack_px": 20}
+    assert cfg.tile_rule["border"] == default.tile_rule["border"] != 8  # crack-train's classifier default is 8
+    assert cfg.val_fraction == 0.3 and cfg.photometric == default.photometric
+
+    for model, opt in [("seg_tiny", ["--max-side", "640"]), ("seg_lite0", ["--hard-repeat", "3"]),
+                       ("upcracknet", ["--topk", "0.1"]), ("upcracknet", ["--teacher", "t.onnx"]),
+                       ("simple_cnn", ["--rounds", "3"]), ("simple_cnn", ["--preset", "official"])]:
+        r = runner.invoke(cli.app, ["--model", model, *base, *opt])
+        assert r.exit_code == 2, (model, opt, r.output)
+        msg = [l for l in r.output.splitlines() if l.strip()]
+        assert len(msg) == 1 and opt[0] in msg[0] and model in msg[0], (model, opt, r.output)
+    assert not seen
+
+    r = runner.invoke(cli.app, ["--model", "upcracknet", *base, "--epochs", "2"])  # batch, tile: the preset's
+    assert r.exit_code == 0, r.output
+    args, kw = seen.pop("up")
+    assert args[3] is None and args[5] is None and kw["preset"] == "cpu"
+    r = runner.invoke(cli.app, ["--model", "upcracknet", *base, "--devices", "2"])
+    assert r.exit_code == 2 and "--devices" in r.output

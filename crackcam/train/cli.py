@@ -20,8 +20,43 @@ def _fail(msg: str, code: int = 2):
     raise typer.Exit(code)
 
 
+# Options each route reads besides the shared ones (--data --model --out --epochs --batch --lr --seed --threads
+# --device --resume --progress).  An option given on the command line that the chosen route would not read is one
+# error line, not a silent no-op.
+_CLASSIFIER_ONLY = {"stride", "train_stride", "label_rule", "scale", "max_side", "topk", "hard_repeat", "weights",
+                    "augment", "double", "max_tiles", "workers", "test"}
+_SEGMENTER_ONLY = {"teacher", "rounds", "samples", "crop", "pseudo_topk"}
+_ROUTE_READS = {
+    "classifier": _CLASSIFIER_ONLY | {"tile", "min_crack_px", "border", "margin", "val_fraction", "pretrained",
+                                      "photometric", "devices", "overwrite"},
+    "segmenter": _SEGMENTER_ONLY | {"tile", "min_crack_px", "border", "margin", "val_fraction", "pretrained",
+                                    "photometric", "devices", "overwrite"},
+    "upcracknet": {"preset", "tile", "max_tiles", "val_fraction"},
+}
+_ALL_ROUTE_OPTIONS = set().union(*_ROUTE_READS.values())
+
+
+def _given(ctx) -> set:
+    """Names of the options the user typed (not left at their defaults)."""
+    out = set()
+    for name in ctx.params:
+        src = ctx.get_parameter_source(name)
+        if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out.add(name)
+    return out
+
+
+def _check_route(route: str, model: str, given: set) -> None:
+    stray = sorted((given & _ALL_ROUTE_OPTIONS) - _ROUTE_READS[route])
+    if stray:
+        names = ", ".join("--" + n.replace("_", "-") for n in stray)
+        _fail(f"{names} {'does' if len(stray) == 1 else 'do'} not apply to --model {model} ({route}); "
+              f"see crack-train --help")
+
+
 @app.command()
 def train_cmd(
+    ctx: typer.Context,
     data: Optional[List[Path]] = typer.Option(None, "--data", help="data folder: images/ + masks/ (flat), "
                                               "train|test/images + masks (Kaggle), PaveSeg (images/, masks/, "
                                               "masks_multiclass/, ignore/, clean_tiles/) or crack/ + no_crack/ "
@@ -33,40 +68,40 @@ def train_cmd(
     epochs: int = typer.Option(0, "--epochs", help="0 = auto: about 24k tile presentations (12k with ImageNet weights), 4..40 epochs (8 on the synthetic default set)"),
     batch: int = typer.Option(0, "--batch", help="0 = auto: 64 from 1000 training tiles, 32 from 400, else 16"),
     lr: float = typer.Option(0.0, "--lr", help="peak learning rate (OneCycle); 0 = 3e-3 from scratch, 1e-3 pretrained"),
-    tile: int = typer.Option(128, "--tile", help="tile size in px"),
-    stride: int = typer.Option(0, "--stride", help="val/test tile step; 0 = tile"),
-    train_stride: int = typer.Option(0, "--train-stride", help="training tile step; 0 = tile/2"),
+    tile: int = typer.Option(128, "--tile", help="tile size in px (the tile rule's tile; segmenters: default 64, the teacher's)"),
+    stride: int = typer.Option(0, "--stride", help="classifiers: val/test tile step; 0 = tile"),
+    train_stride: int = typer.Option(0, "--train-stride", help="classifiers: training tile step; 0 = tile/2"),
     min_crack_px: int = typer.Option(40, "--min-crack-px", help="N: crack px needed inside the tile"),
     border: int = typer.Option(8, "--border", help="B: those crack px lie at least B px from the tile border"),
     margin: int = typer.Option(16, "--margin", help="M: crack-free only if no crack px within the tile grown by M"),
-    label_rule: str = typer.Option("auto", "--label-rule", help="auto | tiles | name | folder (name: Kaggle "
+    label_rule: str = typer.Option("auto", "--label-rule", help="classifiers: auto | tiles | name | folder (name: Kaggle "
                                    "noncrack* files; folder: crack/ + no_crack/)"),
-    scale: float = typer.Option(1.0, "--scale", help="work scale: resize images by this before tiling (survey "
+    scale: float = typer.Option(1.0, "--scale", help="classifiers: work scale, resize images by this before tiling (survey "
                                 "frames: so crack widths match what crack-run sees)"),
-    max_side: Optional[int] = typer.Option(None, "--max-side", help="work scale: also shrink images whose longer "
+    max_side: Optional[int] = typer.Option(None, "--max-side", help="classifiers: work scale, also shrink images whose longer "
                                            "side exceeds this (px)"),
     topk: Optional[float] = typer.Option(None, "--topk", help="MIL models (edge_mil, simple_cnn with "
                                          "pool topk): the share of positions whose mean is the tile logit"),
-    hard_repeat: int = typer.Option(1, "--hard-repeat", help="repeat hard-negative training tiles (sealed cracks, "
+    hard_repeat: int = typer.Option(1, "--hard-repeat", help="classifiers: repeat hard-negative training tiles (sealed cracks, "
                                     "patches, manholes, joints) this many times"),
     val_fraction: float = typer.Option(0.2, "--val-fraction", help="share of training IMAGES used for validation"),
     seed: int = typer.Option(0, "--seed"),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
                                               help="ImageNet weights (default: where the model has them)"),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="initial weights (a state dict file)"),
-    augment: bool = typer.Option(True, "--augment/--no-augment", help="random rot90 + flips each epoch"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="classifiers: initial weights (a state dict file)"),
+    augment: bool = typer.Option(True, "--augment/--no-augment", help="classifiers: random rot90 + flips each epoch"),
     photometric: bool = typer.Option(False, "--photometric/--no-photometric", help="random brightness, contrast, "
                                      "gamma, blur or noise each epoch (survey frames vary from dark to bleached)"),
-    double: bool = typer.Option(False, "--double", help="double the training set with rotated/flipped copies"),
-    max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="cap on training tiles (seeded sample)"),
-    workers: int = typer.Option(0, "--workers", help="DataLoader worker processes"),
+    double: bool = typer.Option(False, "--double", help="classifiers: double the training set with rotated/flipped copies"),
+    max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="classifiers, upcracknet: cap on training tiles (seeded sample)"),
+    workers: int = typer.Option(0, "--workers", help="classifiers: DataLoader worker processes"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    devices: int = typer.Option(1, "--devices", min=1, help="train in N processes with DistributedDataParallel, "
+    devices: int = typer.Option(1, "--devices", min=1, help="classifiers, segmenters: train in N processes with DistributedDataParallel, "
                                 "launched through torchrun (one GPU each with NCCL; gloo on CPU)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads"),
     resume: bool = typer.Option(False, "--resume", help="continue the run in OUT after its last finished epoch"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished/old run in OUT"),
-    test: bool = typer.Option(True, "--test/--no-test", help="score best.pt on the test split at the end (report only)"),
+    test: bool = typer.Option(True, "--test/--no-test", help="classifiers: score best.pt on the test split at the end (report only)"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
     preset: Optional[str] = typer.Option(None, "--preset", help="upcracknet only: cpu (default) | official"),
     teacher: Optional[Path] = typer.Option(None, "--teacher", help="segmenters (seg_tiny, seg_lite0): the exported "
@@ -83,23 +118,30 @@ def train_cmd(
     """Train a crack classifier (see docs/training.md)."""
     from crackcam.runtime.imageio import BadInputError
 
+    given = _given(ctx)
     if model == "upcracknet":
+        _check_route("upcracknet", model, given)
+        if devices > 1:
+            _fail("--devices applies to classifiers and segmenters; --model upcracknet trains in one process")
         if data and len(data) > 1:
             _fail("--model upcracknet takes one --data folder")
         data = data[0] if data else None
         from crackcam.train import upcracknet
 
-        kw = {}
+        # crack-train's classifier defaults (batch, tile) are not UP-CrackNet's: only what was typed goes through,
+        # the preset fills the rest
+        kw = {"preset": preset or "cpu", "progress": progress}
         if max_tiles:
             kw["max_tiles"] = max_tiles
         if threads:
             kw["threads"] = threads
+        if "val_fraction" in given:
+            kw["val_fraction"] = val_fraction
+        if device != "auto":
+            kw["device"] = device
         try:
-            if hasattr(upcracknet, "main_from_cli"):
-                upcracknet.main_from_cli(data=data, out=out, epochs=epochs or None, batch=batch, lr=lr or None,
-                                         tile=tile, seed=seed, resume=resume, **kw)
-            else:
-                upcracknet.train_upcracknet(data, out, epochs or None, batch, lr or None, tile, seed, resume, **kw)
+            upcracknet.train_upcracknet(data, out, epochs or None, batch if "batch" in given else None, lr or None,
+                                        tile if "tile" in given else None, seed, resume, **kw)
         except KeyboardInterrupt:
             typer.echo(f"interrupted; finished epochs are saved in {out}; continue with --resume", err=True)
             raise typer.Exit(130)
@@ -114,11 +156,16 @@ def train_cmd(
         raise typer.Exit(_launch_torchrun(devices, device, threads))
 
     if model in M.list_models(kind="segmenter"):
+        _check_route("segmenter", model, given)
+        rule = {k: v for k, v in {"tile": tile, "min_crack_px": min_crack_px, "border": border,
+                                  "margin": margin}.items() if k in given}
+        extra = {k: v for k, v in {"val_fraction": val_fraction, "photometric": photometric}.items() if k in given}
         return _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume,
-                        overwrite, progress, pretrained, pseudo_topk, device)
+                        overwrite, progress, pretrained, pseudo_topk, device, tile_rule=rule, **extra)
 
     if model not in M.list_models():
         _fail(f"unknown model {model!r}; choose one of: {', '.join(M.list_models() + ['upcracknet'])}")
+    _check_route("classifier", model, given)
     if label_rule not in ("auto", "tiles", "name", "folder"):
         _fail(f"--label-rule must be auto, tiles, name or folder (got {label_rule!r})")
     if not 0 < scale <= 4:
@@ -158,8 +205,10 @@ def train_cmd(
 
 
 def _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume, overwrite,
-             progress, pretrained, pseudo_topk=0.0, device="auto") -> None:
-    """``--model seg_*``: distil the segmenter from ``--teacher`` (crackcam.train.distill)."""
+             progress, pretrained, pseudo_topk=0.0, device="auto", tile_rule=None, **extra) -> None:
+    """``--model seg_*``: distil the segmenter from ``--teacher`` (crackcam.train.distill).  ``tile_rule``: the
+    tile-rule options the user typed (--tile --min-crack-px --border --margin), over DistillConfig's (the packaged
+    teacher's rule); ``extra``: typed --val-fraction / --photometric."""
     from crackcam.runtime.imageio import BadInputError
     from crackcam.runtime.meta import ModelFileError
     from crackcam.train.distill import DistillConfig, distill
@@ -171,7 +220,9 @@ def _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr
                         teacher=str(teacher) if teacher else None, rounds=rounds, samples=samples, crop=crop,
                         seed=seed, threads=threads, device=device, resume=resume, overwrite=overwrite, progress=progress,
                         pretrained=pretrained, pseudo_rule={"tile_topk": pseudo_topk} if pseudo_topk else {},
-                        **kw)
+                        **kw, **extra)
+    if tile_rule:
+        cfg.tile_rule = {**cfg.tile_rule, **tile_rule}
     try:
         distill(cfg, log=lambda s: typer.echo(s))
     except KeyboardInterrupt:

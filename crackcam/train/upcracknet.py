@@ -416,35 +416,6 @@ def _metrics(history, best, best_epoch, config, epochs, done) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ CLI
-def main_from_cli(*, data, out, epochs=None, batch=None, lr=None, tile=None, seed=0, resume=False, **kw) -> dict:
-    """Called by ``crack-train --model upcracknet``.  Values the user left at crack-train's (classifier)
-    defaults — batch and tile — are replaced by the preset's (``--preset cpu|official``, default cpu)."""
-    preset = kw.pop("preset", None)
-    ctx = None
-    for mod in ("click", "typer._click.globals"):  # typer >= 0.2x vendors click as typer._click
-        try:
-            ctx = __import__(mod, fromlist=["get_current_context"]).get_current_context(silent=True)
-            break
-        except ImportError:
-            continue
-    if ctx is not None:
-        preset = preset or ctx.params.get("preset")
-
-        def given(name):
-            src = ctx.get_parameter_source(name)
-            return src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")
-
-        batch = batch if given("batch") else None
-        tile = tile if given("tile") else None
-        if "progress" not in kw and "progress" in ctx.params:
-            kw["progress"] = bool(ctx.params["progress"])
-        if "val_fraction" not in kw and given("val_fraction"):
-            kw["val_fraction"] = float(ctx.params["val_fraction"])
-        if "device" not in kw and ctx.params.get("device") not in (None, "auto"):
-            kw["device"] = ctx.params["device"]
-    return train_upcracknet(data, out, epochs, batch, lr, tile, seed, resume, preset=preset or "cpu", **kw)
-
-
 def main(argv=None) -> None:
     """``python -m crackcam.train.upcracknet --data PATH --out DIR`` (same as ``crack-train --model upcracknet``)."""
     import typer
