@@ -157,6 +157,36 @@ def test_without_ray_one_line_names_the_extra(tmp_path, monkeypatch, model):
     assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
 
 
+def test_each_engine_refuses_the_other_engines_options_and_fails_in_one_line(tmp_path, monkeypatch, model):
+    """A typed option the chosen engine would not read is one line, exit 2; a ray run's failures take the same
+    one-line ladder as the local engine's: an unwritable output exit 3, a cluster error exit 1."""
+    import errno
+
+    from crackcam.runtime import ray_engine
+
+    src = _frames(tmp_path / "f", 1)
+    base = ["--model", str(model), "--source", str(src), "--out", str(tmp_path / "o")]
+    for extra in (["--engine", "ray", "--show"], ["--engine", "ray", "--retries", "1"],
+                  ["--address", "auto"], ["--ray-workers", "3"]):
+        r = runner.invoke(cli.app, base + extra)
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, (extra, r.output)
+        assert next(e for e in extra if e.startswith("--") and e != "--engine") in r.output, (extra, r.output)
+    assert not (tmp_path / "o").exists()
+
+    monkeypatch.setattr(ray_engine, "import_ray", lambda: None)
+    failures = {3: sinks.OutputWriteError(tmp_path / "o" / "results.jsonl", OSError(errno.ENOSPC, "No space left")),
+                1: RuntimeError("actor died\nmore detail")}
+    for code, exc in failures.items():
+        def boom(*a, _exc=exc, **kw):
+            raise _exc
+        monkeypatch.setattr(ray_engine, "run_ray", boom)
+        r = runner.invoke(cli.app, base + ["--engine", "ray"])
+        lines = r.output.strip().splitlines()
+        assert r.exit_code == code and len(lines) == 1 and "Traceback" not in r.output, r.output
+        assert ("disk is full" in lines[0]) if code == 3 else ("--engine ray: run failed (RuntimeError: actor died)"
+                                                              in lines[0])
+
+
 def test_base_install_stays_ray_free():
     """Importing every runtime module (and running the local engine's CLI module) never imports ray."""
     import subprocess

@@ -10,6 +10,7 @@ Torch-free: nothing here imports torch or crackcam.models/train/export.
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -95,8 +96,23 @@ def _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length) -> dict:
     return d
 
 
+# options only one engine reads: typed for the other, they are one error line (not a silent no-op)
+_LOCAL_ONLY = ("show", "workers", "retries", "stall_timeout", "start_time")
+_RAY_ONLY = ("address", "ray_workers")
+
+
+def _typed(ctx, names) -> list[str]:
+    out = []
+    for n in names:
+        src = ctx.get_parameter_source(n)
+        if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
+            out.append("--" + n.replace("_", "-"))
+    return out
+
+
 @app.command()
 def run(
+    ctx: typer.Context,
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="ONNX model (.onnx) or TensorRT engine "
                                          "(.engine); default: the model shipped in crackcam/assets/default.onnx"),
     source: Optional[str] = typer.Option(None, "--source", "-s", help="camera index (0), folder, glob "
@@ -188,16 +204,24 @@ def run(
 
     if engine not in ("local", "ray"):
         _err(f"--engine {engine!r}: choose local or ray")
+    stray = _typed(ctx, _LOCAL_ONLY if engine == "ray" else _RAY_ONLY)
+    if stray:
+        _err(f"{', '.join(stray)}: not read by --engine {engine} (" +
+             ("camera/stream and display options are the local engine's; the actors run the post-processing)"
+              if engine == "ray" else "give --engine ray)"))
     if engine == "ray":
         _run_ray(model, source, out, log, provider=provider, threads=threads, batch=batch, save=save_kinds,
                  threshold=thr, mm_per_px=mm_per_px, tile=tile, overlap=overlap, max_side=max_side, survey=survey,
                  gps=gps, gps_method=gps_method, gps_max_gap=gps_max_gap, no_refine=not refine, address=address,
                  workers=ray_workers, resume=resume, max_frames=max_frames, progress=progress and sys.stderr.isatty())
         return
-    if address is not None:
-        _err("--address is for --engine ray")
 
-    try:
+    pipe = None
+
+    def storage(e):
+        return storage_line(e, out, pipe)
+
+    with _one_line_errors(out, f"{model}", storage):
         track = geo.read_gps(gps) if gps is not None else None
         # spin=False: ONNX Runtime's worker threads sleep between batches instead of busy-waiting, so the reader
         # and post-processing threads get the CPU (measured ~15 % more end-to-end FPS on 2 cores; crack-bench runtime)
@@ -210,19 +234,6 @@ def run(
                         progress=progress and sys.stderr.isatty(), source_root=root, no_refine=not refine)
         pipe = Pipeline(sess, src, cfg, log=log)
         summary = pipe.run()
-    except (BadInputError, ModelFileError, BackendUnavailable) as e:
-        _err(str(e))
-    except RoiError as e:
-        _err(f"--roi: {e}")
-    except KeyboardInterrupt:  # before the pipeline started (model loading, source opening)
-        _err("interrupted before the first frame", 130)
-    except OutputWriteError as e:  # disk full / read-only mid-run: stop cleanly, keep what is written, resumable
-        _err(storage_line(e, out, pipe if "pipe" in locals() else None), 3)
-    except OSError as e:
-        _err(f"{getattr(e, 'filename', '') or out}: {e.strerror or e}")
-    except Exception as e:  # noqa: BLE001 - e.g. an inference error inside ONNX Runtime: one line, not a trace
-        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
-        _err(f"{model}: run failed ({type(e).__name__}: {first}); summary in {out}/summary.json", 1)
     typer.echo(format_summary(summary))
     if summary.get("stopped_reason") and not summary["frames"]:
         raise typer.Exit(1)
@@ -232,23 +243,41 @@ def _run_ray(model, source, out, log, *, gps, address, workers, resume, max_fram
     from . import geo
     from .ray_engine import RayJob, import_ray, run_ray
 
-    try:
+    def storage(e):
+        return storage_line(e, out, None, kept=f"the records in {out}/results.jsonl are intact")
+
+    with _one_line_errors(out, "--engine ray", storage):
         import_ray()
         track = geo.read_gps(gps) if gps is not None else None
         root = source if Path(source).is_dir() else None
         rj = RayJob(model=str(model), out=str(out), gps=track, source_root=root, **job)
         summary = run_ray(rj, source, address=address, workers=workers, resume=resume, max_frames=max_frames,
                           progress=progress, log=log)
+    typer.echo(format_summary(summary))
+
+
+@contextmanager
+def _one_line_errors(out: Path, what: str, storage):
+    """Either engine's run: every failure is one line and an exit code, never a traceback — bad input / model /
+    missing backend 2, Ctrl-C before the first frame 130, an output that cannot be written 3 (``storage(e)`` says
+    what was kept), anything else (an inference or cluster error) 1, naming ``what`` ran."""
+    try:
+        yield
+    except typer.Exit:
+        raise
     except (BadInputError, ModelFileError, BackendUnavailable) as e:
         _err(str(e))
     except RoiError as e:
         _err(f"--roi: {e}")
-    except OutputWriteError as e:
-        _err(storage_line(e, out, None, kept=f"the records in {out}/results.jsonl are intact"), 3)
-    except Exception as e:  # noqa: BLE001 - a cluster error: one line
+    except KeyboardInterrupt:  # before the pipeline started (model loading, source opening)
+        _err("interrupted before the first frame", 130)
+    except OutputWriteError as e:  # disk full / read-only mid-run: stop cleanly, keep what is written, resumable
+        _err(storage(e), 3)
+    except OSError as e:
+        _err(f"{getattr(e, 'filename', '') or out}: {e.strerror or e}")
+    except Exception as e:  # noqa: BLE001 - e.g. an error inside ONNX Runtime or Ray: one line, not a trace
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]
-        _err(f"--engine ray: run failed ({type(e).__name__}: {first}); summary in {out}/summary.json", 1)
-    typer.echo(format_summary(summary))
+        _err(f"{what}: run failed ({type(e).__name__}: {first}); summary in {out}/summary.json", 1)
 
 
 def storage_line(e, out: Path, pipe, kept: str | None = None) -> str:
