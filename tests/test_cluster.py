@@ -95,10 +95,10 @@ def test_ray_engine_matches_the_local_engine(tmp_path, ray_local, model):
     i_loc = json.loads((tmp_path / "local" / "run.json").read_text())
     i_ray = json.loads((tmp_path / "ray" / "run.json").read_text())
     assert i_loc["model_sha256"] == i_ray["model_sha256"] and i_loc["settings"] == i_ray["settings"]
-    assert i_ray["settings"]["overlap"] == 16 and i_ray["settings"]["gps"]
+    assert i_ray["settings"]["survey.overlap"] == 16 and i_ray["settings"]["gps"]
     # the Ray engine refuses to resume into records written with other options (one line, exit 2)
     r = runner.invoke(cli.app, base + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--threshold", "0.9"])
-    assert r.exit_code == 2 and "other options (threshold" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "other options (post.threshold" in r.output and "Traceback" not in r.output
 
 
 def test_killed_actor_still_gives_each_frame_once_and_resume(tmp_path, ray_local, model):

@@ -238,16 +238,21 @@ def test_resume_refuses_records_of_another_model_or_other_options(tmp_path, mode
     base = ("--source", tmp_path / "imgs", "--out", out)
     assert run_cli("--model", models["dyn"], *base, "--max-frames", "2").exit_code == 0
     ident = json.loads((out / RUN_FILE).read_text())
-    assert len(ident["model_sha256"]) == 64 and ident["settings"]["threshold"] is None
+    own = ident["settings"]["post.threshold"]  # the effective settings: the model's own threshold ...
+    assert len(ident["model_sha256"]) == 64 and own is not None and "survey.overlap" in ident["settings"]
+    before = (out / "results.jsonl").read_bytes()
+    r = run_cli("--model", models["dyn"], *base, "--threshold", str(own), "--max-frames", "1")
+    assert r.exit_code == 0 and "resuming: 2 frames" in r.output, r.output  # ... typed: the same run
+    assert len(records(out)) == 3 and json.loads((out / RUN_FILE).read_text()) == ident
     before = (out / "results.jsonl").read_bytes()
 
     r = run_cli("--model", models["fixed"], *base)  # another model file
     assert r.exit_code == 2 and "written by another model" in r.output and "--no-resume" in r.output
     assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1
     r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7")  # same model, another threshold
-    assert r.exit_code == 2 and "other options (threshold None → 0.7)" in r.output
+    assert r.exit_code == 2 and f"other options (post.threshold {own!r} → 0.7)" in r.output, r.output
     r = run_cli("--model", models["dyn"], *base, "--roi", "0,0 1,0 1,0.5")
-    assert r.exit_code == 2 and "other options (survey" in r.output
+    assert r.exit_code == 2 and "other options (survey.roi " in r.output, r.output
     assert (out / "results.jsonl").read_bytes() == before  # refused runs wrote nothing
     assert json.loads((out / RUN_FILE).read_text()) == ident  # ... and left the record of what wrote it
 
@@ -255,11 +260,11 @@ def test_resume_refuses_records_of_another_model_or_other_options(tmp_path, mode
     copy = tmp_path / "copy.onnx"
     copy.write_bytes(Path(models["dyn"]).read_bytes())
     r = run_cli("--model", copy, *base)
-    assert r.exit_code == 0 and "resuming: 2 frames" in r.output and len(records(out)) == 4
+    assert r.exit_code == 0 and "resuming: 3 frames" in r.output and len(records(out)) == 4
     # --no-resume starts over with the new options and records them
     r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7", "--no-resume")
     assert r.exit_code == 0 and len(records(out)) == 4
-    assert json.loads((out / RUN_FILE).read_text())["settings"]["threshold"] == 0.7
+    assert json.loads((out / RUN_FILE).read_text())["settings"]["post.threshold"] == 0.7
 
     # records with no run.json (an older crackcam): not resumed blindly
     (out / RUN_FILE).unlink()
@@ -280,7 +285,7 @@ def test_resume_refuses_records_of_another_model_or_other_options(tmp_path, mode
     roi[:, 100:] = 255
     cv2.imwrite(str(tmp_path / "roi.png"), roi)
     r = run_cli("--model", models["dyn"], "--source", tmp_path / "imgs", "--out", out2, "--roi", tmp_path / "roi.png")
-    assert r.exit_code == 2 and "other options (survey" in r.output
+    assert r.exit_code == 2 and "other options (survey.roi_mask " in r.output
 
     # ... but a file holding only a cut-off line has no record to mix with: the run goes on
     (out / "results.jsonl").write_text('{"key": "cut off by a power fail')
@@ -878,3 +883,23 @@ def test_crack_bench_runtime_measures_the_model_alone_for_tiled_models_too(tmp_p
                       workdir=tmp_path / name, repeats=1)
         assert r["bare_fps"] is not None and np.isfinite(r["bare_fps"]) and r["bare_fps"] > 0, name
         assert r["e2e_fps"] > 0 and r["frames"] == 4
+
+
+def test_run_identity_is_the_effective_steps_of_every_camera_profile():
+    """The packaged default has a camera profile (544x384): --threshold at the top level's own value changes that
+    profile's frames, so it is another run; the top level's overlap typed at its own value is not."""
+    from crackcam.runtime.cli import DEFAULT_MODEL
+    from crackcam.runtime.pipeline import build_model_steps, run_identity
+    from crackcam.runtime.sessions import open_session
+
+    sess = open_session(DEFAULT_MODEL, provider="cpu", log=lambda m: None, threads=1)
+    plain = build_model_steps(sess)
+    names = [n for n, _ in plain.profiles()]
+    assert names[0] == "" and "544x384" in names
+    base = run_identity(DEFAULT_MODEL, plain)["settings"]
+    top = base["post.threshold"]
+    assert base["544x384:post.threshold"] != top
+    same = run_identity(DEFAULT_MODEL, build_model_steps(sess, overlap=base["survey.overlap"]))["settings"]
+    assert same == base
+    other = run_identity(DEFAULT_MODEL, build_model_steps(sess, threshold=top))["settings"]
+    assert [k for k in base if base[k] != other[k]] == ["544x384:post.threshold"]

@@ -314,10 +314,9 @@ class Pipeline:
     # ------------------------------------------------------------------ run
     def run(self) -> dict:
         cfg = self.cfg
-        identity = run_identity(self.session.path, threshold=cfg.threshold, tile=cfg.tile, overlap=cfg.overlap,
-                                max_side=cfg.max_side, survey=cfg.survey, mm_per_px=cfg.mm_per_px,
-                                no_refine=cfg.no_refine, gps=cfg.gps, gps_method=cfg.gps_method,
-                                gps_max_gap=cfg.gps_max_gap, start_time=getattr(self.source, "start_time", None))
+        identity = run_identity(self.session.path, self.model_steps, mm_per_px=cfg.mm_per_px, gps=cfg.gps,
+                                gps_method=cfg.gps_method, gps_max_gap=cfg.gps_max_gap,
+                                start_time=getattr(self.source, "start_time", None))
         try:
             done = start_results(self.out, cfg.resume, self.log, live=self.source.live, identity=identity)
         except BaseException:  # refused (another model's records) or unwritable: release the camera / file
@@ -437,21 +436,26 @@ def _file_sha256(path) -> str | None:
         return None
 
 
-def run_identity(model, *, threshold=None, tile=None, overlap=None, max_side=None, survey=None, mm_per_px=None,
-                 no_refine=False, gps=None, gps_method="linear", gps_max_gap=5.0, start_time=None) -> dict:
+def run_identity(model, steps: ModelSteps, *, mm_per_px=None, gps=None, gps_method="linear", gps_max_gap=5.0,
+                 start_time=None) -> dict:
     """What makes a run's records what they are (both engines): the model file's bytes (a TensorRT engine's
-    metadata side-car too), and every option that changes a record, as given (a ROI mask PNG by its content).
-    Batch size, workers, --save, the engine, the execution provider and the model's *path* do not."""
+    metadata side-car too) and the *effective* settings — the frame steps the model's metadata and the run's
+    options give, for the top level and every camera profile (:meth:`FrameSteps.settings`; a ROI mask PNG by its
+    content) — plus the measure and GPS options.  So ``--threshold`` at the model's own value is the same run as no
+    ``--threshold``, and ``--threshold 0.5`` on a model with camera profiles is not.  Batch size, workers,
+    --save, the engine, the execution provider (the same graph, equal within float tolerance) and the model's
+    *path* do not count."""
     g = None
     if gps is not None:
         g = hashlib.sha256(json.dumps([gps.t, gps.lat, gps.lon, gps.time_of_day]).encode()).hexdigest()[:16]
-    sv = {k: v for k, v in sorted((survey or {}).items()) if v is not None}
-    if sv.get("roi_mask"):  # by content: the same mask under another path is the same run
-        sv["roi_mask"] = {"sha256": _file_sha256(sv["roi_mask"])}
-    settings = {"threshold": threshold, "tile": tile, "overlap": overlap, "max_side": max_side, "survey": sv,
-                "mm_per_px": mm_per_px, "no_refine": bool(no_refine), "gps": g,
-                "gps_method": gps_method if g else None, "gps_max_gap": gps_max_gap if g else None,
-                "start_time": start_time}
+    settings = {}
+    for name, st in steps.profiles():
+        for k, v in st.settings().items():
+            if k == "survey.roi_mask" and v:  # by content: the same mask under another path is the same run
+                v = {"sha256": _file_sha256(v)}
+            settings[f"{name}:{k}" if name else k] = v
+    settings.update({"mm_per_px": mm_per_px, "gps": g, "gps_method": gps_method if g else None,
+                     "gps_max_gap": gps_max_gap if g else None, "start_time": start_time})
     settings = json.loads(json.dumps(settings, default=str))  # tuples → lists, paths → str: as read back
     model = Path(model)
     sha = _file_sha256(model)

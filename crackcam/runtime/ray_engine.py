@@ -102,6 +102,24 @@ def decode_row(row: dict) -> dict:
     return out
 
 
+def _driver_steps(job: RayJob):
+    """The job's frame steps on the driver, from the model's metadata alone (a CPU session reads an ONNX graph's;
+    an engine's comes from its side-car): what the run's identity records.  A bad model or option fails here, in
+    one line, before any actor starts."""
+    from .meta import sidecar_meta
+    from .sessions import open_session
+
+    p = Path(job.model)
+    if p.suffix.lower() in (".engine", ".plan", ".trt"):
+        class _Meta:  # build_model_steps reads .meta and .path only
+            meta, path = sidecar_meta(p), p
+        sess = _Meta
+    else:
+        sess = open_session(p, provider="cpu", log=lambda m: None, threads=1)
+    return build_model_steps(sess, tile=job.tile, overlap=job.overlap, max_side=job.max_side, survey=job.survey,
+                             threshold=job.threshold, no_refine=job.no_refine)
+
+
 class FrameWorker:
     """Ray Data actor: one ONNX Runtime session; a batch of decoded frames in, their JSON records out."""
 
@@ -181,9 +199,8 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
     except OSError as e:
         raise sinks.OutputWriteError(out, e) from None
     results = out / "results.jsonl"
-    identity = run_identity(job.model, threshold=job.threshold, tile=job.tile, overlap=job.overlap,
-                            max_side=job.max_side, survey=job.survey, mm_per_px=job.mm_per_px, no_refine=job.no_refine,
-                            gps=job.gps, gps_method=job.gps_method, gps_max_gap=job.gps_max_gap)
+    identity = run_identity(job.model, _driver_steps(job), mm_per_px=job.mm_per_px, gps=job.gps,
+                            gps_method=job.gps_method, gps_max_gap=job.gps_max_gap)
     done = start_results(out, resume, log, identity=identity)
     stats = SourceStats()
     rows = []

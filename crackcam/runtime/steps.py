@@ -117,6 +117,15 @@ class ModelSteps:
             w, _, h = str(name).partition("x")
             FrameSteps.from_meta(meta, shape=(int(h), int(w)), **kw)
 
+    def profiles(self) -> list[tuple[str, "FrameSteps"]]:
+        """``[("", the top level), ("WxH", that profile's steps), ...]``: every set of steps a frame can get."""
+        names = sorted((getattr(self.meta, "raw", None) or {}).get("profiles") or {})
+        out = [("", self.default)]
+        for name in names:
+            w, _, h = str(name).partition("x")
+            out.append((str(name), self.for_shape((int(h), int(w)))))
+        return out
+
     def for_shape(self, shape) -> "FrameSteps":
         key = (int(shape[0]), int(shape[1]))
         st = self._by.get(key)
@@ -171,6 +180,18 @@ class FrameSteps:
             pp["skeleton"] = True
         return cls(sv, RefineConfig.from_dict(rb) if rb else None, PostProcessConfig.from_dict(pp),
                    getattr(meta, "fixed_size", None))
+
+    def settings(self) -> dict:
+        """Every setting that shapes a frame's record, flat (``survey.tile``, ``refine.mode``, ``post.threshold``,
+        ``fixed_size``): what a run's identity compares, so options that give the same steps are the same run."""
+        flat = {f"survey.{k}": v for k, v in self.survey.to_dict().items()}
+        if self.refine is None:
+            flat["refine"] = None
+        else:
+            flat.update({f"refine.{k}": v for k, v in self.refine.to_dict().items()})
+        flat.update({f"post.{k}": v for k, v in self.post.to_dict().items()})
+        flat["fixed_size"] = list(self.fixed_size) if self.fixed_size else None
+        return flat
 
     # ------------------------------------------------------------------ the steps
     def plan(self, image: np.ndarray) -> S.FramePlan:
