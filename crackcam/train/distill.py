@@ -236,18 +236,19 @@ def _distill(cfg: DistillConfig, log, dist) -> dict:
     torch.manual_seed(cfg.seed)
     device = dist.init(resolve_device(cfg.device))
     teacher_path = P.resolve_teacher(cfg.teacher)
-    teacher = P.Teacher(teacher_path, log=log)
-    tmeta = teacher.session.meta.raw
-    survey0 = S.SurveyConfig.from_dict(dict(tmeta.get("survey") or {}))
-    survey = survey0.replace(tile=int(cfg.val_tile), overlap=int(cfg.val_tile) // 8, gate=0.0, min_length=0.0)
     rule = D.TileRule(**{**cfg.tile_rule, "stride": None})
     prule = P.PseudoRule(**{"tile": rule.tile, **cfg.pseudo_rule})
-    log(f"distill: teacher {teacher.describe}; student {cfg.model}; label rule: pseudo-masks from the teacher on "
-        f"TRAINING images, tile bits by the tile rule ({rule.describe()}), crack-free images all background")
-    train_items = {Path(r).name: D.list_items(r, "train", val_fraction=cfg.val_fraction, split_seed=cfg.split_seed)
-                   for r in cfg.data}
-    val = Validator(_val_items(cfg), survey, log=log) if dist.main else None  # rank 0 validates
-    if dist.main:
+    teacher = tmeta = survey = train_items = val = None
+    if dist.main:  # rank 0 alone labels, validates and writes: the others train on what it wrote
+        teacher = P.Teacher(teacher_path, log=log)
+        tmeta = teacher.session.meta.raw
+        survey0 = S.SurveyConfig.from_dict(dict(tmeta.get("survey") or {}))
+        survey = survey0.replace(tile=int(cfg.val_tile), overlap=int(cfg.val_tile) // 8, gate=0.0, min_length=0.0)
+        log(f"distill: teacher {teacher.describe}; student {cfg.model}; label rule: pseudo-masks from the teacher "
+            f"on TRAINING images, tile bits by the tile rule ({rule.describe()}), crack-free images all background")
+        train_items = {Path(r).name: D.list_items(r, "train", val_fraction=cfg.val_fraction,
+                                                  split_seed=cfg.split_seed) for r in cfg.data}
+        val = Validator(_val_items(cfg), survey, log=log)
         log(f"distill: {sum(map(len, train_items.values()))} training images "
             f"({', '.join(f'{k} {len(v)}' for k, v in train_items.items())}); validation frames "
             f"{', '.join(f'{k} {len(v)}' for k, v in val.sets.items())}")
@@ -268,19 +269,22 @@ def _distill(cfg: DistillConfig, log, dist) -> dict:
     if dist.on:
         log(f"distributed: {dist.world} processes ({dist.backend}), {proc_batch} crops per step per process "
             f"(global batch {proc_batch * dist.world}); rank 0 makes the pseudo-masks, validates and writes")
-    config = {"model": cfg.model, "model_kwargs": {}, "kind": "segmenter", "tile": int(cfg.val_tile),
-              "mean": list(mean), "std": list(std), "target_layers": list(spec.target_layers),
-              "teacher": str(teacher_path), "teacher_meta": {k: tmeta.get(k) for k in ("model", "method", "version")},
-              "work_scale": {"scale": survey.scale, "max_side": survey.max_side},
-              "label_rule": {"name": "pseudo", "text": f"pseudo-masks from the teacher {teacher.describe} on the "
-                             f"training images; tile bits: {rule.describe()}; crack-free images (names, folders, "
-                             f"frame classes, clean tiles) all background", "tile_rule": rule.as_dict(),
-                             "pseudo_rule": prule.to_dict()},
-              "survey": survey.to_dict(), "datasets": [{"data": str(d), "layout": D.detect_layout(d)} for d in cfg.data], "data": str(cfg.data[0]),
-              "train_config": {**asdict(cfg), "scale_jitter": list(cfg.scale_jitter)},
-              "pretrained_source": getattr(model, "pretrained_source", None), "torch": torch.__version__,
-              "class_names": ["background", "crack"]}
     if dist.main:
+        config = {"model": cfg.model, "model_kwargs": {}, "kind": "segmenter", "tile": int(cfg.val_tile),
+                  "mean": list(mean), "std": list(std), "target_layers": list(spec.target_layers),
+                  "teacher": str(teacher_path),
+                  "teacher_meta": {k: tmeta.get(k) for k in ("model", "method", "version")},
+                  "work_scale": {"scale": survey.scale, "max_side": survey.max_side},
+                  "label_rule": {"name": "pseudo", "text": f"pseudo-masks from the teacher {teacher.describe} on the "
+                                 f"training images; tile bits: {rule.describe()}; crack-free images (names, folders, "
+                                 f"frame classes, clean tiles) all background", "tile_rule": rule.as_dict(),
+                                 "pseudo_rule": prule.to_dict()},
+                  "survey": survey.to_dict(),
+                  "datasets": [{"data": str(d), "layout": D.detect_layout(d)} for d in cfg.data],
+                  "data": str(cfg.data[0]),
+                  "train_config": {**asdict(cfg), "scale_jitter": list(cfg.scale_jitter)},
+                  "pretrained_source": getattr(model, "pretrained_source", None), "torch": torch.__version__,
+                  "class_names": ["background", "crack"]}
         write_json(out / "config.json", config)
     t_start = time.perf_counter() - (st["seconds"] if st else 0.0)
     r0, e0 = (st["round"], st["epoch"]) if st else (1, 0)
