@@ -490,6 +490,7 @@ def test_topk_cam_graph_matches_an_rgb_reference(tmp_path, name):
     assert float(m_ref.std()) > 1e-3  # a map that depends on the pixels
     swapped = sess.run(["map"], {"image": np.ascontiguousarray(imgs[..., ::-1])})[0]
     assert np.abs(swapped - cmap).max() > 1e-3  # and on their colour order
+    assert not [n.name for n in onnx.load(str(path)).graph.node if n.op_type == "Pad"]  # folded into the Convs
 
 
 def test_upcracknet_image_statistics_norm_round_trip(tmp_path):
@@ -540,3 +541,69 @@ def test_upcracknet_image_statistics_norm_round_trip(tmp_path):
     (run / "recipe.json").write_text(json.dumps({"threshold": "otsu", "test_norm": "image+dropout"}))
     r = _cli(["--checkpoint", run, "--out", tmp_path / "drop.onnx"])
     assert r.exit_code == 2 and "not exportable" in r.output and not (tmp_path / "drop.onnx").exists()
+
+
+class _SamePad(torch.nn.Module):
+    """TF-"same" padding before a stride-2 conv, as EfficientNet-Lite has it: fixed amounts (``dynamic`` False)
+    or amounts computed from the input size (``dynamic`` True: an odd size pads differently)."""
+
+    def __init__(self, dynamic: bool):
+        super().__init__()
+        self.dynamic = dynamic
+        self.a = torch.nn.Conv2d(3, 8, 3, stride=2)
+        self.b = torch.nn.Conv2d(8, 8, 5, stride=2, padding=1)
+
+    def forward(self, x):
+        if self.dynamic:
+            ph, pw = x.shape[2] % 2 + 1, x.shape[3] % 2 + 1
+            x = torch.nn.functional.pad(x, (0, pw, 0, ph))
+        else:
+            x = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        x = torch.relu(self.a(x))
+        return self.b(torch.nn.functional.pad(x, (1, 2, 1, 2)))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_fuse_pads_is_exact_and_leaves_size_dependent_amounts(tmp_path, dynamic):
+    from crackcam.export.graph_passes import fuse_pads, main
+
+    torch.manual_seed(0)
+    net = _SamePad(dynamic).eval()
+    path = tmp_path / "p.onnx"
+    axes = {"x": {0: "b", 2: "h", 3: "w"}} if dynamic else {"x": {0: "b"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 32, 32),), str(path), dynamo=False, input_names=["x"],
+                          output_names=["y"], dynamic_axes=axes, opset_version=18)
+    proto = onnx.load(str(path))
+    assert sum(n.op_type == "Pad" for n in proto.graph.node) == 2
+    n = fuse_pads(proto)
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    before = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    with torch.no_grad():
+        ref = net(torch.from_numpy(x)).numpy()
+    assert np.abs(before - ref).max() < 1e-5 and np.array_equal(after, before)  # bit-identical
+    pads_left = sum(node.op_type == "Pad" for node in proto.graph.node)
+    if dynamic:  # computed amounts with a dynamic size (the first change with it): the graph is left as it is
+        assert n == 0 and pads_left == 2
+        x2 = np.random.default_rng(1).standard_normal((1, 3, 33, 31)).astype(np.float32)
+        b2 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x2})[0]
+        a2 = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x2})[0]
+        assert np.array_equal(a2, b2)
+    else:
+        assert n == 2 and pads_left == 0
+        assert main([str(path), str(tmp_path / "q.onnx")]) == 0  # the file tool: the same graph
+        q = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.array_equal(q, before)
+        assert not any(node.op_type == "Pad" for node in onnx.load(str(tmp_path / "q.onnx")).graph.node)
+    (tmp_path / "bad.onnx").write_bytes(b"junk")
+    assert main([str(tmp_path / "bad.onnx")]) == 2
+
+
+def test_the_packaged_default_has_no_pad_nodes_left():
+    """The exported EfficientNet-Lite graphs keep no separate Pad (ONNX Runtime ran each as its own node plus two
+    layout reorders: a third of the packaged model's time)."""
+    from crackcam.runtime.cli import DEFAULT_MODEL
+
+    assert not [n.name for n in onnx.load(str(DEFAULT_MODEL)).graph.node if n.op_type == "Pad"]

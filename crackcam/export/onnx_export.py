@@ -35,6 +35,7 @@ from torch import nn
 from crackcam.models.preprocess import preprocess_torch  # the graphs' pre-processing (also imported from here)
 
 from . import metadata as md
+from .graph_passes import fuse_pads
 
 EXPORTERS = ("auto", "legacy", "dynamo")
 DEFAULT_OPSET = 18
@@ -244,6 +245,10 @@ def export_graph(graph: CamExportGraph, *, exporter: str = "auto", opset: int = 
             with torch.no_grad():
                 proto = fn(graph, dummy, opset, batch, height, width)
             onnx.checker.check_model(proto)
+            fused = fuse_pads(proto)  # exact: TF-"same" Pads into their Convs (crackcam.export.graph_passes)
+            if fused:
+                onnx.checker.check_model(proto)
+                notes.append(f"folded {fused} Pad node(s) into their convolutions")
         except Exception as exc:  # noqa: BLE001 - report and try the next exporter
             line = " ".join(str(exc).split())[:300]
             notes.append(f"{name} exporter failed: {type(exc).__name__}: {line}")
