@@ -174,17 +174,23 @@ def test_each_engine_refuses_the_other_engines_options_and_fails_in_one_line(tmp
     assert not (tmp_path / "o").exists()
 
     monkeypatch.setattr(ray_engine, "import_ray", lambda: None)
-    failures = {3: sinks.OutputWriteError(tmp_path / "o" / "results.jsonl", OSError(errno.ENOSPC, "No space left")),
-                1: RuntimeError("actor died\nmore detail")}
-    for code, exc in failures.items():
+    failures = [(3, sinks.OutputWriteError(tmp_path / "o" / "results.jsonl", OSError(errno.ENOSPC, "No space left"))),
+                (1, RuntimeError("actor died\nmore detail")),
+                (1, ConnectionError("Could not find any running Ray instance"))]  # an OSError, not the output's
+    for code, exc in failures:
         def boom(*a, _exc=exc, **kw):
             raise _exc
         monkeypatch.setattr(ray_engine, "run_ray", boom)
         r = runner.invoke(cli.app, base + ["--engine", "ray"])
         lines = r.output.strip().splitlines()
         assert r.exit_code == code and len(lines) == 1 and "Traceback" not in r.output, r.output
-        assert ("disk is full" in lines[0]) if code == 3 else ("--engine ray: run failed (RuntimeError: actor died)"
-                                                              in lines[0])
+        want = ("disk is full" if code == 3 else f"--engine ray: run failed ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0]})")
+        assert want in lines[0], r.output
+    from crackcam.runtime.meta import ModelFileError  # the driver reads the model before any actor starts
+
+    with pytest.raises(ModelFileError, match="missing.onnx.*not found"):
+        ray_engine._driver_steps(ray_engine.RayJob(model=str(tmp_path / "missing.onnx"), out=str(tmp_path / "o")))
 
 
 def test_base_install_stays_ray_free():

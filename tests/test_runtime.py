@@ -266,6 +266,15 @@ def test_resume_refuses_records_of_another_model_or_other_options(tmp_path, mode
     assert r.exit_code == 0 and len(records(out)) == 4
     assert json.loads((out / RUN_FILE).read_text())["settings"]["post.threshold"] == 0.7
 
+    r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7", "--no-refine", "--gate", "0.9",
+                "--overlap", "4", "--min-length", "5", "--scale", "0.5", "--max-side", "64")  # many differences: the first four, then a count
+    assert r.exit_code == 2 and "and 1 more); pass --no-resume" in r.output and len(r.output) < 600, r.output
+    # a run.json of the format before (the options as typed): said so, not a list of every key
+    old_format = json.loads((out / RUN_FILE).read_text())
+    old_format.pop("format")
+    (out / RUN_FILE).write_text(json.dumps(old_format))
+    r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7")
+    assert r.exit_code == 2 and "another crackcam version (format 1" in r.output, r.output
     # records with no run.json (an older crackcam): not resumed blindly
     (out / RUN_FILE).unlink()
     r = run_cli("--model", models["dyn"], *base, "--threshold", "0.7")

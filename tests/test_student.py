@@ -251,6 +251,13 @@ def test_distill_on_drawn_data_with_a_toy_teacher_then_calibrate_export_and_run(
     # a finished run is not overwritten without --overwrite / --resume
     with pytest.raises(FileExistsError):
         distill(cfg, log=lambda s: None)
+    # --resume with another tile rule would mix pseudo-masks made under two rules: refused, nothing touched
+    from dataclasses import replace
+
+    before = (run / "config.json").read_bytes()
+    with pytest.raises(ValueError, match=r"another tile rule .*tile 32 → 48"):
+        distill(replace(cfg, resume=True, tile_rule={**cfg.tile_rule, "tile": 48}), log=lambda s: None)
+    assert (run / "config.json").read_bytes() == before
     rec = calibrate(checkpoint=run, quick=True, log=lambda s: None)
     assert rec["method"] == "segment" and rec.get("refine") in (None, {})
     from crackcam.export.api import export_checkpoint

@@ -235,3 +235,13 @@ def test_each_route_reads_what_is_typed_and_refuses_what_it_would_ignore(tmp_pat
     assert args[3] is None and args[5] is None and kw["preset"] == "cpu"
     r = runner.invoke(cli.app, ["--model", "upcracknet", *base, "--devices", "2"])
     assert r.exit_code == 2 and "--devices" in r.output
+
+    # checked before torchrun starts N processes (each would print the error): one line, exit 2, nothing launched
+    monkeypatch.setattr(cli, "_launch_torchrun", lambda *a: seen.setdefault("torchrun", a) and 0)
+    for model in ("seg_tiny", "simple_cnn"):
+        r = runner.invoke(cli.app, ["--model", model, *base, "--devices", "2",
+                                    "--max-side" if model == "seg_tiny" else "--rounds", "3"])
+        assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
+    r = runner.invoke(cli.app, ["--model", "no_such_net", *base, "--devices", "2"])
+    assert r.exit_code == 2 and "unknown model" in r.output
+    assert "torchrun" not in seen

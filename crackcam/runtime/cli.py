@@ -274,6 +274,9 @@ def _one_line_errors(out: Path, what: str, storage):
     except OutputWriteError as e:  # disk full / read-only mid-run: stop cleanly, keep what is written, resumable
         _err(storage(e), 3)
     except OSError as e:
+        if isinstance(e, (ConnectionError, TimeoutError)) and not getattr(e, "filename", None):
+            first = (str(e).splitlines() or [type(e).__name__])[0][:300]  # e.g. no Ray cluster at --address
+            _err(f"{what}: run failed ({type(e).__name__}: {first})", 1)
         _err(f"{getattr(e, 'filename', '') or out}: {e.strerror or e}")
     except Exception as e:  # noqa: BLE001 - e.g. an error inside ONNX Runtime or Ray: one line, not a trace
         first = (str(e).splitlines() or [type(e).__name__])[0][:300]

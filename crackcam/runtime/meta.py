@@ -148,6 +148,13 @@ def check_io(meta: ModelMeta, inputs: list[tuple[str, str, list]], outputs: list
         raise ModelFileError(path, f"model has no output {missing[0]!r} (outputs: {outputs})")
 
 
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")  # TensorRT engines (their metadata: a side-car, see below)
+
+
+def is_engine_path(path) -> bool:
+    return Path(path).suffix.lower() in ENGINE_SUFFIXES
+
+
 def sidecar_meta(engine_path: Path) -> ModelMeta:
     """Metadata for a TensorRT engine: ``X.engine.json`` / ``X.json`` side-car, or ``X.onnx`` beside it."""
     engine_path = Path(engine_path)

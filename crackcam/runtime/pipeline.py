@@ -34,7 +34,7 @@ import numpy as np
 from . import geo, sinks
 from . import survey as S
 from .imageio import BadInputError
-from .meta import ModelFileError
+from .meta import ModelFileError, is_engine_path
 from .progress import bar as progress_bar
 from .sources import Frame, Source
 from .steps import (FrameSteps, ModelSteps, model_refine_block, model_survey_block, pad_batch,  # noqa: F401
@@ -423,6 +423,7 @@ def build_model_steps(session, *, tile=None, overlap=None, max_side=None, survey
 
 
 RUN_FILE = "run.json"  # what wrote OUT/results.jsonl: the model's sha256 and the options that change a record
+RUN_FILE_FORMAT = 2  # 2: the effective frame-step settings (stop 22); 1 (no "format" key): the options as typed
 
 
 class ResumeMismatch(BadInputError):
@@ -459,12 +460,12 @@ def run_identity(model, steps: ModelSteps, *, mm_per_px=None, gps=None, gps_meth
     settings = json.loads(json.dumps(settings, default=str))  # tuples → lists, paths → str: as read back
     model = Path(model)
     sha = _file_sha256(model)
-    if model.suffix in (".engine", ".plan"):  # its metadata lives beside it (crackcam.runtime.meta.sidecar_meta)
+    if is_engine_path(model):  # its metadata lives beside it (crackcam.runtime.meta.sidecar_meta)
         side = [c for c in (model.with_name(model.name + ".json"), model.with_suffix(".json"),
                             model.with_suffix(".onnx")) if c.is_file()]
         if side:
             sha = hashlib.sha256((str(sha) + "".join(str(_file_sha256(c)) for c in side)).encode()).hexdigest()
-    return {"model_sha256": sha, "model": str(model), "settings": settings}
+    return {"format": RUN_FILE_FORMAT, "model_sha256": sha, "model": str(model), "settings": settings}
 
 
 def _check_identity(out: Path, identity: dict, live: bool = False) -> None:
@@ -479,6 +480,10 @@ def _check_identity(out: Path, identity: dict, live: bool = False) -> None:
                                   f"(an older crackcam, or another tool); resuming could mix two runs — {fix}") from None
     except (OSError, ValueError) as e:
         raise ResumeMismatch(out / RUN_FILE, f"unreadable ({e}); pass --no-resume to start over") from None
+    if prev.get("format") != identity.get("format"):
+        raise ResumeMismatch(out, f"its {RUN_FILE} was written by another crackcam version (format "
+                                  f"{prev.get('format', 1)}, this one writes {identity.get('format')}), which "
+                                  f"recorded the options differently; {fix}")
     if prev.get("model_sha256") != identity["model_sha256"]:
         raise ResumeMismatch(out, f"its results were written by another model ({prev.get('model')}, sha256 "
                                   f"{str(prev.get('model_sha256'))[:12]}…, not {identity['model']}, "
@@ -486,7 +491,9 @@ def _check_identity(out: Path, identity: dict, live: bool = False) -> None:
     a, b = prev.get("settings") or {}, identity["settings"]
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     if diff:
-        what = ", ".join(f"{k} {a.get(k)!r} → {b.get(k)!r}" for k in diff)
+        what = ", ".join(f"{k} {a.get(k)!r} → {b.get(k)!r}" for k in diff[:4])
+        if len(diff) > 4:
+            what += f", and {len(diff) - 4} more"
         raise ResumeMismatch(out, f"its results were written with other options ({what}); {fix}")
 
 

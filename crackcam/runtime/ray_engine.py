@@ -106,11 +106,13 @@ def _driver_steps(job: RayJob):
     """The job's frame steps on the driver, from the model's metadata alone (a CPU session reads an ONNX graph's;
     an engine's comes from its side-car): what the run's identity records.  A bad model or option fails here, in
     one line, before any actor starts."""
-    from .meta import sidecar_meta
+    from .meta import ModelFileError, is_engine_path, sidecar_meta
     from .sessions import open_session
 
     p = Path(job.model)
-    if p.suffix.lower() in (".engine", ".plan", ".trt"):
+    if not p.is_file():
+        raise ModelFileError(p, "model file not found")
+    if is_engine_path(p):
         class _Meta:  # build_model_steps reads .meta and .path only
             meta, path = sidecar_meta(p), p
         sess = _Meta

@@ -13,7 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from .meta import BackendUnavailable, ModelFileError, ModelMeta, check_io, meta_from_map, sidecar_meta
+from .meta import (BackendUnavailable, ModelFileError, ModelMeta, check_io, is_engine_path, meta_from_map,
+                   sidecar_meta)
 from .optional import OptionalBroken, cuda_device_count, import_cudart, import_optional
 
 PROVIDER_ORDER = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
@@ -242,6 +243,6 @@ def open_session(path, provider: str = "auto", log: Callable[[str], None] = prin
                  threads: int | None = None, spin: bool | None = None) -> Session:
     """``.engine``/``.plan``/``.trt`` → :class:`TrtSession`; anything else → :class:`OrtSession`."""
     p = Path(path)
-    if p.suffix.lower() in (".engine", ".plan", ".trt"):
+    if is_engine_path(p):
         return TrtSession(p, log=log)
     return OrtSession(p, provider=provider, log=log, threads=threads, spin=spin)

@@ -71,9 +71,9 @@ def train_cmd(
     tile: int = typer.Option(128, "--tile", help="tile size in px (the tile rule's tile; segmenters: default 64, the teacher's)"),
     stride: int = typer.Option(0, "--stride", help="classifiers: val/test tile step; 0 = tile"),
     train_stride: int = typer.Option(0, "--train-stride", help="classifiers: training tile step; 0 = tile/2"),
-    min_crack_px: int = typer.Option(40, "--min-crack-px", help="N: crack px needed inside the tile"),
-    border: int = typer.Option(8, "--border", help="B: those crack px lie at least B px from the tile border"),
-    margin: int = typer.Option(16, "--margin", help="M: crack-free only if no crack px within the tile grown by M"),
+    min_crack_px: int = typer.Option(40, "--min-crack-px", help="N: crack px needed inside the tile (segmenters: default 12)"),
+    border: int = typer.Option(8, "--border", help="B: those crack px lie at least B px from the tile border (segmenters: default 4)"),
+    margin: int = typer.Option(16, "--margin", help="M: crack-free only if no crack px within the tile grown by M (segmenters: default 8)"),
     label_rule: str = typer.Option("auto", "--label-rule", help="classifiers: auto | tiles | name | folder (name: Kaggle "
                                    "noncrack* files; folder: crack/ + no_crack/)"),
     scale: float = typer.Option(1.0, "--scale", help="classifiers: work scale, resize images by this before tiling (survey "
@@ -91,7 +91,7 @@ def train_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="classifiers: initial weights (a state dict file)"),
     augment: bool = typer.Option(True, "--augment/--no-augment", help="classifiers: random rot90 + flips each epoch"),
     photometric: bool = typer.Option(False, "--photometric/--no-photometric", help="random brightness, contrast, "
-                                     "gamma, blur or noise each epoch (survey frames vary from dark to bleached)"),
+                                     "gamma, blur or noise each epoch (survey frames vary from dark to bleached; segmenters: on by default)"),
     double: bool = typer.Option(False, "--double", help="classifiers: double the training set with rotated/flipped copies"),
     max_tiles: Optional[int] = typer.Option(None, "--max-tiles", help="classifiers, upcracknet: cap on training tiles (seeded sample)"),
     workers: int = typer.Option(0, "--workers", help="classifiers: DataLoader worker processes"),
@@ -120,9 +120,7 @@ def train_cmd(
 
     given = _given(ctx)
     if model == "upcracknet":
-        _check_route("upcracknet", model, given)
-        if devices > 1:
-            _fail("--devices applies to classifiers and segmenters; --model upcracknet trains in one process")
+        _check_route("upcracknet", model, given)  # --devices too: UP-CrackNet trains in one process
         if data and len(data) > 1:
             _fail("--model upcracknet takes one --data folder")
         data = data[0] if data else None
@@ -152,20 +150,20 @@ def train_cmd(
     import crackcam.models as M
     from crackcam.train.loop import TrainConfig, TrainingInterrupted, train
 
+    segmenter = model in M.list_models(kind="segmenter")
+    if not segmenter and model not in M.list_models():
+        _fail(f"unknown model {model!r}; choose one of: {', '.join(M.list_models() + ['upcracknet'])}")
+    _check_route("segmenter" if segmenter else "classifier", model, given)  # before torchrun: one line, not N
     if devices > 1 and "WORLD_SIZE" not in os.environ:  # classifiers and segmenters alike
         raise typer.Exit(_launch_torchrun(devices, device, threads))
 
-    if model in M.list_models(kind="segmenter"):
-        _check_route("segmenter", model, given)
+    if segmenter:
         rule = {k: v for k, v in {"tile": tile, "min_crack_px": min_crack_px, "border": border,
                                   "margin": margin}.items() if k in given}
         extra = {k: v for k, v in {"val_fraction": val_fraction, "photometric": photometric}.items() if k in given}
         return _distill(data, model, out, teacher, rounds, epochs, samples, batch, crop, lr, seed, threads, resume,
                         overwrite, progress, pretrained, pseudo_topk, device, tile_rule=rule, **extra)
 
-    if model not in M.list_models():
-        _fail(f"unknown model {model!r}; choose one of: {', '.join(M.list_models() + ['upcracknet'])}")
-    _check_route("classifier", model, given)
     if label_rule not in ("auto", "tiles", "name", "folder"):
         _fail(f"--label-rule must be auto, tiles, name or folder (got {label_rule!r})")
     if not 0 < scale <= 4:

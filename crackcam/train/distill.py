@@ -238,6 +238,17 @@ def _distill(cfg: DistillConfig, log, dist) -> dict:
     teacher_path = P.resolve_teacher(cfg.teacher)
     rule = D.TileRule(**{**cfg.tile_rule, "stride": None})
     prule = P.PseudoRule(**{"tile": rule.tile, **cfg.pseudo_rule})
+    if cfg.resume and (out / "config.json").is_file():  # the pseudo-masks on disk were made with the run's rules
+        try:
+            was = json.loads((out / "config.json").read_text()).get("label_rule") or {}
+        except (OSError, ValueError):
+            was = {}
+        for key, now in (("tile_rule", rule.as_dict()), ("pseudo_rule", prule.to_dict())):
+            if key in was and was[key] != json.loads(json.dumps(now)):
+                changed = {k: (was[key].get(k), v) for k, v in now.items() if was[key].get(k) != v}
+                raise ValueError(f"{out}: --resume with another {key.replace('_', ' ')} than the run's "
+                                 f"({', '.join(f'{k} {a} → {b}' for k, (a, b) in changed.items())}); its pseudo-masks "
+                                 f"were made with the first — resume with the same options or --overwrite")
     teacher = tmeta = survey = train_items = val = None
     if dist.main:  # rank 0 alone labels, validates and writes: the others train on what it wrote
         teacher = P.Teacher(teacher_path, log=log)
