@@ -1,6 +1,7 @@
 """crack-eval round trips on a tiny synthetic flat data set (blackhat, CAM, refinement, calibrate, bad input)."""
 
 import csv
+from pathlib import Path
 import json
 
 import pytest
@@ -185,3 +186,48 @@ def test_false_alarm_rates_on_known_tiles(tmp_path):
     data = write_synthetic_dataset(tmp_path / "flat", n_crack=4, size=(128, 128), layout="flat", seed=1)
     assert main(["--model", str(model), "--data", str(data), "--split", "all", "--tile", "64"]) == 0
     assert main(["--model", str(model), "--data", str(tmp_path / "missing")]) == 2
+
+
+def test_crack_eval_model_scores_an_exported_graph_as_crack_run_runs_it(tmp_path):
+    """`crack-eval --model FILE` runs crack-run's session and frame steps: its pixel figures are those of
+    crack-run's own masks against the ground truth, and its frame decisions and probabilities crack-run's
+    records; options it would not read are one line."""
+    pytest.importorskip("onnx")
+    import numpy as np
+
+    from crackcam.runtime import cli as run_cli
+    from crackcam.runtime.imageio import read_mask
+    from crackcam.runtime.toy import make_toy_model
+
+    data = write_synthetic_dataset(tmp_path / "flat", n_crack=5, size=(96, 128), layout="flat", seed=2)
+    model = make_toy_model(tmp_path / "toy.onnx", threshold=0.5, postprocess={"min_area": 4})
+    r = runner.invoke(app, ["--model", str(model), "--data", str(data), "--split", "all", "--out",
+                            str(tmp_path / "ev"), "--tolerance", "0"])
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["model_file"] == str(model) and s["threshold"] == 0.5 and s["n_images"] == 5
+    rr = CliRunner().invoke(run_cli.app, ["--model", str(model), "--source", str(data / "images"), "--out",
+                                          str(tmp_path / "run"), "--save", "masks", "--no-progress"])
+    assert rr.exit_code == 0, rr.output
+    recs = {Path(x["key"]).name: x for x in map(json.loads, (tmp_path / "run" / "results.jsonl").read_text()
+                                                 .splitlines())}
+    tp = fp = fn = 0
+    for img in sorted((data / "images").iterdir()):
+        pred = read_mask(tmp_path / "run" / recs[img.name]["files"]["mask"])
+        gt = read_mask(data / "masks" / f"{img.stem}.png", pred.shape)
+        tp, fp, fn = tp + int((pred & gt).sum()), fp + int((pred & ~gt).sum()), fn + int((~pred & gt).sum())
+    assert tp > 0 and abs(s["precision"] - tp / (tp + fp)) < 1e-4 and abs(s["recall"] - tp / (tp + fn)) < 1e-4
+    with open(tmp_path / "ev" / "per_frame.csv") as f:
+        frames = {row["name"]: row for row in csv.DictReader(f)}
+    assert set(frames) == set(recs)
+    for name, row in frames.items():
+        assert (row["cracked"] == "True") == recs[name]["cracked"]
+        assert abs(float(row["prob"]) - recs[name]["prob"]) < 1e-6
+
+    for extra in (["--method", "gradcam"], ["--recipe", "r.json"], ["--min-area", "3"]):
+        r = runner.invoke(app, ["--model", str(model), "--data", str(data), *extra])
+        assert r.exit_code == 2 and extra[0] in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = runner.invoke(app, ["--model", str(model)])
+    assert r.exit_code == 2 and "--model needs --data" in r.output
+    r = runner.invoke(app, ["--model", str(tmp_path / "missing.onnx"), "--data", str(data)])
+    assert r.exit_code == 2 and "missing.onnx" in r.output and len(r.output.strip().splitlines()) == 1

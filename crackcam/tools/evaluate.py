@@ -184,6 +184,77 @@ def _settings(method, rec_entry, recipe, *, checkpoint, threshold, layers, mode,
                 fn=None)
 
 
+def _load_state(out: Path, key: dict, method: str, n_bins: int, tols, log) -> tuple[Path, dict]:
+    """The resumable scoring state in ``out`` when it was made with ``key`` (else a fresh one)."""
+    state_path = out / ".eval_state.pkl"
+    state = None
+    if state_path.is_file():
+        try:
+            state = pickle.loads(state_path.read_bytes())
+            if state.get("key") != key:
+                if state.get("done"):
+                    log(f"{method}: the scores in {out} came from other weights or settings; scoring again")
+                state = None
+        except Exception:  # noqa: BLE001 - a broken state file is simply ignored
+            state = None
+    if state is None:
+        state = {"key": key, "scorer": MapScorer(n_bins, tols), "binary": BinaryScorer(tols), "rows": [],
+                 "thumbs": [], "done": set(), "skipped": [], "seconds": [], "frames": [], "worst": []}
+    elif state["done"]:
+        log(f"resuming {method}: {len(state['done'])} images already scored in {out}")
+    return state_path, state
+
+
+def _model_job(model: Path, *, threshold, tile, gate, survey, data, split, tols, n_bins, limit, out, log) -> _Job:
+    """An exported model scored as crack-run runs it (crackcam.tools.eval_model): one variant per frame size,
+    from the model's own camera profiles."""
+    from crackcam.runtime.meta import BackendUnavailable, ModelFileError
+    from crackcam.runtime.survey import RoiError
+
+    from crackcam.tools import eval_model as EM
+
+    model = Path(model)
+    sv = dict(survey or {})
+    if tile is not None:
+        sv["tile"] = tile
+    if gate is not None:
+        sv["gate"] = gate
+    try:
+        sess, steps = EM.open_model(model, threshold=threshold, survey=sv, log=log)
+    except (ModelFileError, BackendUnavailable) as exc:
+        raise EvalError(str(exc)) from None
+    except RoiError as exc:
+        raise EvalError(f"--roi: {exc}") from None
+    method = str(sess.meta.raw.get("method") or "model")
+    if steps.default.refine is not None:  # the graph gives the CAM, the metadata's refinement the map
+        method = f"refine-{method}"
+    out = out or Path("runs") / "eval" / f"{model.stem}_{Path(data).name}_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    key = {"model": EM.model_key(model, steps), "data": str(Path(data).resolve()), "split": split, "tols": tols,
+           "n_bins": n_bins, "limit": limit}
+    state_path, state = _load_state(out, key, method, n_bins, tols, log)
+    variants: dict = {}
+    base = EM.ModelVariant(sess, steps.default, sess.meta, model)
+    job = _Job(method=method, spec=base.spec, ctx=base.ctx, thr=base.thr, source=base.source, pcfg=base.pcfg,
+               gate=base.survey.gate, out=out, state=state, state_path=state_path, fn=None, survey=base.survey,
+               base=base, profiles={}, used=set(), model=str(model))
+
+    def variant(shape):
+        key_ = (int(shape[0]), int(shape[1]))
+        v = variants.get(key_)
+        if v is None:
+            st = steps.for_shape(key_)
+            v = base if st is steps.default else EM.ModelVariant(sess, st, sess.meta, model)
+            variants[key_] = v
+            if v is not base:
+                job.profiles[f"{key_[1]}x{key_[0]}"] = v
+        job.used.add("default" if v is base else f"{key_[1]}x{key_[0]}")
+        return v
+
+    job.variant = variant
+    return job
+
+
 def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, gate, refine, postprocess_cfg,
          data, split, tols, n_bins, limit, out, log, options=None, survey=None) -> _Job:
     rec_entry: dict = {}
@@ -209,22 +280,7 @@ def _job(method, *, checkpoint, recipe, threshold, layers, mode, tile, flips, ga
            **_k(base), "profiles": {k: _k(v) for k, v in profiles.items()}, "layers": base.layers, "mode": mode,
            "tile": tile, "flips": flips, "tols": tols, "n_bins": n_bins, "limit": limit,
            "options": {k: str(v) for k, v in sorted(base.ctx.options.items())}}
-    state_path = out / ".eval_state.pkl"
-    state = None
-    if state_path.is_file():
-        try:
-            state = pickle.loads(state_path.read_bytes())
-            if state.get("key") != key:
-                if state.get("done"):
-                    log(f"{method}: the scores in {out} came from other weights or settings; scoring again")
-                state = None
-        except Exception:  # noqa: BLE001 - a broken state file is simply ignored
-            state = None
-    if state is None:
-        state = {"key": key, "scorer": MapScorer(n_bins, tols), "binary": BinaryScorer(tols), "rows": [],
-                 "thumbs": [], "done": set(), "skipped": [], "seconds": [], "frames": [], "worst": []}
-    elif state["done"]:
-        log(f"resuming {method}: {len(state['done'])} images already scored in {out}")
+    state_path, state = _load_state(out, key, method, n_bins, tols, log)
     job = _Job(method=method, spec=base.spec, ctx=base.ctx, thr=base.thr, source=base.source, pcfg=base.pcfg,
                gate=base.survey.gate, out=out, state=state, state_path=state_path, fn=None, survey=base.survey,
                base=base, profiles=profiles, used=set())
@@ -253,7 +309,7 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
              flips: bool = False, tolerance: int = 2, out: Path | None = None, limit: int | None = None,
              gate: float | None = None, refine: dict | None = None, postprocess_cfg: dict | None = None,
              recipe_path: Path | None = None, n_bins: int = 1000, n_overlays: int = 8, log=print,
-             options: dict | None = None, survey: dict | None = None):
+             options: dict | None = None, survey: dict | None = None, model: Path | None = None):
     """Score ``method`` (or a comma-separated list of methods, scored in one pass over the images; CAM methods
     then share one forward/backward per tile batch) on ``data``/``split``.  Returns the summary dict (a list of
     them for several methods), also written to ``out/metrics.json`` (``out/<method>/metrics.json`` for several).
@@ -263,9 +319,21 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     share flagged (each tile run as crack-run runs an image file)."""
     from crackcam.train.data import scored_pixels
 
+    if model is not None:
+        if checkpoint is not None or method is not None or recipe_path is not None:
+            raise EvalError("--model scores an exported model as crack-run runs it: give it without --checkpoint, "
+                            "--method or --recipe (its metadata holds the recipe)")
+        if data is None:
+            raise EvalError("--model needs --data (the folder to score)")
     if checkpoint is not None and not Path(checkpoint).is_dir():
         raise EvalError(f"{checkpoint}: run folder not found")
-    recipe = read_recipe(checkpoint, recipe_path)
+    recipe = read_recipe(checkpoint, recipe_path) if model is None else None
+    if model is not None:
+        items = _list(data, split, {}, limit)
+        tols = (0,) if tolerance == 0 else (0, int(tolerance))
+        jobs = [_model_job(model, threshold=threshold, tile=tile, gate=gate, survey=survey, data=data, split=split,
+                           tols=tols, n_bins=n_bins, limit=limit, out=out, log=log)]
+        return _score(jobs, items, data, split, tols, recipe, n_overlays, log)
     if method is None:
         if recipe is None:
             raise EvalError("no --method and no recipe: run `crack-eval calibrate --checkpoint DIR` first, "
@@ -289,6 +357,14 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
                  tols=tols, n_bins=n_bins, limit=limit, out=out if len(methods) == 1 else out / _safe(m), log=log,
                  options=options, survey=survey)
             for m in methods]
+    return _score(jobs, items, data, split, tols, recipe, n_overlays, log)
+
+
+def _score(jobs, items, data, split, tols, recipe, n_overlays, log):
+    """The scoring pass shared by checkpoints (recipe variants) and exported models (crack-run's steps)."""
+    from crackcam.train.data import scored_pixels
+
+    methods = [j.method for j in jobs]
     frames = [it for it in items if not it.is_tile]
     overlay_every = max(1, len(frames) // max(1, n_overlays))
     for j in jobs:
@@ -363,6 +439,10 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
         s = _summary(j.method, j.spec, v.ctx, data, split, v.thr, v.source, v.pcfg, v.survey.gate, j.state, tols,
                      recipe, v.survey)
         s["profiles_used"] = sorted(j.used)
+        if getattr(j, "model", None):
+            s["model_file"] = j.model
+            s["fps_note"] = ("ONNX Runtime on this machine's CPU through crack-run's session and frame steps, one "
+                             "frame at a time: model + steps + post-processing (crack-bench survey: the pipeline)")
         if len(jobs) > 1:
             s["seconds_note"] = "CAM methods of one layer group share a forward pass: the first one carries its cost"
         _write_outputs(j.out, s, j.state, j.state["scorer"], tols, j.method)
@@ -546,9 +626,17 @@ def _threads() -> None:
             pass
 
 
+_CHECKPOINT_ONLY = ("method", "layers", "mode", "flips", "cue", "refine_mode", "dilate", "min_area", "close_radius",
+                    "open_radius", "recipe", "restoration_checkpoint", "calibrate_flag")
+
+
 @app.callback(invoke_without_command=True)
 def cli(ctx: typer.Context,
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="crack-train run folder"),
+        model: Optional[Path] = typer.Option(None, "--model", help="an exported model (.onnx, or a TensorRT "
+                                             ".engine) scored exactly as crack-run runs it: its metadata's recipe, "
+                                             "camera profiles and survey settings; --threshold, --gate, --tile and "
+                                             "the survey options override them as in crack-run"),
         method: Optional[str] = typer.Option(None, "--method", "-m",
                                              help="crack-map method (default: the checkpoint's recipe)"),
         data: Optional[Path] = typer.Option(None, "--data", "-d", help="data folder (default: the training data)"),
@@ -586,6 +674,14 @@ def cli(ctx: typer.Context,
     """Score crack maps against pixel masks (see `crack-eval calibrate --help` for choosing the recipe)."""
     if ctx.invoked_subcommand is not None:
         return
+    if model is not None:
+        typed = [n for n in _CHECKPOINT_ONLY
+                 if (src := ctx.get_parameter_source(n)) is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")]
+        if typed:
+            opts = ", ".join("--" + ("calibrate" if n == "calibrate_flag" else n.replace("_", "-")) for n in typed)
+            typer.echo(f"crack-eval: {opts}: not read with --model (the exported graph's metadata holds its method "
+                       f"and recipe; score a run folder with --checkpoint for those)", err=True)
+            raise typer.Exit(2)
     _threads()
     if list_methods:
         for n in _run(M.list_method_names):
@@ -603,7 +699,7 @@ def cli(ctx: typer.Context,
                    layers=layers, mode=mode, tile=tile, flips=flips, tolerance=tolerance, out=out, limit=limit,
                    gate=gate, refine=refine,
                    postprocess_cfg={"min_area": min_area, "close_radius": close_radius, "open_radius": open_radius},
-                   recipe_path=recipe, options={"restoration_checkpoint": restoration_checkpoint},
+                   recipe_path=recipe, options={"restoration_checkpoint": restoration_checkpoint}, model=model,
                    survey=_run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side,
                                overlap=overlap, min_length=min_length))
     if isinstance(summary, list):
