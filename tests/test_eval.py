@@ -199,8 +199,15 @@ def test_crack_eval_model_scores_an_exported_graph_as_crack_run_runs_it(tmp_path
     from crackcam.runtime.imageio import read_mask
     from crackcam.runtime.toy import make_toy_model
 
+    import cv2
+
     data = write_synthetic_dataset(tmp_path / "flat", n_crack=5, size=(96, 128), layout="flat", seed=2)
-    model = make_toy_model(tmp_path / "toy.onnx", threshold=0.5, postprocess={"min_area": 4})
+    for k, f in enumerate(sorted((data / "images").iterdir())):  # colour: the toy model sees only red, so a
+        im = cv2.imread(str(f)).astype(np.float32)              # channel-order slip changes every map
+        im[..., 0] = 255 - im[..., 0] * 0.5  # blue: the cracks bright, the inverse of red's
+        cv2.imwrite(str(f), np.clip(im, 0, 255).astype(np.uint8))
+    model = make_toy_model(tmp_path / "toy.onnx", threshold=0.5, postprocess={"min_area": 4},
+                           channel_weights=(0, 0, 1))
     r = runner.invoke(app, ["--model", str(model), "--data", str(data), "--split", "all", "--out",
                             str(tmp_path / "ev"), "--tolerance", "0"])
     assert r.exit_code == 0, r.output
@@ -229,5 +236,11 @@ def test_crack_eval_model_scores_an_exported_graph_as_crack_run_runs_it(tmp_path
         assert r.exit_code == 2 and extra[0] in r.output and len(r.output.strip().splitlines()) == 1, r.output
     r = runner.invoke(app, ["--model", str(model)])
     assert r.exit_code == 2 and "--model needs --data" in r.output
+    r = runner.invoke(app, ["--model", str(model), "--data", str(data), "--threshold", "7"])
+    assert r.exit_code == 2 and "[0, 1]" in r.output
+    r = runner.invoke(app, ["--model", str(model), "--data", str(data), "--split", "all", "--threshold", "0.6",
+                            "--out", str(tmp_path / "ev6")])
+    s6 = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.exit_code == 0 and s6["threshold"] == 0.6 and s6["threshold_source"] == "--threshold"
     r = runner.invoke(app, ["--model", str(tmp_path / "missing.onnx"), "--data", str(data)])
     assert r.exit_code == 2 and "missing.onnx" in r.output and len(r.output.strip().splitlines()) == 1

@@ -607,3 +607,53 @@ def test_the_packaged_default_has_no_pad_nodes_left():
     from crackcam.runtime.cli import DEFAULT_MODEL
 
     assert not [n.name for n in onnx.load(str(DEFAULT_MODEL)).graph.node if n.op_type == "Pad"]
+
+
+def _pad_conv_graph(case: str):
+    """x → Pad(0,0,1,1 bottom/right) → Conv(3×3, stride 2) → y, with one twist per ``case``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    pads = numpy_helper.from_array(np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64), "pads")
+    inits, nodes, outs = [w, pads], [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8, 8])]
+    pad_in = ["x", "pads"]
+    if case == "nonzero_value":
+        inits.append(numpy_helper.from_array(np.array(1.0, np.float32), "val"))
+        pad_in.append("val")
+    nodes.append(helper.make_node("Pad", pad_in, ["p"], mode="constant"))
+    nodes.append(helper.make_node("Conv", ["p", "w"], ["y"], strides=[2, 2], kernel_shape=[3, 3]))
+    if case == "two_consumers":
+        nodes.append(helper.make_node("Relu", ["p"], ["r"]))
+        outs.append(helper.make_tensor_value_info("r", TensorProto.FLOAT, [1, 3, 17, 17]))
+    if case == "graph_output":
+        outs.append(helper.make_tensor_value_info("p", TensorProto.FLOAT, [1, 3, 17, 17]))
+    if case == "subgraph":  # an If body reads the Pad's output from the outer graph
+        inits.append(numpy_helper.from_array(np.array(True), "cond"))
+        body = helper.make_graph([helper.make_node("Identity", ["p"], ["z"])], "b", [],
+                                 [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 3, 17, 17])])
+        nodes.append(helper.make_node("If", ["cond"], ["q"], then_branch=body, else_branch=body))
+        outs.append(helper.make_tensor_value_info("q", TensorProto.FLOAT, [1, 3, 17, 17]))
+    if case == "mode_reflect":
+        nodes[0] = helper.make_node("Pad", pad_in, ["p"], mode="reflect")
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 16, 16])],
+                          outs, initializer=inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("case", ["plain", "nonzero_value", "two_consumers", "graph_output", "subgraph",
+                                  "mode_reflect"])
+def test_fuse_pads_folds_only_a_zero_pad_whose_one_reader_is_the_conv(case):
+    from crackcam.export.graph_passes import fuse_pads
+
+    proto = _pad_conv_graph(case)
+    onnx.checker.check_model(proto)
+    x = np.random.default_rng(1).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    before = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    n = fuse_pads(proto)
+    assert n == (1 if case == "plain" else 0), case
+    onnx.checker.check_model(proto)
+    after = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert all(np.array_equal(a, b) for a, b in zip(before, after))
+    if case == "plain":
+        assert [nd.op_type for nd in proto.graph.node] == ["Conv"] and not any(
+            i.name == "pads" for i in proto.graph.initializer)

@@ -101,15 +101,22 @@ def fuse_pads(proto) -> int:
     Conv's ``pads``; delete what is left unused.  Returns how many Pads were folded.  In place."""
     from onnx import helper
 
+    import onnx
+
     g = proto.graph
     consumers: dict[str, list] = {}
+    in_subgraphs: set = set()  # names an If / Loop body reads from the outer graph
     for n in g.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
+        for a in n.attribute:
+            for sg in ([a.g] if a.type == onnx.AttributeProto.GRAPH else []) + list(a.graphs):
+                in_subgraphs |= _used_names(sg)
     outputs = {o.name for o in g.output}
 
     def foldable(n) -> bool:
-        if n.op_type != "Pad" or len(n.input) < 2 or not n.input[1] or n.output[0] in outputs:
+        if (n.op_type != "Pad" or len(n.input) < 2 or not n.input[1] or n.output[0] in outputs
+                or n.output[0] in in_subgraphs):
             return False
         mode = next((helper.get_attribute_value(a) for a in n.attribute if a.name == "mode"), b"constant")
         if mode not in (b"constant", "constant"):
@@ -164,9 +171,11 @@ def fuse_pads(proto) -> int:
                 break
             for n in dead:
                 g.node.remove(n)
-        used = _used_names(g)
+        used = _used_names(g) | outputs
         for init in [i for i in g.initializer if i.name not in used]:
             g.initializer.remove(init)
+            for gi in [x for x in g.input if x.name == init.name]:  # IR < 4 lists initializers as inputs too
+                g.input.remove(gi)
     return done
 
 

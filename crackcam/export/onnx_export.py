@@ -245,14 +245,20 @@ def export_graph(graph: CamExportGraph, *, exporter: str = "auto", opset: int = 
             with torch.no_grad():
                 proto = fn(graph, dummy, opset, batch, height, width)
             onnx.checker.check_model(proto)
-            fused = fuse_pads(proto)  # exact: TF-"same" Pads into their Convs (crackcam.export.graph_passes)
-            if fused:
-                onnx.checker.check_model(proto)
-                notes.append(f"folded {fused} Pad node(s) into their convolutions")
         except Exception as exc:  # noqa: BLE001 - report and try the next exporter
             line = " ".join(str(exc).split())[:300]
             notes.append(f"{name} exporter failed: {type(exc).__name__}: {line}")
             continue
+        try:  # exact: TF-"same" Pads into their Convs (crackcam.export.graph_passes); a failure keeps the graph
+            folded = onnx.ModelProto()
+            folded.CopyFrom(proto)
+            n_fused = fuse_pads(folded)
+            if n_fused:
+                onnx.checker.check_model(folded)
+                proto = folded
+                notes.append(f"folded {n_fused} Pad node(s) into their convolutions")
+        except Exception as exc:  # noqa: BLE001 - the unfolded graph is still a valid export
+            notes.append(f"Pad folding skipped ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})")
         notes.append(f"{name} exporter: {time.perf_counter() - t0:.1f} s")
         return proto, name, notes
     raise ExportError("; ".join(notes))

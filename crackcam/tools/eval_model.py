@@ -17,22 +17,36 @@ from crackcam.runtime.cues import RefineConfig
 class ModelVariant:
     """What crack-eval's loop reads of one frame size's settings (as a checkpoint's recipe variant gives it)."""
 
-    def __init__(self, session, steps, meta, model: Path):
+    def __init__(self, session, steps, meta, model: Path, threshold_given: bool = False):
         self.session, self.steps = session, steps
         self.pcfg = steps.post
         self.survey = steps.survey
         self.thr = steps.post.threshold
-        self.source = f"{model.name} metadata"
+        self.source = "--threshold" if threshold_given else f"{model.name} metadata"
         self.spec = SimpleNamespace(learned=True, needs_checkpoint=True)
         self.ctx = SimpleNamespace(checkpoint=None, config={"model": meta.raw.get("model")},
                                    layers=meta.raw.get("target_layers"), mode="tiles",
                                    refine=steps.refine or RefineConfig())
 
     def fn(self, image_rgb: np.ndarray):
-        """``(frame map, frame probability)`` of an RGB frame (crack-eval reads RGB; the runtime takes BGR)."""
+        """``(frame map, frame probability)`` of an RGB frame (crack-eval reads RGB; the runtime takes BGR): the
+        runtime's plan, tiles, inference (in chunks the session takes: a TensorRT engine's largest batch) and
+        frame map; crack-eval's loop post-processes it as ``FrameSteps.finish`` does."""
+        from crackcam.runtime.steps import infer_tiles
+
         bgr = np.ascontiguousarray(image_rgb[..., ::-1])
-        r = self.steps.process(self.session, bgr)
-        return r.map, float(r.prob)
+        st, sess = self.steps, self.session
+        meta = getattr(sess, "meta", None)
+        fixed = st.fixed_size or getattr(meta, "fixed_size", None)
+        from crackcam.runtime import survey as S
+
+        plan = S.plan_frame(bgr.shape, st.survey, fixed)
+        tiles = st.tiles(bgr, plan)
+        nb = getattr(meta, "batch", None)
+        batch = nb or min(len(tiles), getattr(sess, "max_batch", None) or len(tiles))
+        probs, maps, _ = infer_tiles(sess, tiles, max(1, batch), nb)
+        cmap, prob, _ = st.frame_map(bgr, plan, probs, maps)
+        return cmap, float(prob)
 
 
 def open_model(model: Path, *, threshold=None, survey: dict | None = None, provider: str = "cpu", log=print):

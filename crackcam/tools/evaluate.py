@@ -213,14 +213,19 @@ def _model_job(model: Path, *, threshold, tile, gate, survey, data, split, tols,
 
     from crackcam.tools import eval_model as EM
 
+    from crackcam.runtime.steps import choose_profile
+
     model = Path(model)
+    thr = parse_threshold(threshold)  # crack-run's rule: a number in [0, 1], otsu or pXX
+    if isinstance(thr, float) and not 0.0 <= thr <= 1.0:
+        raise EvalError(f"--threshold {threshold!r}: a number threshold must lie in [0, 1]")
     sv = dict(survey or {})
     if tile is not None:
         sv["tile"] = tile
     if gate is not None:
         sv["gate"] = gate
     try:
-        sess, steps = EM.open_model(model, threshold=threshold, survey=sv, log=log)
+        sess, steps = EM.open_model(model, threshold=thr, survey=sv, log=log)
     except (ModelFileError, BackendUnavailable) as exc:
         raise EvalError(str(exc)) from None
     except RoiError as exc:
@@ -228,27 +233,30 @@ def _model_job(model: Path, *, threshold, tile, gate, survey, data, split, tols,
     method = str(sess.meta.raw.get("method") or "model")
     if steps.default.refine is not None:  # the graph gives the CAM, the metadata's refinement the map
         method = f"refine-{method}"
-    out = out or Path("runs") / "eval" / f"{model.stem}_{Path(data).name}_{split}"
+    out = out or Path("runs") / "eval" / f"{model.resolve().parent.name}_{model.stem}_{Path(data).name}_{split}"
     out.mkdir(parents=True, exist_ok=True)
     key = {"model": EM.model_key(model, steps), "data": str(Path(data).resolve()), "split": split, "tols": tols,
            "n_bins": n_bins, "limit": limit}
     state_path, state = _load_state(out, key, method, n_bins, tols, log)
     variants: dict = {}
-    base = EM.ModelVariant(sess, steps.default, sess.meta, model)
+    given = thr is not None
+    base = EM.ModelVariant(sess, steps.default, sess.meta, model, given)
+    names = list((sess.meta.raw or {}).get("profiles") or {})
     job = _Job(method=method, spec=base.spec, ctx=base.ctx, thr=base.thr, source=base.source, pcfg=base.pcfg,
                gate=base.survey.gate, out=out, state=state, state_path=state_path, fn=None, survey=base.survey,
-               base=base, profiles={}, used=set(), model=str(model))
+               base=base, profiles={}, used=set(), model=str(model), provider=getattr(sess, "provider", "?"))
 
     def variant(shape):
-        key_ = (int(shape[0]), int(shape[1]))
-        v = variants.get(key_)
+        """The settings of ``shape``'s camera profile (the runtime's rule), else the top level."""
+        name = choose_profile(names, (int(shape[0]), int(shape[1])))
+        v = variants.get(name)
         if v is None:
-            st = steps.for_shape(key_)
-            v = base if st is steps.default else EM.ModelVariant(sess, st, sess.meta, model)
-            variants[key_] = v
-            if v is not base:
-                job.profiles[f"{key_[1]}x{key_[0]}"] = v
-        job.used.add("default" if v is base else f"{key_[1]}x{key_[0]}")
+            st = steps.for_shape((int(shape[0]), int(shape[1])))
+            v = base if name is None else EM.ModelVariant(sess, st, sess.meta, model, given)
+            variants[name] = v
+            if name is not None:
+                job.profiles[name] = v
+        job.used.add(name or "default")
         return v
 
     job.variant = variant
@@ -441,8 +449,8 @@ def _score(jobs, items, data, split, tols, recipe, n_overlays, log):
         s["profiles_used"] = sorted(j.used)
         if getattr(j, "model", None):
             s["model_file"] = j.model
-            s["fps_note"] = ("ONNX Runtime on this machine's CPU through crack-run's session and frame steps, one "
-                             "frame at a time: model + steps + post-processing (crack-bench survey: the pipeline)")
+            s["fps_note"] = (f"{j.provider} through crack-run's session and frame steps, one frame at a time: "
+                             f"model + steps + post-processing (crack-bench survey: the pipeline)")
         if len(jobs) > 1:
             s["seconds_note"] = "CAM methods of one layer group share a forward pass: the first one carries its cost"
         _write_outputs(j.out, s, j.state, j.state["scorer"], tols, j.method)
