@@ -912,3 +912,25 @@ def test_run_identity_is_the_effective_steps_of_every_camera_profile():
     assert same == base
     other = run_identity(DEFAULT_MODEL, build_model_steps(sess, threshold=top))["settings"]
     assert [k for k in base if base[k] != other[k]] == ["544x384:post.threshold"]
+
+
+def test_read_image_bgr_is_the_rgb_read_in_the_other_order(tmp_path):
+    """The sources read frames straight to BGR (no RGB round trip): the same pixels as the RGB read, for gray,
+    colour, alpha and 16-bit files."""
+    from crackcam.runtime.imageio import read_image
+
+    rng = np.random.default_rng(0)
+    files = {"gray.png": rng.integers(0, 255, (20, 30), dtype=np.uint8),
+             "gray.jpg": rng.integers(0, 255, (20, 30), dtype=np.uint8),
+             "bgr.png": rng.integers(0, 255, (20, 30, 3), dtype=np.uint8),
+             "bgr.jpg": rng.integers(0, 255, (20, 30, 3), dtype=np.uint8),
+             "bgra.png": rng.integers(0, 255, (20, 30, 4), dtype=np.uint8),
+             "gray16.png": rng.integers(0, 65535, (20, 30), dtype=np.uint16)}
+    for name, a in files.items():
+        cv2.imwrite(str(tmp_path / name), a)
+        rgb, bgr = read_image(tmp_path / name), read_image(tmp_path / name, order="bgr")
+        assert bgr.shape == rgb.shape == (20, 30, 3) and bgr.flags["C_CONTIGUOUS"], name
+        assert np.array_equal(bgr, rgb[..., ::-1]), name
+    assert np.array_equal(read_image(tmp_path / "bgr.png", order="bgr"), files["bgr.png"])  # as written
+    with pytest.raises(ValueError):
+        read_image(tmp_path / "bgr.png", order="hsv")

@@ -92,20 +92,24 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
     return np.clip(img.astype(np.float64) * 255.0 / info.max, 0, 255).round().astype(np.uint8)
 
 
-def read_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as uint8 H×W×3 RGB (gray is replicated, alpha dropped, 16-bit scaled to 8-bit)."""
+def read_image(path: str | os.PathLike, order: str = "rgb") -> np.ndarray:
+    """Read an image as uint8 H×W×3 RGB — or BGR with ``order="bgr"``, what the runtime's sources hand on,
+    converted once from what the decoder gives (no RGB round trip) — gray replicated, alpha dropped, 16-bit
+    scaled to 8-bit."""
     path = Path(path)
+    if order not in ("rgb", "bgr"):
+        raise ValueError(f"order must be rgb or bgr, not {order!r}")
+    bgr = order == "bgr"
     img = _to_uint8(_decode(path, cv2.IMREAD_UNCHANGED))
+    gray = cv2.COLOR_GRAY2BGR if bgr else cv2.COLOR_GRAY2RGB
     if img.ndim == 2:
-        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    elif img.ndim == 3 and img.shape[2] == 1:
-        img = cv2.cvtColor(img[..., 0], cv2.COLOR_GRAY2RGB)
-    elif img.ndim == 3 and img.shape[2] == 2:  # gray + alpha
-        img = cv2.cvtColor(img[..., 0], cv2.COLOR_GRAY2RGB)
+        img = cv2.cvtColor(img, gray)
+    elif img.ndim == 3 and img.shape[2] in (1, 2):  # gray (+ alpha)
+        img = cv2.cvtColor(np.ascontiguousarray(img[..., 0]), gray)
     elif img.ndim == 3 and img.shape[2] == 3:
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        img = img if bgr else cv2.cvtColor(img, cv2.COLOR_BGR2RGB)  # the decoder's order is BGR
     elif img.ndim == 3 and img.shape[2] == 4:
-        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2BGR if bgr else cv2.COLOR_BGRA2RGB)
     else:
         raise BadInputError(path, f"unsupported image layout {img.shape}")
     return np.ascontiguousarray(img)

@@ -64,10 +64,6 @@ class Source:
         pass
 
 
-def _bgr(rgb: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-
-
 class ImageListSource(Source):
     """A list of image files (folder or glob).  Timestamps are the files' modification times.
 
@@ -89,7 +85,7 @@ class ImageListSource(Source):
     @staticmethod
     def _load(p: Path):
         try:
-            img = _bgr(read_image(p))
+            img = read_image(p, order="bgr")
         except BadInputError as e:
             return None, e, None
         try:
