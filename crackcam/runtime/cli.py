@@ -101,12 +101,14 @@ _LOCAL_ONLY = ("show", "workers", "retries", "stall_timeout", "start_time")
 _RAY_ONLY = ("address", "ray_workers")
 
 
-def _typed(ctx, names) -> list[str]:
+def typed_options(ctx, names=None) -> list[str]:
+    """The parameters of ``ctx`` (all, or those in ``names``, in their order) the user typed rather than left at
+    their defaults — what the crackcam commands check before refusing an option the chosen route would ignore."""
     out = []
-    for n in names:
+    for n in (ctx.params if names is None else names):
         src = ctx.get_parameter_source(n)
         if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
-            out.append("--" + n.replace("_", "-"))
+            out.append(n)
     return out
 
 
@@ -204,7 +206,7 @@ def run(
 
     if engine not in ("local", "ray"):
         _err(f"--engine {engine!r}: choose local or ray")
-    stray = _typed(ctx, _LOCAL_ONLY if engine == "ray" else _RAY_ONLY)
+    stray = ["--" + n.replace("_", "-") for n in typed_options(ctx, _LOCAL_ONLY if engine == "ray" else _RAY_ONLY)]
     if stray:
         _err(f"{', '.join(stray)}: not read by --engine {engine} (" +
              ("camera/stream and display options are the local engine's; the actors run the post-processing)"

@@ -683,8 +683,9 @@ def cli(ctx: typer.Context,
     if ctx.invoked_subcommand is not None:
         return
     if model is not None:
-        typed = [n for n in _CHECKPOINT_ONLY
-                 if (src := ctx.get_parameter_source(n)) is not None and src.name not in ("DEFAULT", "DEFAULT_MAP")]
+        from crackcam.runtime.cli import typed_options
+
+        typed = typed_options(ctx, _CHECKPOINT_ONLY)
         if typed:
             opts = ", ".join("--" + ("calibrate" if n == "calibrate_flag" else n.replace("_", "-")) for n in typed)
             typer.echo(f"crack-eval: {opts}: not read with --model (the exported graph's metadata holds its method "

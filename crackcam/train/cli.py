@@ -36,16 +36,6 @@ _ROUTE_READS = {
 _ALL_ROUTE_OPTIONS = set().union(*_ROUTE_READS.values())
 
 
-def _given(ctx) -> set:
-    """Names of the options the user typed (not left at their defaults)."""
-    out = set()
-    for name in ctx.params:
-        src = ctx.get_parameter_source(name)
-        if src is not None and src.name not in ("DEFAULT", "DEFAULT_MAP"):
-            out.add(name)
-    return out
-
-
 def _check_route(route: str, model: str, given: set) -> None:
     stray = sorted((given & _ALL_ROUTE_OPTIONS) - _ROUTE_READS[route])
     if stray:
@@ -116,9 +106,10 @@ def train_cmd(
                                              help="stop (as after Ctrl-C) after this many epochs of this call"),
 ):
     """Train a crack classifier (see docs/training.md)."""
+    from crackcam.runtime.cli import typed_options
     from crackcam.runtime.imageio import BadInputError
 
-    given = _given(ctx)
+    given = set(typed_options(ctx))
     if model == "upcracknet":
         _check_route("upcracknet", model, given)  # --devices too: UP-CrackNet trains in one process
         if data and len(data) > 1:
