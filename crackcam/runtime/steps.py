@@ -104,6 +104,12 @@ class FrameResult:
     extra: dict = field(default_factory=dict)
 
 
+def _profile_shape(name: str) -> tuple[int, int]:
+    """``"WxH"`` → ``(H, W)``."""
+    w, _, h = str(name).partition("x")
+    return int(h), int(w)
+
+
 class ModelSteps:
     """The FrameSteps of one model for every frame size it meets (camera profiles; one cache entry per size)."""
 
@@ -112,19 +118,17 @@ class ModelSteps:
         self.kw = kw
         self._by: dict[tuple, FrameSteps] = {}
         self.default = FrameSteps.from_meta(meta, **kw)  # checks the settings once, before any frame
-        profiles = (getattr(meta, "raw", None) or {}).get("profiles") or {}
-        for name in profiles:  # and every profile's
-            w, _, h = str(name).partition("x")
-            FrameSteps.from_meta(meta, shape=(int(h), int(w)), **kw)
+        self.profile_names = sorted(str(n) for n in (getattr(meta, "raw", None) or {}).get("profiles") or {})
+        for name in self.profile_names:  # and every profile's
+            FrameSteps.from_meta(meta, shape=_profile_shape(name), **kw)
+
+    def profile_name(self, shape) -> str | None:
+        """The camera profile frames of ``shape`` get (:func:`choose_profile`), or None for the top level."""
+        return choose_profile(self.profile_names, shape)
 
     def profiles(self) -> list[tuple[str, "FrameSteps"]]:
         """``[("", the top level), ("WxH", that profile's steps), ...]``: every set of steps a frame can get."""
-        names = sorted((getattr(self.meta, "raw", None) or {}).get("profiles") or {})
-        out = [("", self.default)]
-        for name in names:
-            w, _, h = str(name).partition("x")
-            out.append((str(name), self.for_shape((int(h), int(w)))))
-        return out
+        return [("", self.default)] + [(n, self.for_shape(_profile_shape(n))) for n in self.profile_names]
 
     def for_shape(self, shape) -> "FrameSteps":
         key = (int(shape[0]), int(shape[1]))
@@ -221,13 +225,24 @@ class FrameSteps:
     def process(self, session, image_bgr: np.ndarray, mm_per_px: float | None = None,
                 batch: int | None = None) -> FrameResult:
         """One frame through the whole chain with ``session`` (sequential: evaluation, tools, benchmarks)."""
+        plan, probs, maps = self.run_model(session, image_bgr, batch)
+        return self.finish(image_bgr, plan, probs, maps, mm_per_px)
+
+    def run_model(self, session, image_bgr: np.ndarray, batch: int | None = None) -> tuple:
+        """Plan → tiles → model for one frame: ``(plan, tile probabilities, tile maps)``, in chunks of ``batch``
+        tiles (default: all of them) that the session takes — a fixed-batch graph's size, at most a TensorRT
+        engine's largest batch."""
         meta = getattr(session, "meta", None)
         fixed = self.fixed_size or getattr(meta, "fixed_size", None)
         plan = S.plan_frame(image_bgr.shape, self.survey, fixed)
         tiles = self.tiles(image_bgr, plan)
         nb = getattr(meta, "batch", None)
-        probs, maps, _ = infer_tiles(session, tiles, nb or batch or max(1, len(tiles)), nb)
-        return self.finish(image_bgr, plan, probs, maps, mm_per_px)
+        n = nb or batch or len(tiles)
+        mb = getattr(session, "max_batch", None)
+        if mb and not nb:
+            n = min(n, mb)
+        probs, maps, _ = infer_tiles(session, tiles, max(1, n), nb)
+        return plan, probs, maps
 
 
 def pad_batch(arr: np.ndarray, fixed_batch: int | None) -> np.ndarray:

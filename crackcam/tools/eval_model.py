@@ -30,26 +30,15 @@ class ModelVariant:
 
     def fn(self, image_rgb: np.ndarray):
         """``(frame map, frame probability)`` of an RGB frame (crack-eval reads RGB; the runtime takes BGR): the
-        runtime's plan, tiles, inference (in chunks the session takes: a TensorRT engine's largest batch) and
-        frame map; crack-eval's loop post-processes it as ``FrameSteps.finish`` does."""
-        from crackcam.runtime.steps import infer_tiles
-
+        runtime's plan, tiles, inference and frame map (``FrameSteps.run_model``, ``frame_map``); crack-eval's
+        loop post-processes it as ``FrameSteps.finish`` does."""
         bgr = np.ascontiguousarray(image_rgb[..., ::-1])
-        st, sess = self.steps, self.session
-        meta = getattr(sess, "meta", None)
-        fixed = st.fixed_size or getattr(meta, "fixed_size", None)
-        from crackcam.runtime import survey as S
-
-        plan = S.plan_frame(bgr.shape, st.survey, fixed)
-        tiles = st.tiles(bgr, plan)
-        nb = getattr(meta, "batch", None)
-        batch = nb or min(len(tiles), getattr(sess, "max_batch", None) or len(tiles))
-        probs, maps, _ = infer_tiles(sess, tiles, max(1, batch), nb)
-        cmap, prob, _ = st.frame_map(bgr, plan, probs, maps)
+        plan, probs, maps = self.steps.run_model(self.session, bgr)
+        cmap, prob, _ = self.steps.frame_map(bgr, plan, probs, maps)
         return cmap, float(prob)
 
 
-def open_model(model: Path, *, threshold=None, survey: dict | None = None, provider: str = "cpu", log=print):
+def open_model(model: Path, *, threshold=None, survey: dict | None = None, provider: str = "cpu"):
     """The session and ``ModelSteps`` crack-run would build for ``model`` with these overrides."""
     from crackcam.runtime.pipeline import build_model_steps
     from crackcam.runtime.sessions import open_session

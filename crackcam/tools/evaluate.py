@@ -210,10 +210,7 @@ def _model_job(model: Path, *, threshold, tile, gate, survey, data, split, tols,
     from the model's own camera profiles."""
     from crackcam.runtime.meta import BackendUnavailable, ModelFileError
     from crackcam.runtime.survey import RoiError
-
     from crackcam.tools import eval_model as EM
-
-    from crackcam.runtime.steps import choose_profile
 
     model = Path(model)
     thr = parse_threshold(threshold)  # crack-run's rule: a number in [0, 1], otsu or pXX
@@ -225,7 +222,7 @@ def _model_job(model: Path, *, threshold, tile, gate, survey, data, split, tols,
     if gate is not None:
         sv["gate"] = gate
     try:
-        sess, steps = EM.open_model(model, threshold=thr, survey=sv, log=log)
+        sess, steps = EM.open_model(model, threshold=thr, survey=sv)
     except (ModelFileError, BackendUnavailable) as exc:
         raise EvalError(str(exc)) from None
     except RoiError as exc:
@@ -241,14 +238,13 @@ def _model_job(model: Path, *, threshold, tile, gate, survey, data, split, tols,
     variants: dict = {}
     given = thr is not None
     base = EM.ModelVariant(sess, steps.default, sess.meta, model, given)
-    names = list((sess.meta.raw or {}).get("profiles") or {})
     job = _Job(method=method, spec=base.spec, ctx=base.ctx, thr=base.thr, source=base.source, pcfg=base.pcfg,
                gate=base.survey.gate, out=out, state=state, state_path=state_path, fn=None, survey=base.survey,
                base=base, profiles={}, used=set(), model=str(model), provider=getattr(sess, "provider", "?"))
 
     def variant(shape):
         """The settings of ``shape``'s camera profile (the runtime's rule), else the top level."""
-        name = choose_profile(names, (int(shape[0]), int(shape[1])))
+        name = steps.profile_name(shape)
         v = variants.get(name)
         if v is None:
             st = steps.for_shape((int(shape[0]), int(shape[1])))
@@ -325,8 +321,6 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
     Pixel figures skip ``ignore/`` pixels and pixels outside the ROI; frames of a data set with frame classes
     (PaveSeg ``labels.csv``) also give the frame-level detection and false-alarm rates, and its clean tiles the
     share flagged (each tile run as crack-run runs an image file)."""
-    from crackcam.train.data import scored_pixels
-
     if model is not None:
         if checkpoint is not None or method is not None or recipe_path is not None:
             raise EvalError("--model scores an exported model as crack-run runs it: give it without --checkpoint, "
