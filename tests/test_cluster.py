@@ -174,6 +174,11 @@ def test_each_engine_refuses_the_other_engines_options_and_fails_in_one_line(tmp
     assert not (tmp_path / "o").exists()
 
     monkeypatch.setattr(ray_engine, "import_ray", lambda: None)
+    seen = []  # --no-show asks for what the Ray engine does anyway: it reaches the run, not a refusal
+    monkeypatch.setattr(ray_engine, "run_ray", lambda *a, **kw: seen.append(kw) or {"frames": 0})
+    monkeypatch.setattr(cli, "format_summary", lambda s: "ran")
+    r = runner.invoke(cli.app, base + ["--engine", "ray", "--no-show"])
+    assert r.exit_code == 0 and seen and "ran" in r.output, r.output
     failures = [(3, sinks.OutputWriteError(tmp_path / "o" / "results.jsonl", OSError(errno.ENOSPC, "No space left"))),
                 (1, RuntimeError("actor died\nmore detail")),
                 (1, ConnectionError("Could not find any running Ray instance"))]  # an OSError, not the output's

@@ -206,7 +206,8 @@ def run(
 
     if engine not in ("local", "ray"):
         _err(f"--engine {engine!r}: choose local or ray")
-    stray = ["--" + n.replace("_", "-") for n in typed_options(ctx, _LOCAL_ONLY if engine == "ray" else _RAY_ONLY)]
+    stray = ["--" + n.replace("_", "-") for n in typed_options(ctx, _LOCAL_ONLY if engine == "ray" else _RAY_ONLY)
+             if not (n == "show" and not show)]  # --no-show asks for what the Ray engine does anyway
     if stray:
         _err(f"{', '.join(stray)}: not read by --engine {engine} (" +
              ("camera/stream and display options are the local engine's; the actors run the post-processing)"
