@@ -244,3 +244,43 @@ def test_crack_eval_model_scores_an_exported_graph_as_crack_run_runs_it(tmp_path
     assert r.exit_code == 0 and s6["threshold"] == 0.6 and s6["threshold_source"] == "--threshold"
     r = runner.invoke(app, ["--model", str(tmp_path / "missing.onnx"), "--data", str(data)])
     assert r.exit_code == 2 and "missing.onnx" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_crack_eval_model_scores_the_validation_images_its_training_run_carved(tmp_path):
+    """An export records its run's validation carve (metadata ``split``); `crack-eval --model --split val` on a
+    flat set scores exactly those images; a graph without the record gets the training default, said in one line."""
+    pytest.importorskip("onnx")
+    import onnx
+
+    from crackcam.export import metadata as md
+    from crackcam.runtime.toy import make_toy_model
+    from crackcam.train.data import list_items
+
+    cfg = {"train_config": {"val_fraction": 0.5, "split_seed": 3}}
+    assert md.split_rule(cfg) == {"val_fraction": 0.5, "split_seed": 3} and md.split_rule({}) is None
+    data = write_synthetic_dataset(tmp_path / "flat", n_crack=10, size=(64, 64), layout="flat", seed=4)
+    plain = make_toy_model(tmp_path / "plain.onnx")
+    meta = md.get_metadata(plain)
+    rec = md.build_metadata(**{k: v for k, v in dict(
+        kind=meta["kind"], model=meta["model"], method=meta["method"], target_layers=meta["target_layers"],
+        mean=meta["normalization"]["mean"], std=meta["normalization"]["std"], outputs=meta["outputs"],
+        threshold=meta["threshold"], gate=meta["gate"], postprocess=meta["postprocess"]).items()},
+        split=md.split_rule(cfg))
+    assert rec["split"] == {"val_fraction": 0.5, "split_seed": 3}
+    proto = onnx.load(str(plain))
+    md.set_metadata(proto, rec)
+    carved = tmp_path / "carved.onnx"
+    onnx.save(proto, str(carved))
+
+    def names(frac, seed):
+        return sorted(it.image.name for it in list_items(data, "val", val_fraction=frac, split_seed=seed)
+                      if it.mask is not None)
+
+    assert names(0.5, 3) != names(0.2, 0)
+    for model, want, says in ((carved, names(0.5, 3), False), (plain, names(0.2, 0), True)):
+        out = tmp_path / f"ev_{model.stem}"
+        r = runner.invoke(app, ["--model", str(model), "--data", str(data), "--split", "val", "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        with open(out / "per_frame.csv") as f:
+            assert sorted(row["name"] for row in csv.DictReader(f)) == want
+        assert ("does not record its training run's validation carve" in r.output) == says, r.output

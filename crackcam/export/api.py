@@ -98,7 +98,8 @@ def build_cam_graph(model, config: dict, settings: ExportSettings, recipe: dict 
                              target_layers=used_layers, mean=mean, std=std, outputs=graph.output_names,
                              height=settings.height, width=settings.width, batch=settings.batch,
                              threshold=threshold, gate=float(gate), postprocess=pp,
-                             data_card_sha256=config.get("data_card_sha256"))
+                             data_card_sha256=config.get("data_card_sha256"),
+                             split=md.split_rule(config))
     if refine:
         meta["refine"] = refine  # an addition to the contract's keys (docs/export.md): the recipe's pixel-cue step
     if recipe.get("survey"):

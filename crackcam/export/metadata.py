@@ -57,8 +57,9 @@ def build_metadata(*, kind: str = "cam", model: str, method: str | None, target_
                    height: int | None = None, width: int | None = None, batch: int | None = None,
                    threshold: float | str | None = None, gate: float | None = None,
                    postprocess: dict | None = None, data_card_sha256: str | None = None,
-                   version: str | None = None) -> dict:
-    """The metadata object for one exported graph (``None`` sizes mean dynamic)."""
+                   version: str | None = None, split: dict | None = None) -> dict:
+    """The metadata object for one exported graph (``None`` sizes mean dynamic).  ``split``: the training run's
+    validation carve (:func:`split_rule`), so ``crack-eval --model`` scores the same validation images."""
     from crackcam.runtime.meta import KINDS
 
     if kind not in KINDS:
@@ -89,8 +90,19 @@ def build_metadata(*, kind: str = "cam", model: str, method: str | None, target_
         "data_card_sha256": data_card_sha256,
         "outputs": [str(o) for o in outputs],
     }
+    if split:
+        meta["split"] = {"val_fraction": float(split["val_fraction"]), "split_seed": int(split["split_seed"])}
     validate_metadata(meta)
     return meta
+
+
+def split_rule(config: dict) -> dict | None:
+    """The validation carve a run's ``config.json`` recorded (``train_config``: val_fraction, split_seed), or
+    None for a config without one."""
+    tc = (config or {}).get("train_config") or {}
+    if "val_fraction" not in tc or "split_seed" not in tc:
+        return None
+    return {"val_fraction": float(tc["val_fraction"]), "split_seed": int(tc["split_seed"])}
 
 
 def _opt_int(v):

@@ -163,5 +163,6 @@ def build_restoration_graph(run_dir, config: dict, recipe: dict, settings):
                              mean=list(graph.mean.flatten().tolist()), std=list(graph.std.flatten().tolist()),
                              outputs=graph.output_names, height=settings.height, width=settings.width,
                              batch=settings.batch, threshold=threshold, gate=float(gate), postprocess=pp,
-                             data_card_sha256=config.get("data_card_sha256"))
+                             data_card_sha256=config.get("data_card_sha256"),
+                             split=md.split_rule(config))
     return graph, meta, tile

@@ -45,7 +45,8 @@ def build_segmenter_graph(model, config: dict, recipe: dict, settings) -> tuple:
     meta = md.build_metadata(kind="segmenter", model=config["model"], method="segment", target_layers=[],
                              mean=mean, std=std, outputs=graph.output_names, height=settings.height,
                              width=settings.width, batch=settings.batch, threshold=thr, gate=0.0, postprocess=pp,
-                             data_card_sha256=config.get("data_card_sha256"))
+                             data_card_sha256=config.get("data_card_sha256"),
+                             split=md.split_rule(config))
     if survey:
         meta["survey"] = survey
     profiles = {}

@@ -81,6 +81,21 @@ def read_recipe(checkpoint: Path | None, recipe: Path | None = None) -> dict | N
         raise EvalError(f"{p}: not valid JSON ({exc.msg})") from None
 
 
+def _model_split(meta, model, data, split: str, log) -> dict:
+    """The validation carve an exported model's metadata records (``split``: its training run's val_fraction and
+    split_seed); a graph exported before it was recorded gets the training default, said in one line where a
+    carve decides the split (not PaveSeg, whose split is fixed)."""
+    from crackcam.train.data import detect_layout
+
+    rule = meta.raw.get("split") if isinstance(meta.raw.get("split"), dict) else None
+    if rule is None:
+        if split in ("train", "val") and detect_layout(Path(data)) != "paveseg":
+            log(f"crack-eval: {Path(model).name} does not record its training run's validation carve; split "
+                f"{split!r} uses the training default (20 % of the training images, split_seed 0)")
+        return {}
+    return {"val_fraction": float(rule["val_fraction"]), "split_seed": int(rule["split_seed"])}
+
+
 def _list(data: Path, split: str, config: dict | None, limit: int | None):
     """The items of ``split`` that can be scored: images with masks (frames), clean tiles and image-labelled
     frames (frame-level figures only).  The split rule is the training run's (val_fraction, split_seed)."""
@@ -331,10 +346,11 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
         raise EvalError(f"{checkpoint}: run folder not found")
     recipe = read_recipe(checkpoint, recipe_path) if model is None else None
     if model is not None:
-        items = _list(data, split, {}, limit)
         tols = (0,) if tolerance == 0 else (0, int(tolerance))
         jobs = [_model_job(model, threshold=threshold, tile=tile, gate=gate, survey=survey, data=data, split=split,
                            tols=tols, n_bins=n_bins, limit=limit, out=out, log=log)]
+        items = _list(data, split, {"train_config": _model_split(jobs[0].base.session.meta, model, data, split, log)},
+                      limit)
         return _score(jobs, items, data, split, tols, recipe, n_overlays, log)
     if method is None:
         if recipe is None:
