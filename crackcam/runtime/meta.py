@@ -48,9 +48,20 @@ class ModelMeta:
     raw: dict = field(default_factory=dict)
 
     @property
+    def frame_pass(self) -> dict | None:
+        """``{"tile": [h, w], "stride": s, "k": k}`` for a frame-pass graph (a top-k tile graph cut at its
+        per-position logits, ``crackcam.export.frame_pass``), else None."""
+        fp = self.raw.get("frame_pass") if isinstance(self.raw, dict) else None
+        return fp or None
+
+    @property
     def fixed_size(self) -> tuple[int, int] | None:
+        """The tile every frame is cut into: a fixed-size graph's input, or a frame-pass graph's window."""
         if self.height and self.width:
             return int(self.height), int(self.width)
+        fp = self.frame_pass
+        if fp:
+            return int(fp["tile"][0]), int(fp["tile"][1])
         return None
 
 
@@ -101,6 +112,16 @@ def parse_meta(text: str | dict, path) -> ModelMeta:
     pp = d.get("postprocess") or {}
     if not isinstance(pp, dict):
         raise ModelFileError(path, "crackcam metadata 'postprocess' is not an object")
+    fp = d.get("frame_pass")
+    if fp is not None:
+        ok = isinstance(fp, dict) and isinstance(fp.get("tile"), list) and len(fp["tile"]) == 2
+        try:
+            ok = ok and all(int(v) > 0 for v in (*fp["tile"], fp.get("stride", 0), fp.get("k", 0)))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok or kind != "cam":
+            raise ModelFileError(path, f"crackcam metadata frame_pass {fp!r} is not a cam graph's "
+                                       f"{{tile: [h, w], stride, k}}")
     return ModelMeta(kind=kind, model=str(d.get("model", "")), height=h, width=w, batch=b, threshold=thr, gate=gate,
                      postprocess=dict(pp), version=str(d.get("version", "")), method=str(d.get("method", "")),
                      outputs=list(d.get("outputs") or []), raw=d)
@@ -142,7 +163,7 @@ def check_io(meta: ModelMeta, inputs: list[tuple[str, str, list]], outputs: list
         raise ModelFileError(path, f"metadata batch {meta.batch} does not match the graph's {gb}")
     if gb is not None and meta.batch is None:
         meta.batch = gb
-    need = ["map"] if meta.kind == "restoration" else ["prob", "map"]
+    need = ["map"] if meta.kind == "restoration" else ["logits"] if meta.frame_pass else ["prob", "map"]
     missing = [n for n in need if n not in outputs]
     if missing:
         raise ModelFileError(path, f"model has no output {missing[0]!r} (outputs: {outputs})")

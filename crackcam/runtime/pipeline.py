@@ -37,8 +37,8 @@ from .imageio import BadInputError
 from .meta import ModelFileError, is_engine_path
 from .progress import bar as progress_bar
 from .sources import Frame, Source
-from .steps import (FrameSteps, ModelSteps, model_refine_block, model_survey_block, pad_batch,  # noqa: F401
-                    post_config_dict)
+from .steps import (FrameSteps, ModelSteps, infer_frame, model_refine_block, model_survey_block,  # noqa: F401
+                    pad_batch, post_config_dict)
 
 _END = object()
 
@@ -114,6 +114,7 @@ class Pipeline:
         self.meta = session.meta
         fixed = self.meta.fixed_size
         self.fixed = fixed
+        self.frame_pass = bool(getattr(self.meta, "frame_pass", None))  # one pass per frame, no tile batches
         # The model's frame steps: survey geometry and gate, the refine-<cam> pixel-cue step (the graph gives the
         # CAM, the cue and the combination run here with the refined map's own threshold), post-processing.
         self.refine_block: dict | None = None if cfg.no_refine else model_refine_block(self.meta)
@@ -164,7 +165,7 @@ class Pipeline:
         t0 = time.perf_counter()
         steps = self.model_steps.for_shape(fr.image.shape)
         plan = steps.plan(fr.image)
-        return _Plan(fr, t0, plan, steps.tiles(fr.image, plan), steps)
+        return _Plan(fr, t0, plan, [] if self.frame_pass else steps.tiles(fr.image, plan), steps)
 
     # ------------------------------------------------------------------ stages
     def _put(self, q: queue.Queue, item) -> bool:
@@ -250,6 +251,14 @@ class Pipeline:
                 if item is _END:
                     break
                 plan = self.plan(item)
+                if self.frame_pass:  # the whole work image in one call: the tiles are read out of it
+                    probs, maps, dt = infer_frame(self.session, plan.frame.image, plan.plan)
+                    plan.probs, plan.maps, plan.infer_s, plan.n_tiles = probs, maps, dt, len(maps)
+                    self.stats["infer_s"] += dt
+                    self.stats["batches"] += 1
+                    if not self._put(self.q_results, self.pool.submit(self._finish, plan)):
+                        break
+                    continue
                 if buf and buf[-1][0].tiles[0].shape != plan.tiles[0].shape and not flush(True):
                     break
                 pending.append(plan)

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
+import cv2
 import numpy as np
 
 from .meta import (BackendUnavailable, ModelFileError, ModelMeta, check_io, is_engine_path, meta_from_map,
@@ -56,6 +57,32 @@ class Session:
 
     def close(self) -> None:
         pass
+
+
+def frame_pass_tile_outputs(logits: np.ndarray, k: int, tile) -> tuple[np.ndarray, np.ndarray]:
+    """What a top-k tile graph outputs for tiles whose per-position logits are ``logits`` (N×h×w): ``prob`` =
+    σ(mean of the top ``k``), ``map`` = σ(z) resized to ``tile`` (bilinear with half-pixel centres, the rule of
+    ONNX's Resize and of OpenCV's INTER_LINEAR).  Shared by the frame pass (``steps.infer_frame``) and the export
+    check (``crackcam.export.frame_pass``)."""
+    z = np.asarray(logits, np.float32)
+    prob = frame_pass_probs(z, k)
+    th, tw = int(tile[0]), int(tile[1])
+    maps = np.stack([cv2.resize(sigmoid(m), (tw, th), interpolation=cv2.INTER_LINEAR) for m in z]) if len(z) \
+        else np.zeros((0, th, tw), np.float32)
+    return prob, maps
+
+
+def frame_pass_probs(logits: np.ndarray, k: int) -> np.ndarray:
+    """σ(mean of the top ``k`` of each window's logits) — a top-k head's tile probability (N×h×w → N)."""
+    z = np.asarray(logits, np.float32)
+    top = np.partition(z.reshape(z.shape[0], -1), -int(k), axis=1)[:, -int(k):]
+    return sigmoid(top.astype(np.float64).mean(axis=1)).astype(np.float32)
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """The logistic function, float32 in → float32 out."""
+    x = np.asarray(x)
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32 if x.dtype == np.float32 else np.float64)
 
 
 def _outputs_to_prob_map(meta: ModelMeta, names: list[str], outs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -123,8 +150,17 @@ class OrtSession(Session):
         self._want = [n for n in ("prob", "map") if n in self.output_names]
 
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.meta.frame_pass:  # tiles through a frame-pass graph: the tile graph's outputs from its logits
+            fp = self.meta.frame_pass
+            return frame_pass_tile_outputs(self.run_logits(batch), fp["k"], fp["tile"])
         outs = self.sess.run(self._want, {"image": np.ascontiguousarray(batch, dtype=np.uint8)})
         return _outputs_to_prob_map(self.meta, self._want, outs)
+
+    def run_logits(self, batch: np.ndarray) -> np.ndarray:
+        """A frame-pass graph's per-position crack logits (N×h×w) of any-size uint8 NHWC BGR images."""
+        z = np.asarray(self.sess.run(["logits"], {"image": np.ascontiguousarray(batch, dtype=np.uint8)})[0],
+                       np.float32)
+        return z.reshape(z.shape[0], z.shape[-2], z.shape[-1])
 
 
 def _looks_like_bad_model(msg: str) -> bool:
@@ -173,6 +209,9 @@ class TrtSession(Session):
         if not self.path.is_file():
             raise ModelFileError(self.path, "engine file not found")
         self.meta = sidecar_meta(self.path)  # checked before touching the GPU
+        if self.meta.frame_pass:
+            raise ModelFileError(self.path, "frame-pass graphs run with ONNX Runtime (--provider tensorrt / cuda "
+                                            "on the .onnx); this native engine runner reads tile engines only")
         trt, cudart = _import_trt()
         self.trt, self.cudart = trt, cudart
         self.logger = trt.Logger(trt.Logger.WARNING)

@@ -21,7 +21,7 @@ from . import survey as S
 from .cues import RefineConfig, refine
 from .postprocess import PostProcessConfig, PostResult, postprocess
 
-__all__ = ["FrameSteps", "FrameResult", "infer_tiles", "model_refine_block", "model_survey_block", "pad_batch",
+__all__ = ["FrameSteps", "FrameResult", "frame_pass_input", "infer_frame", "infer_tiles", "model_refine_block", "model_survey_block", "pad_batch",
            "post_config_dict"]
 
 
@@ -235,6 +235,9 @@ class FrameSteps:
         meta = getattr(session, "meta", None)
         fixed = self.fixed_size or getattr(meta, "fixed_size", None)
         plan = S.plan_frame(image_bgr.shape, self.survey, fixed)
+        if getattr(meta, "frame_pass", None):  # one pass over the whole work image
+            probs, maps, _ = infer_frame(session, image_bgr, plan)
+            return plan, probs, maps
         tiles = self.tiles(image_bgr, plan)
         nb = getattr(meta, "batch", None)
         n = nb or batch or len(tiles)
@@ -251,6 +254,46 @@ def pad_batch(arr: np.ndarray, fixed_batch: int | None) -> np.ndarray:
     if fixed_batch and n < fixed_batch:
         arr = np.concatenate([arr, np.zeros((fixed_batch - n,) + arr.shape[1:], arr.dtype)])
     return arr
+
+
+def frame_pass_input(image: np.ndarray, plan: S.FramePlan, stride: int) -> np.ndarray:
+    """What a frame-pass graph takes for ``image``: its work image (``plan``), reflect-padded at the bottom and
+    right to whole multiples of ``stride``, as a batch of one."""
+    work = S.work_image(image, plan)
+    ph, pw = work.shape[:2]
+    H, W = -(-ph // stride) * stride, -(-pw // stride) * stride
+    if (H, W) != (ph, pw):
+        mode = cv2.BORDER_REFLECT_101 if min(ph, pw) > 1 else cv2.BORDER_REPLICATE
+        work = cv2.copyMakeBorder(work, 0, H - ph, 0, W - pw, mode)
+    return np.ascontiguousarray(work[None])
+
+
+def infer_frame(session, image: np.ndarray, plan: S.FramePlan) -> tuple[list, list, float]:
+    """A frame-pass graph (``session.meta.frame_pass``: a top-k tile graph cut at its per-position logits) run
+    once over the frame's work image, reflect-padded to whole strides; each tile of ``plan`` is read out of that
+    pass as the tile graph would give it: probability σ(mean of the top k logits in the tile's window), map the
+    tile's crop of σ(logits) upsampled bilinearly.  ``(probs, maps, seconds in the model)``, like
+    :func:`infer_tiles`."""
+    from .sessions import frame_pass_probs, sigmoid
+
+    fp = session.meta.frame_pass
+    st, k = int(fp["stride"]), int(fp["k"])
+    th, tw = plan.tile
+    work = frame_pass_input(image, plan, st)
+    t = time.perf_counter()
+    z = session.run_logits(work)[0]
+    secs = time.perf_counter() - t
+    lh, lw = z.shape
+    wh, ww = th // st, tw // st
+    wins = []
+    for y, x in plan.coords:  # a window on the logit grid: the tile's origin rounded to whole strides
+        ly = min(max(0, (y + st // 2) // st), lh - wh)
+        lx = min(max(0, (x + st // 2) // st), lw - ww)
+        wins.append(z[ly:ly + wh, lx:lx + ww])
+    prob = frame_pass_probs(np.stack(wins), k)
+    full = cv2.resize(sigmoid(z), (lw * st, lh * st), interpolation=cv2.INTER_LINEAR)
+    maps = [np.array(full[y:y + th, x:x + tw], np.float32) for y, x in plan.coords]
+    return [float(p) for p in prob], maps, secs
 
 
 def infer_tiles(session, tiles: list, batch: int, fixed_batch: int | None = None) -> tuple[list, list, float]:

@@ -7,8 +7,9 @@ with the per-frame cost of every step, in one run.
 Prints (side by side, same model, provider and frames): bare ONNX Runtime FPS on the frames' tiles (preloaded, the
 model alone), crack-run FPS end to end (decode → tiles → model → gate/stitch → refine → post-processing →
 results.jsonl, the threaded pipeline), and the per-frame breakdown of a sequential pass (decode, plan + cut, model,
-merge + refine + ROI, post-processing + decision) so that throughput elsewhere can be planned from it.  The last
-line is a JSON object with the figures.  Without the shared frames, 1280×1080 frames are drawn in code.
+merge + refine + ROI, post-processing + decision) so that throughput elsewhere can be planned from it.  With no
+``--model``: the packaged default and, after it on the same frames, its frame-pass variant
+(``default_frame.onnx``: one pass per frame).  Each model's block ends with a JSON line of its figures.  Without the shared frames, 1280×1080 frames are drawn in code.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from crackcam.runtime.imageio import list_images, read_image
 from crackcam.runtime.pipeline import Pipeline, RunConfig
 from crackcam.runtime.sessions import open_session
 from crackcam.runtime.sources import ImageListSource
-from crackcam.runtime.steps import FrameSteps
+from crackcam.runtime.steps import FrameSteps, frame_pass_input, infer_frame
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.onnx"
+FRAME_MODEL = DEFAULT_MODEL.with_name("default_frame.onnx")  # its frame-pass variant (crackcam.export.frame_pass)
 SHARED_FRAMES = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "paveseg" / "images"
 TARGET_FPS = 10.0
 
@@ -68,6 +70,87 @@ def tile_batches(sess, steps: FrameSteps, imgs: list, batch: int) -> list:
     return out
 
 
+def frame_batches(steps: FrameSteps, imgs: list, stride: int) -> list:
+    """A frame-pass graph's "model alone": each frame's padded work image as ``infer_frame`` feeds it."""
+    return [frame_pass_input(im, steps.plan(im), stride) for im in imgs]
+
+
+def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
+    """One model's figures on ``paths``: the model alone, crack-run end to end, the per-frame breakdown."""
+    sess = open_session(model, provider=a.provider, log=print, threads=a.threads, spin=False)
+    steps = FrameSteps.from_meta(sess.meta)
+    imgs = [np.ascontiguousarray(read_image(p)[..., ::-1]) for p in paths]
+    h, w = imgs[0].shape[:2]
+    # 1. the model alone on every frame's tiles, preloaded
+    nb = sess.meta.batch or a.batch
+    fp = sess.meta.frame_pass  # a frame-pass graph: one call per frame on its padded work image
+    batches = frame_batches(steps, imgs, fp["stride"]) if fp else tile_batches(sess, steps, imgs, a.batch)
+    run = sess.run_logits if fp else sess.run
+    plan = steps.plan(imgs[0])  # the plan of a frame of this size (reported below)
+    run(batches[0])
+    bare = []
+    for _ in range(a.repeats):
+        t = time.perf_counter()
+        for b in batches:
+            run(b)
+        bare.append(len(imgs) / (time.perf_counter() - t))
+    # 2. crack-run end to end
+    e2e, summ = [], None
+    for r in range(a.repeats):
+        out = work / f"run{r}"
+        shutil.rmtree(out, ignore_errors=True)
+        src = ImageListSource(paths, str(Path(paths[0]).parent), log=lambda m: None)
+        summ = Pipeline(sess, src, RunConfig(out=out, batch=a.batch, progress=False, resume=False),
+                        log=lambda m: None).run()
+        e2e.append(summ["fps"])
+    # 3. per-frame breakdown, sequential
+    parts = {"decode": [], "plan_cut": [], "model": [], "merge_refine_roi": [], "post_decide": []}
+    for p in paths[: min(len(paths), 20)]:
+        t0 = time.perf_counter()
+        im = read_image(p, order="bgr")  # what the runtime's image source hands on
+        t1 = time.perf_counter()
+        pl = steps.plan(im)
+        tl = [] if fp else steps.tiles(im, pl)
+        t2 = time.perf_counter()
+        probs, maps = infer_frame(sess, im, pl)[:2] if fp else ([], [])
+        for i in range(0, len(tl), nb):
+            b = np.stack(tl[i:i + nb])
+            n = len(b)
+            if sess.meta.batch and n < nb:
+                b = np.concatenate([b, np.zeros((nb - n,) + b.shape[1:], b.dtype)])
+            pr, mp = sess.run(b)
+            probs += list(pr[:n])
+            maps += list(mp[:n])
+        t3 = time.perf_counter()
+        cmap, prob, _ = steps.frame_map(im, pl, probs, maps)
+        t4 = time.perf_counter()
+        from crackcam.runtime.postprocess import postprocess
+
+        res = postprocess(cmap, steps.post)
+        S.decide_frame(float(res.measures.get("length_px", 0.0)), bool(res.mask.any()), steps.survey)
+        t5 = time.perf_counter()
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            parts[k].append(1000 * v)
+    ms = {k: round(float(np.median(v)), 2) for k, v in parts.items()}
+    best_e2e = max(e2e)
+    print(f"crack-bench survey: {len(paths)} frames {w}x{h} from {where}; model {model.name} "
+          f"({sess.provider}), {plan.n_tiles} tiles of {plan.tile[0]}x{plan.tile[1]} per frame at "
+          f"work scale {plan.scale:g}, " + (f"read out of one frame pass ({sess.meta.frame_pass['stride']}-px "
+                                             f"logits)" if fp else f"batch {nb}"))
+    what = "work images" if fp else "tiles"
+    print(f"  {f'bare ONNX Runtime (model alone, {what} preloaded)':<52} {max(bare):7.2f} FPS")
+    print(f"  {'crack-run end to end':<52} {best_e2e:7.2f} FPS   (target >= {TARGET_FPS:g}; "
+          f"{best_e2e / max(bare):.2f}x the model alone)")
+    print("  per frame (sequential, median ms): " + ", ".join(f"{k} {v}" for k, v in ms.items()))
+    fig = {"frames": len(paths), "frame_size": [w, h], "source": where, "model": str(model),
+                      "provider": sess.provider, "tiles_per_frame": plan.n_tiles, "frame_pass": bool(fp),
+                      "tile": list(plan.tile), "work_scale": plan.scale, "bare_fps": round(max(bare), 2),
+                      "e2e_fps": round(best_e2e, 2), "e2e_all": e2e, "bare_all": [round(b, 2) for b in bare],
+                      "ms_per_frame": ms, "target_fps": TARGET_FPS, "cracked": summ["cracked"]}
+    print(json.dumps(fig))
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="crack-bench survey", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="ONNX model (default: the packaged one)")
@@ -78,76 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     ap.add_argument("--provider", default="cpu")
     a = ap.parse_args(argv)
-    model = Path(a.model) if a.model else DEFAULT_MODEL
+    models = [Path(a.model)] if a.model else [DEFAULT_MODEL] + ([FRAME_MODEL] if FRAME_MODEL.is_file() else [])
     work = Path(tempfile.mkdtemp(prefix="crackbench_survey_"))
     try:
         paths, where = _frames(a.frames, a.n, work / "frames")
-        sess = open_session(model, provider=a.provider, log=print, threads=a.threads, spin=False)
-        steps = FrameSteps.from_meta(sess.meta)
-        imgs = [np.ascontiguousarray(read_image(p)[..., ::-1]) for p in paths]
-        h, w = imgs[0].shape[:2]
-        # 1. the model alone on every frame's tiles, preloaded
-        nb = sess.meta.batch or a.batch
-        batches = tile_batches(sess, steps, imgs, a.batch)
-        plan = steps.plan(imgs[0])  # the plan of a frame of this size (reported below)
-        sess.run(batches[0])
-        bare = []
-        for _ in range(a.repeats):
-            t = time.perf_counter()
-            for b in batches:
-                sess.run(b)
-            bare.append(len(imgs) / (time.perf_counter() - t))
-        # 2. crack-run end to end
-        e2e, summ = [], None
-        for r in range(a.repeats):
-            out = work / f"run{r}"
-            shutil.rmtree(out, ignore_errors=True)
-            src = ImageListSource(paths, str(Path(paths[0]).parent), log=lambda m: None)
-            summ = Pipeline(sess, src, RunConfig(out=out, batch=a.batch, progress=False, resume=False),
-                            log=lambda m: None).run()
-            e2e.append(summ["fps"])
-        # 3. per-frame breakdown, sequential
-        parts = {"decode": [], "plan_cut": [], "model": [], "merge_refine_roi": [], "post_decide": []}
-        for p in paths[: min(len(paths), 20)]:
-            t0 = time.perf_counter()
-            im = read_image(p, order="bgr")  # what the runtime's image source hands on
-            t1 = time.perf_counter()
-            pl = steps.plan(im)
-            tl = steps.tiles(im, pl)
-            t2 = time.perf_counter()
-            probs, maps = [], []
-            for i in range(0, len(tl), nb):
-                b = np.stack(tl[i:i + nb])
-                n = len(b)
-                if sess.meta.batch and n < nb:
-                    b = np.concatenate([b, np.zeros((nb - n,) + b.shape[1:], b.dtype)])
-                pr, mp = sess.run(b)
-                probs += list(pr[:n])
-                maps += list(mp[:n])
-            t3 = time.perf_counter()
-            cmap, prob, _ = steps.frame_map(im, pl, probs, maps)
-            t4 = time.perf_counter()
-            from crackcam.runtime.postprocess import postprocess
-
-            res = postprocess(cmap, steps.post)
-            S.decide_frame(float(res.measures.get("length_px", 0.0)), bool(res.mask.any()), steps.survey)
-            t5 = time.perf_counter()
-            for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
-                parts[k].append(1000 * v)
-        ms = {k: round(float(np.median(v)), 2) for k, v in parts.items()}
-        best_e2e = max(e2e)
-        print(f"crack-bench survey: {len(paths)} frames {w}x{h} from {where}; model {model.name} "
-              f"({sess.provider}), {plan.n_tiles} tiles of {plan.tile[0]}x{plan.tile[1]} per frame at "
-              f"work scale {plan.scale:g}, batch {nb}")
-        print(f"  {'bare ONNX Runtime (model alone, tiles preloaded)':<52} {max(bare):7.2f} FPS")
-        print(f"  {'crack-run end to end':<52} {best_e2e:7.2f} FPS   (target >= {TARGET_FPS:g}; "
-              f"{best_e2e / max(bare):.2f}x the model alone)")
-        print("  per frame (sequential, median ms): " + ", ".join(f"{k} {v}" for k, v in ms.items()))
-        print(json.dumps({"frames": len(paths), "frame_size": [w, h], "source": where, "model": str(model),
-                          "provider": sess.provider, "tiles_per_frame": plan.n_tiles,
-                          "tile": list(plan.tile), "work_scale": plan.scale, "bare_fps": round(max(bare), 2),
-                          "e2e_fps": round(best_e2e, 2), "e2e_all": e2e, "bare_all": [round(b, 2) for b in bare],
-                          "ms_per_frame": ms, "target_fps": TARGET_FPS, "cracked": summ["cracked"]}))
+        for model in models:  # the packaged default and, next to it, its frame-pass variant
+            bench(model, paths, where, a, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -12,6 +12,11 @@ The packaged model is made by the project's own commands only, and its provenanc
     python -m crackcam.tools.default_model          # the survey-capable default: PaveSeg train frames + DeepCrack
 
 The PaveSeg *test* frames never reach it: training reads the train split, calibration the val split.
+
+The opt-in speed variant ``crackcam/assets/default_frame.onnx`` (one pass per frame) is cut from the result
+afterwards by the command in ``default_model.json["frame_pass"]`` (``python -m crackcam.export.frame_pass ...
+--gate G``, its gate chosen on the same validation images); a rebuild drops that entry until it is re-run, and
+tests/test_frame_pass.py fails while the two files disagree.
 """
 
 from __future__ import annotations

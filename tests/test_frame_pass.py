@@ -1,0 +1,169 @@
+"""Frame-pass graphs: a top-k tile graph cut at its per-position logits, run once per frame
+(crackcam.export.frame_pass, crackcam.runtime.steps.infer_frame)."""
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from crackcam.runtime.sessions import open_session
+from crackcam.runtime.steps import FrameSteps, infer_frame
+from crackcam.train.synth import draw_crack_image, write_synthetic_dataset
+
+PACKAGED = Path(__file__).resolve().parents[1] / "crackcam" / "assets" / "default.onnx"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    """The packaged top-k tile graph and its frame pass (written by the module's command)."""
+    pytest.importorskip("onnx")
+    from crackcam.export.frame_pass import main
+
+    out = tmp_path_factory.mktemp("fp") / "frame.onnx"
+    assert main([str(PACKAGED), str(out)]) == 0
+    return PACKAGED, out
+
+
+def _sig(x):
+    return 1.0 / (1.0 + np.exp(-np.asarray(x, np.float64)))
+
+
+def test_the_frame_pass_reproduces_the_tile_graph_on_tiles(graphs):
+    """On 128² tiles the cut graph gives the tile graph's probability and map; its metadata says what it is and
+    the runtime cuts frames into the same 128² tiles."""
+    tile_g, frame_g = graphs
+    ts, fs = open_session(tile_g, provider="cpu"), open_session(frame_g, provider="cpu")
+    assert fs.meta.frame_pass == {"tile": [128, 128], "stride": 8, "k": 26}
+    assert fs.meta.fixed_size == (128, 128) and fs.meta.height is None and fs.output_names == ["logits"]
+    x = np.random.default_rng(0).integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
+    x[1] = draw_crack_image(np.random.default_rng(1), 128, 128)[0][..., ::-1]
+    (p0, m0), (p1, m1) = ts.run(x), fs.run(x)
+    assert np.abs(p0 - p1).max() < 1e-5 and np.abs(m0 - m1).max() < 1e-5
+    z = fs.run_logits(x)
+    assert z.shape == (5, 16, 16)
+    want = _sig(np.sort(z.reshape(5, -1), axis=1)[:, -26:].mean(axis=1))
+    assert np.abs(want - p0).max() < 1e-5  # the top-26 mean of the per-position logits is the tile graph's prob
+    # a frame of exactly one tile: the one pass is the tile pass
+    im = np.ascontiguousarray(x[1])
+    st = FrameSteps.from_meta(ts.meta)
+    pa, pb = st.run_model(ts, im), FrameSteps.from_meta(fs.meta).run_model(fs, im)
+    assert pa[0].coords == pb[0].coords == [(0, 0)]
+    assert abs(pa[1][0] - pb[1][0]) < 1e-5 and np.abs(pa[2][0] - pb[2][0]).max() < 1e-5
+
+
+def test_infer_frame_reads_each_tile_out_of_one_pass(graphs):
+    """Each tile's probability is the top-26 mean of the logits in its 16×16 window of the one pass, its map that
+    window's crop of the upsampled map, for origins on the stride grid and off it (rounded to the nearest)."""
+    _, frame_g = graphs
+    fs = open_session(frame_g, provider="cpu")
+    img = draw_crack_image(np.random.default_rng(3), 300, 410)[0][..., ::-1].copy()  # 300x410: not whole strides
+    steps = FrameSteps.from_meta(fs.meta)
+    plan = steps.plan(img)
+    assert plan.scale == 1.0 and len(plan.coords) > 4
+    assert any(y % 8 or x % 8 for y, x in plan.coords)  # the last row / column sit flush with the border
+    probs, maps, secs = infer_frame(fs, img, plan)
+    pad = cv2.copyMakeBorder(img, 0, 304 - 300, 0, 416 - 410, cv2.BORDER_REFLECT_101)
+    z = fs.run_logits(pad[None])[0]
+    assert z.shape == (38, 52) and secs > 0
+    up = cv2.resize(_sig(z).astype(np.float32), (416, 304), interpolation=cv2.INTER_LINEAR)
+    for (y, x), p, m in zip(plan.coords, probs, maps):
+        ly, lx = int(np.floor(y / 8 + 0.5)), int(np.floor(x / 8 + 0.5))
+        ly, lx = min(ly, 38 - 16), min(lx, 52 - 16)
+        win = z[ly:ly + 16, lx:lx + 16]
+        assert abs(p - _sig(np.sort(win.ravel())[-26:].mean())) < 1e-5, (y, x)
+        assert m.shape == (128, 128) and np.abs(m - up[y:y + 128, x:x + 128]).max() < 1e-6, (y, x)
+    # the whole chain after the model is the tiles' chain: same plan, same frame steps
+    res = steps.process(fs, img)
+    cmap, prob, _ = steps.frame_map(img, plan, probs, maps)
+    assert np.array_equal(res.map, cmap) and res.prob == prob
+
+
+def test_crack_run_and_crack_eval_run_a_frame_pass_graph_alike(graphs, tmp_path):
+    """crack-run's pipeline (one pass per frame in its inference thread) and crack-eval --model (FrameSteps)
+    give the same decisions and probabilities; the Ray engine's actor does the same frames the same way."""
+    from crackcam.runtime import cli as run_cli
+    from crackcam.runtime.ray_engine import FrameWorker, RayJob
+    from crackcam.tools.evaluate import app
+
+    _, frame_g = graphs
+    data = write_synthetic_dataset(tmp_path / "flat", n_crack=4, n_free=2, size=(200, 260), layout="flat", seed=5)
+    r = runner.invoke(app, ["--model", str(frame_g), "--data", str(data), "--split", "all", "--out",
+                            str(tmp_path / "ev"), "--tolerance", "0"])
+    assert r.exit_code == 0, r.output
+    rr = runner.invoke(run_cli.app, ["--model", str(frame_g), "--source", str(data / "images"), "--out",
+                                     str(tmp_path / "run"), "--no-progress", "--batch", "4"])
+    assert rr.exit_code == 0, rr.output
+    recs = {Path(x["key"]).name: x for x in map(json.loads, (tmp_path / "run" / "results.jsonl").read_text()
+                                                 .splitlines())}
+    with open(tmp_path / "ev" / "per_frame.csv") as f:
+        frames = {row["name"]: row for row in csv.DictReader(f)}
+    assert set(frames) == set(recs) and len(recs) == 4
+    for name, row in frames.items():
+        assert (row["cracked"] == "True") == recs[name]["cracked"]
+        assert abs(float(row["prob"]) - recs[name]["prob"]) < 1e-5  # per_frame.csv keeps 5 decimals
+    # the Ray actor, called directly (no cluster needed): the same records
+    from crackcam.runtime.ray_engine import decode_batch
+
+    paths = sorted(str(p) for p in (data / "images").iterdir())
+    batch = decode_batch({"index": np.arange(len(paths)), "path": np.array(paths, object),
+                          "key": np.array(paths, object)})
+    worker = FrameWorker(RayJob(model=str(frame_g), out=str(tmp_path / "ray"), provider="cpu", batch=4))
+    for rec in map(json.loads, worker(batch)["record"]):
+        assert abs(rec["prob"] - recs[Path(rec["key"]).name]["prob"]) < 1e-6
+        assert rec["cracked"] == recs[Path(rec["key"]).name]["cracked"]
+
+
+def test_a_graph_without_a_top_k_head_is_one_line(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    from crackcam.export.frame_pass import FramePassError, frame_pass_model, main
+    from crackcam.runtime.toy import make_toy_model
+
+    toy = make_toy_model(tmp_path / "toy.onnx", height=64, width=64)
+    with pytest.raises(FramePassError, match="not a top-k"):
+        frame_pass_model(toy)
+    assert main([str(toy), str(tmp_path / "o.onnx")]) == 2
+    assert main([str(tmp_path / "missing.onnx"), str(tmp_path / "o.onnx")]) == 2
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and "not a top-k" in lines[0] and "not found" in lines[1]
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_malformed_frame_pass_metadata_is_refused():
+    from crackcam.runtime.meta import ModelFileError, parse_meta
+
+    base = {"format": 1, "kind": "cam", "input": {"name": "image", "layout": "NHWC", "color": "BGR",
+                                                   "dtype": "uint8", "height": None, "width": None, "batch": None},
+            "outputs": ["logits"]}
+    assert parse_meta({**base, "frame_pass": {"tile": [128, 128], "stride": 8, "k": 26}}, "m.onnx").fixed_size \
+        == (128, 128)
+    for bad in ({"tile": [128], "stride": 8, "k": 26}, {"tile": [128, 128], "stride": 0, "k": 26},
+                {"tile": [128, 128], "stride": 8, "k": "x"}, "yes"):
+        with pytest.raises(ModelFileError, match="frame_pass"):
+            parse_meta({**base, "frame_pass": bad}, "m.onnx")
+
+
+def test_the_packaged_frame_pass_is_the_default_cut_by_its_recorded_command(tmp_path):
+    """crackcam/assets/default_frame.onnx is byte for byte what its provenance command makes of default.onnx."""
+    pytest.importorskip("onnx")
+    import hashlib
+    import shlex
+
+    from crackcam.export.frame_pass import main
+
+    prov = json.loads(PACKAGED.with_name("default_model.json").read_text())["frame_pass"]
+    packaged = PACKAGED.with_name(prov["file"])
+    assert prov["sha256"] == hashlib.sha256(packaged.read_bytes()).hexdigest()
+    args = shlex.split(prov["command"])
+    assert args[:3] == ["python", "-m", "crackcam.export.frame_pass"]
+    root = PACKAGED.parents[2]
+    out = tmp_path / "again.onnx"
+    assert main([str(root / args[3]), str(out), *args[5:]]) == 0
+    assert out.read_bytes() == packaged.read_bytes()
+    meta = open_session(packaged, provider="cpu").meta
+    assert meta.frame_pass["gate"] == prov["gate"] == meta.raw["survey"]["gate"]
+    assert all(p["survey"]["gate"] == prov["gate"] for p in meta.raw.get("profiles", {}).values())
