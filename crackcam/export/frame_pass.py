@@ -117,9 +117,12 @@ def frame_pass_model(src, *, check: bool = True, gate: float | None = None):
     del body.opset_import[:]
     body.opset_import.extend(proto.opset_import)
     body.ir_version = proto.ir_version
-    stride, lh = _stride(body, th, tw)
-    if lh * stride != th or k > (th // stride) * (tw // stride):
-        raise FramePassError(f"the logits of a {th}x{tw} tile are not a whole stride grid ({lh} rows)")
+    if float(meta.get("gate") or 0.0) > 0 and not (meta.get("survey") or {}):
+        raise FramePassError(f"the tile graph gates inside itself (metadata gate {meta['gate']:g}, no survey block): "
+                             f"export it with a survey recipe, where the runtime gates each tile")
+    stride, _ = _stride(body, th, tw)
+    if k > (th // stride) * (tw // stride):
+        raise FramePassError(f"top-k {k} exceeds the {th // stride}x{tw // stride} positions of a tile")
     fmeta = dict(meta)
     fmeta["input"] = {**meta["input"], "height": None, "width": None, "batch": None}
     fmeta["outputs"] = ["logits"]
@@ -151,9 +154,24 @@ def _session(proto):
 
 
 def _stride(body, th: int, tw: int) -> tuple[int, int]:
-    z = _session(body).run(["logits"], {"image": np.zeros((1, th, tw, 3), np.uint8)})[0]
-    lh = int(z.shape[1])
-    return th // max(1, lh), lh
+    """Pixels per logit, from a tile and from a frame of 2 tiles × (1 tile + 1 stride): both axes must give the
+    same whole stride at both sizes, else the cut graph has a size baked in (one line, nothing written)."""
+    sess = _session(body)
+    z = sess.run(["logits"], {"image": np.zeros((1, th, tw, 3), np.uint8)})[0]
+    lh, lw = int(z.shape[-2]), int(z.shape[-1])
+    st = th // max(1, lh)
+    if st < 1 or lh * st != th or lw * st != tw:
+        raise FramePassError(f"the logits of a {th}x{tw} tile ({lh}x{lw}) are not a whole stride grid")
+    H, W = 2 * th, tw + st
+    try:
+        zf = sess.run(["logits"], {"image": np.zeros((1, H, W, 3), np.uint8)})[0]
+    except Exception as exc:  # noqa: BLE001 - a size baked into the graph: ORT refuses other sizes
+        raise FramePassError(f"the cut graph does not take a {H}x{W} frame "
+                             f"({str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__})") from None
+    if tuple(zf.shape[-2:]) != (H // st, W // st):
+        raise FramePassError(f"a {H}x{W} frame gives {zf.shape[-2]}x{zf.shape[-1]} logits, not "
+                             f"{H // st}x{W // st}: the graph does not scale with its input")
+    return st, lh
 
 
 def _check_against(tile_proto, body, fp: dict, n: int = 3, tol: float = 1e-4) -> None:
@@ -200,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         meta = write_frame_pass(src, dst, gate=a.gate)
     except FramePassError as exc:
         print(f"{src}: {exc}")
+        return 2
+    except OSError as exc:
+        print(f"{dst}: cannot write ({exc.strerror or exc})")
+        return 3
+    except Exception as exc:  # noqa: BLE001 - a corrupt file (protobuf DecodeError), a graph ORT cannot run
+        first = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        print(f"{src}: not a loadable tile graph ({type(exc).__name__}: {first})")
         return 2
     fp = meta["frame_pass"]
     print(f"{dst}: frame pass of {src.name} (windows {fp['tile'][0]}x{fp['tile'][1]}, stride {fp['stride']}, "

@@ -133,10 +133,11 @@ def validate_metadata(meta: dict) -> None:
     outs = meta["outputs"]
     need = ("restored", "map") if meta["kind"] == "restoration" else ("prob", "map")
     if meta.get("frame_pass"):  # a top-k graph cut at its per-position logits (crackcam.export.frame_pass)
-        fp = meta["frame_pass"]
-        if not (isinstance(fp, dict) and len(fp.get("tile") or []) == 2 and int(fp.get("stride", 0)) > 0
-                and int(fp.get("k", 0)) > 0):
-            raise ValueError("crackcam metadata frame_pass needs tile [h, w], stride and k")
+        from crackcam.runtime.meta import frame_pass_problem
+
+        bad = frame_pass_problem(meta["frame_pass"], meta["kind"])
+        if bad:
+            raise ValueError(f"crackcam metadata {bad}")
         need = ("logits",)
     if not all(o in outs for o in need):
         raise ValueError(f"crackcam metadata outputs must include {' and '.join(need)}")

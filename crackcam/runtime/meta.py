@@ -65,6 +65,22 @@ class ModelMeta:
         return None
 
 
+def frame_pass_problem(fp, kind: str) -> str | None:
+    """What is wrong with a ``frame_pass`` metadata block (None when it is sound): a cam graph's
+    ``{tile: [h, w], stride, k}`` with the tile a whole number of strides and k within a tile's positions.  One
+    rule for the exporter (``crackcam.export.metadata``) and the runtime."""
+    if kind != "cam":
+        return f"frame_pass belongs to a cam graph, not {kind!r}"
+    try:
+        th, tw = (int(v) for v in fp["tile"])
+        st, k = int(fp["stride"]), int(fp["k"])
+        ok = (isinstance(fp["tile"], list) and len(fp["tile"]) == 2 and min(th, tw, st, k) > 0
+              and th % st == 0 and tw % st == 0 and k <= (th // st) * (tw // st))
+    except (TypeError, ValueError, KeyError):
+        ok = False
+    return None if ok else f"frame_pass {fp!r} is not {{tile: [h, w], stride, k}} (tile in whole strides, k within it)"
+
+
 def parse_meta(text: str | dict, path) -> ModelMeta:
     """Parse and check the crackcam metadata JSON; any problem → :class:`ModelFileError` naming ``path``."""
     if isinstance(text, dict):
@@ -114,14 +130,9 @@ def parse_meta(text: str | dict, path) -> ModelMeta:
         raise ModelFileError(path, "crackcam metadata 'postprocess' is not an object")
     fp = d.get("frame_pass")
     if fp is not None:
-        ok = isinstance(fp, dict) and isinstance(fp.get("tile"), list) and len(fp["tile"]) == 2
-        try:
-            ok = ok and all(int(v) > 0 for v in (*fp["tile"], fp.get("stride", 0), fp.get("k", 0)))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok or kind != "cam":
-            raise ModelFileError(path, f"crackcam metadata frame_pass {fp!r} is not a cam graph's "
-                                       f"{{tile: [h, w], stride, k}}")
+        bad = frame_pass_problem(fp, kind)
+        if bad:
+            raise ModelFileError(path, f"crackcam metadata {bad}")
     return ModelMeta(kind=kind, model=str(d.get("model", "")), height=h, width=w, batch=b, threshold=thr, gate=gate,
                      postprocess=dict(pp), version=str(d.get("version", "")), method=str(d.get("method", "")),
                      outputs=list(d.get("outputs") or []), raw=d)

@@ -157,7 +157,8 @@ class OrtSession(Session):
         return _outputs_to_prob_map(self.meta, self._want, outs)
 
     def run_logits(self, batch: np.ndarray) -> np.ndarray:
-        """A frame-pass graph's per-position crack logits (N×h×w) of any-size uint8 NHWC BGR images."""
+        """A frame-pass graph's per-position crack logits (N×h×w) of uint8 NHWC BGR images whose height and width
+        are whole multiples of its stride (``steps.frame_pass_input`` pads them)."""
         z = np.asarray(self.sess.run(["logits"], {"image": np.ascontiguousarray(batch, dtype=np.uint8)})[0],
                        np.float32)
         return z.reshape(z.shape[0], z.shape[-2], z.shape[-1])

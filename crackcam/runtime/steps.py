@@ -21,7 +21,8 @@ from . import survey as S
 from .cues import RefineConfig, refine
 from .postprocess import PostProcessConfig, PostResult, postprocess
 
-__all__ = ["FrameSteps", "FrameResult", "frame_pass_input", "infer_frame", "infer_tiles", "model_refine_block", "model_survey_block", "pad_batch",
+__all__ = ["FrameSteps", "FrameResult", "frame_pass_input", "infer_frame", "infer_tiles", "model_refine_block",
+           "model_survey_block", "pad_batch",
            "post_config_dict"]
 
 
@@ -284,6 +285,11 @@ def infer_frame(session, image: np.ndarray, plan: S.FramePlan) -> tuple[list, li
     z = session.run_logits(work)[0]
     secs = time.perf_counter() - t
     lh, lw = z.shape
+    if (lh * st, lw * st) != work.shape[1:3]:
+        from .meta import ModelFileError
+
+        raise ModelFileError(session.path, f"frame-pass logits {lh}x{lw} do not cover the {work.shape[1]}x"
+                                           f"{work.shape[2]} input at stride {st}")
     wh, ww = th // st, tw // st
     wins = []
     for y, x in plan.coords:  # a window on the logit grid: the tile's origin rounded to whole strides

@@ -71,6 +71,9 @@ def bench_fps(model: Path, n_images: int, size: int, batch: int, provider: str, 
         paths.append(p)
     quiet = lambda m: None  # noqa: E731
     sess = open_session(model, provider=provider, log=print, threads=threads, spin=False)  # as crack-run opens it
+    if sess.meta.frame_pass:
+        raise SystemExit(f"crack-bench runtime: {Path(model).name} is a frame-pass graph (one pass per frame); "
+                         f"measure it with crack-bench survey --model {model}")
     fixed = sess.meta.fixed_size
     tiled = bool(fixed and fixed != (size, size))
     if tiled:

@@ -88,12 +88,18 @@ def _model_split(meta, model, data, split: str, log) -> dict:
     from crackcam.train.data import detect_layout
 
     rule = meta.raw.get("split") if isinstance(meta.raw.get("split"), dict) else None
+    try:
+        rule = None if rule is None else {"val_fraction": float(rule["val_fraction"]),
+                                          "split_seed": int(rule["split_seed"])}
+    except (KeyError, TypeError, ValueError):
+        raise EvalError(f"{model}: metadata 'split' {meta.raw.get('split')!r} is not {{val_fraction, split_seed}}") \
+            from None
     if rule is None:
         if split in ("train", "val") and detect_layout(Path(data)) != "paveseg":
             log(f"crack-eval: {Path(model).name} does not record its training run's validation carve; split "
                 f"{split!r} uses the training default (20 % of the training images, split_seed 0)")
         return {}
-    return {"val_fraction": float(rule["val_fraction"]), "split_seed": int(rule["split_seed"])}
+    return rule
 
 
 def _list(data: Path, split: str, config: dict | None, limit: int | None):
