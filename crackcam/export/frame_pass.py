@@ -27,6 +27,7 @@ import numpy as np
 from crackcam.runtime.sessions import frame_pass_tile_outputs
 
 from . import metadata as md
+from .graph_passes import const_value
 
 __all__ = ["FramePassError", "frame_pass_model", "write_frame_pass", "main"]
 
@@ -37,20 +38,6 @@ class FramePassError(ValueError):
     """The graph is not a top-k tile graph this module can cut (one line, names what is missing)."""
 
 
-def _const(graph, name: str):
-    from onnx import numpy_helper
-
-    for init in graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init)
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            for a in n.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-    return None
-
-
 def _find_cut(graph) -> tuple[str, int]:
     """``(name of the per-position crack-logit tensor N×h×w, k)``: the TopK's input traced back through reshapes
     to the head's N×C×h×w logits, then the Gather that picks the crack channel from them."""
@@ -59,7 +46,7 @@ def _find_cut(graph) -> tuple[str, int]:
     if len(topk) != 1:
         raise FramePassError(f"not a top-k (MIL) tile graph: {len(topk)} TopK nodes (a frame pass needs the "
                              f"per-position logits of a top-k head, e.g. edge_mil)")
-    k = _const(graph, topk[0].input[1])
+    k = const_value(graph, topk[0].input[1])
     if k is None:
         raise FramePassError("the TopK's k is not a constant")
     src = topk[0].input[0]
@@ -69,7 +56,7 @@ def _find_cut(graph) -> tuple[str, int]:
              and any(a.name == "axis" and a.i == 1 for a in n.attribute)]
     if len(picks) != 1:
         raise FramePassError(f"no single crack-channel Gather on the head's logits {src!r}")
-    idx = _const(graph, picks[0].input[1])
+    idx = const_value(graph, picks[0].input[1])
     if idx is None or np.asarray(idx).size != 1:
         raise FramePassError("the crack-channel index is not a scalar constant")
     return picks[0].output[0], int(np.asarray(k).reshape(-1)[0])

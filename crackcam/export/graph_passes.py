@@ -81,7 +81,7 @@ def _probe_values(proto, names: list[str]) -> dict | None:
     return out
 
 
-def _const_value(graph, name: str):
+def const_value(graph, name: str):
     """An initializer's or Constant node's value, else None."""
     from onnx import numpy_helper
 
@@ -124,7 +124,7 @@ def fuse_pads(proto) -> int:
         if len(n.input) > 3 and n.input[3]:  # explicit axes: not handled
             return False
         if len(n.input) > 2 and n.input[2]:
-            v = _const_value(g, n.input[2])
+            v = const_value(g, n.input[2])
             if v is None or np.any(np.asarray(v) != 0):
                 return False
         cons = consumers.get(n.output[0], [])
@@ -139,7 +139,7 @@ def fuse_pads(proto) -> int:
     amounts = {}
     unknown = []
     for n in pads:
-        v = _const_value(g, n.input[1])
+        v = const_value(g, n.input[1])
         if v is not None:
             amounts[n.input[1]] = [int(x) for x in np.asarray(v).reshape(-1)]
         else:
