@@ -334,7 +334,8 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
              flips: bool = False, tolerance: int = 2, out: Path | None = None, limit: int | None = None,
              gate: float | None = None, refine: dict | None = None, postprocess_cfg: dict | None = None,
              recipe_path: Path | None = None, n_bins: int = 1000, n_overlays: int = 8, log=print,
-             options: dict | None = None, survey: dict | None = None, model: Path | None = None):
+             options: dict | None = None, survey: dict | None = None, model: Path | None = None,
+             show_progress: bool = True):
     """Score ``method`` (or a comma-separated list of methods, scored in one pass over the images; CAM methods
     then share one forward/backward per tile batch) on ``data``/``split``.  Returns the summary dict (a list of
     them for several methods), also written to ``out/metrics.json`` (``out/<method>/metrics.json`` for several).
@@ -357,7 +358,7 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
                            tols=tols, n_bins=n_bins, limit=limit, out=out, log=log)]
         items = _list(data, split, {"train_config": _model_split(jobs[0].base.session.meta, model, data, split, log)},
                       limit)
-        return _score(jobs, items, data, split, tols, recipe, n_overlays, log)
+        return _score(jobs, items, data, split, tols, recipe, n_overlays, log, show_progress)
     if method is None:
         if recipe is None:
             raise EvalError("no --method and no recipe: run `crack-eval calibrate --checkpoint DIR` first, "
@@ -381,10 +382,10 @@ def evaluate(*, method: str | None, data: Path | None, split: str = "test", chec
                  tols=tols, n_bins=n_bins, limit=limit, out=out if len(methods) == 1 else out / _safe(m), log=log,
                  options=options, survey=survey)
             for m in methods]
-    return _score(jobs, items, data, split, tols, recipe, n_overlays, log)
+    return _score(jobs, items, data, split, tols, recipe, n_overlays, log, show_progress)
 
 
-def _score(jobs, items, data, split, tols, recipe, n_overlays, log):
+def _score(jobs, items, data, split, tols, recipe, n_overlays, log, show_progress=True):
     """The scoring pass shared by checkpoints (recipe variants) and exported models (crack-run's steps)."""
     from crackcam.train.data import scored_pixels
 
@@ -404,7 +405,8 @@ def _score(jobs, items, data, split, tols, recipe, n_overlays, log):
 
     last_save = time.time()
     k_frame = 0
-    for it in progress(items, desc="crack-eval " + ",".join(methods)[:40], unit="img", every=25):
+    for it in (progress(items, desc="crack-eval " + ",".join(methods)[:40], unit="img", every=25) if show_progress
+               else items):
         name = it.image.name
         todo = [j for j in jobs if name not in j.state["done"]]
         if not it.is_tile:
@@ -743,10 +745,22 @@ def cli(ctx: typer.Context,
 
 @app.command("calibrate")
 def calibrate_cmd(
+        ctx: typer.Context,
         checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", "-c", help="crack-train run folder"),
+        model: Optional[Path] = typer.Option(None, "--model", help="an exported graph (.onnx): re-choose its "
+                                             "run-time settings (gate, threshold, work size per camera profile) on "
+                                             "the validation split of --data, written into a copy (--out, default "
+                                             "runs/<stem>_calibrated.onnx)"),
+        gates: Optional[str] = typer.Option(None, "--gates", help="with --model: comma-separated gates to try "
+                                            "(default: the graph's)"),
+        thresholds: Optional[str] = typer.Option(None, "--thresholds", help="with --model: comma-separated "
+                                                 "thresholds to try (default: the graph's)"),
+        max_sides: Optional[str] = typer.Option(None, "--max-sides", help="with --model: comma-separated work "
+                                                "sizes (longer side, px) to try (default: the graph's)"),
         data: Optional[List[Path]] = typer.Option(None, "--data", "-d", help="data folder(s) whose VALIDATION "
                                                   "split is used (default: the run's training sets)"),
-        out: Optional[Path] = typer.Option(None, help="recipe file (default: DIR/recipe.json)"),
+        out: Optional[Path] = typer.Option(None, help="recipe file (default: DIR/recipe.json); with --model the "
+                                           "calibrated graph"),
         methods: Optional[str] = typer.Option(None, help="comma-separated CAM methods (default: per model kind)"),
         layers: Optional[str] = typer.Option(None, help="comma-separated target layers"),
         mode: str = typer.Option("tiles", help="tiles (native-scale tiles of the training size, per-tile gate) | "
@@ -769,8 +783,19 @@ def calibrate_cmd(
                                             "crack frames, tile labels for the rest (stems in the recipe)"),
         seed: int = typer.Option(0, help="seed of the --masks choice")):
     """Choose method, gate, refinement, threshold, post-processing, minimum crack length and ROI use on the
-    VALIDATION split under a false-alarm budget → DIR/recipe.json."""
+    VALIDATION split under a false-alarm budget → DIR/recipe.json.  With --model: an exported graph's gate,
+    threshold and work size, chosen the same way, into a copy of the graph."""
     _threads()
+    if model is not None:
+        _calibrate_model_cmd(ctx, model=model, data=data, out=out, gates=gates, thresholds=thresholds,
+                             max_sides=max_sides, budget=budget, frame_budget=frame_budget,
+                             min_detection=min_detection, limit=limit)
+        return
+    typed = [n for n in ("gates", "thresholds", "max_sides") if n in _typed(ctx)]
+    if typed:
+        typer.echo(f"crack-eval calibrate: {', '.join('--' + n.replace('_', '-') for n in typed)}: only with "
+                   f"--model (a run folder's calibration searches its own grid)", err=True)
+        raise typer.Exit(2)
     ms = [s.strip() for s in methods.split(",")] if methods else None
     sv = _run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side, overlap=overlap,
               min_length=None)
@@ -778,6 +803,45 @@ def calibrate_cmd(
              mode=mode, tile=tile, gate=gate, budget=budget, frame_budget=frame_budget, min_detection=min_detection,
              survey=sv, limit=limit, out=out, labels=labels, masks=masks, seed=seed)
     typer.echo(json.dumps({k: v for k, v in r.items() if k not in ("candidates", "val_images")}))
+
+
+def _typed(ctx) -> list[str]:
+    from crackcam.runtime.cli import typed_options
+
+    return typed_options(ctx)
+
+
+def _floats(name: str, text: str | None, cast=float) -> list | None:
+    if text is None:
+        return None
+    try:
+        vals = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        typer.echo(f"crack-eval calibrate: --{name} {text!r}: comma-separated numbers", err=True)
+        raise typer.Exit(2)
+    if not vals:
+        typer.echo(f"crack-eval calibrate: --{name} {text!r}: no value", err=True)
+        raise typer.Exit(2)
+    return vals
+
+
+def _calibrate_model_cmd(ctx, *, model, data, out, gates, thresholds, max_sides, budget, frame_budget,
+                         min_detection, limit) -> None:
+    from crackcam.tools.calibrate_model import calibrate_model
+
+    other = [n for n in _typed(ctx) if n in ("checkpoint", "methods", "layers", "mode", "tile", "gate", "roi",
+                                             "roi_size", "scale", "max_side", "overlap", "labels", "masks", "seed")]
+    if other:
+        typer.echo(f"crack-eval calibrate: {', '.join('--' + n.replace('_', '-') for n in other)}: not read with "
+                   f"--model (it searches --gates, --thresholds, --max-sides on the graph's own recipe)", err=True)
+        raise typer.Exit(2)
+    r = _run(calibrate_model, model=model, data=list(data or []), out=out, gates=_floats("gates", gates),
+             thresholds=_floats("thresholds", thresholds), max_sides=_floats("max-sides", max_sides, int),
+             budget=budget, frame_budget=frame_budget, min_detection=min_detection, limit=limit,
+             log=lambda m: typer.echo(m, err=True))
+    typer.echo(json.dumps({k: v for k, v in r.items() if k != "profiles"}
+                          | {"profiles": {p: {k: v for k, v in e.items() if k != "grid"}
+                                          for p, e in r["profiles"].items()}}))
 
 
 @app.command("mask-budget")
