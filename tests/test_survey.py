@@ -145,6 +145,35 @@ def test_frame_decision_min_length_and_roi():
     assert top.prob < 0.5  # the frame probability only looks at tiles inside the ROI
 
 
+def test_one_resize_per_frame_serves_tiles_and_refinement(monkeypatch):
+    """At a non-integer work scale the frame is resized once (INTER_AREA is the slow path there) for the tiles and
+    the refinement alike, and the map is the one a fresh resize gives; another frame is not served the cache."""
+    from crackcam.runtime.cues import RefineConfig
+
+    img = np.full((150, 190, 3), 180, np.uint8)
+    img[40:43, 10:150] = 20
+    sv = S.SurveyConfig(overlap=8, gate=0.5, max_side=120)  # scale 120/190
+    steps = FrameSteps(sv, RefineConfig(cue="blackhat", mode="product", dilate=4), PostProcessConfig(threshold=0.3))
+    calls = []
+    real = S.cv2.resize
+
+    def counting(src, dsize, *a, **k):
+        if src is img:  # the frame to its work size
+            calls.append(src.shape)
+        return real(src, dsize, *a, **k)
+
+    monkeypatch.setattr(S.cv2, "resize", counting)
+    r = steps.process(_FakeSession(), img)
+    assert calls == [img.shape], calls
+    plan, probs, maps = steps.run_model(_FakeSession(), img)
+    plan._work = None
+    fresh, _, _ = steps.frame_map(img, plan, probs, maps)
+    assert np.array_equal(fresh, r.map) and r.map.max() > 0.3
+    other = img.copy()
+    other[40:43] = 180
+    assert not np.array_equal(S.work_image(other, r.plan), S.work_image(img, r.plan))
+
+
 # ------------------------------------------------------------------------------------------------ scoring
 def test_ignore_pixels_are_neither_hit_nor_false_alarm():
     gt = np.zeros((20, 20), bool)

@@ -254,6 +254,9 @@ class FramePlan:
     tile: tuple  # (th, tw)
     coords: list = field(default_factory=list)  # [(y, x)] tile origins in the padded work image
     overlap: int = 0
+    # (frame, its work image): the tiles and the refinement of one frame share one resize (INTER_AREA at a
+    # non-integer factor costs 7-11 ms per frame here)
+    _work: tuple | None = field(default=None, repr=False, compare=False)
 
     @property
     def n_tiles(self) -> int:
@@ -278,13 +281,18 @@ def plan_frame(shape: tuple, cfg: SurveyConfig, fixed_size: tuple | None = None)
 
 
 def work_image(image: np.ndarray, plan: FramePlan) -> np.ndarray:
-    """The frame resized to the work scale (INTER_AREA) and reflect-padded to at least one tile."""
+    """The frame resized to the work scale (INTER_AREA) and reflect-padded to at least one tile; made once per
+    frame and plan (kept on the plan for the same ``image`` object; treat it as read-only)."""
+    cached = plan._work
+    if cached is not None and cached[0] is image:
+        return cached[1]
     h, w = plan.work_shape
     img = image if (h, w) == tuple(image.shape[:2]) else cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
     ph, pw = plan.padded_shape
     if (ph, pw) != (h, w):
         mode = cv2.BORDER_REFLECT_101 if min(h, w) > 1 else cv2.BORDER_REPLICATE
         img = cv2.copyMakeBorder(img, 0, ph - h, 0, pw - w, mode)
+    plan._work = (image, img)
     return img
 
 
