@@ -211,7 +211,8 @@ def test_crack_eval_model_scores_an_exported_graph_as_crack_run_runs_it(tmp_path
     r = runner.invoke(app, ["--model", str(model), "--data", str(data), "--split", "all", "--out",
                             str(tmp_path / "ev"), "--tolerance", "0"])
     assert r.exit_code == 0, r.output
-    s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(r.stdout.strip().splitlines()) == 1, r.stdout  # stdout: the JSON line alone (notes on stderr)
+    s = json.loads(r.stdout)
     assert s["model_file"] == str(model) and s["threshold"] == 0.5 and s["n_images"] == 5
     rr = CliRunner().invoke(run_cli.app, ["--model", str(model), "--source", str(data / "images"), "--out",
                                           str(tmp_path / "run"), "--save", "masks", "--no-progress"])

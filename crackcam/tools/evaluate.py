@@ -630,6 +630,11 @@ def survey_options(roi: str | None, roi_size: str | None, scale: float | None, m
 
 
 # ----------------------------------------------------------------------------------------------- CLI
+def _err(msg: str) -> None:
+    """Progress and notes go to stderr: stdout carries the JSON result line alone (``crack-eval … | jq``)."""
+    typer.echo(msg, err=True)
+
+
 def _run(fn, **kw):
     try:
         return fn(**kw)
@@ -718,11 +723,12 @@ def cli(ctx: typer.Context,
         if checkpoint is None:
             typer.echo("crack-eval: --calibrate needs --checkpoint DIR", err=True)
             raise typer.Exit(2)
-        _run(calibrate, checkpoint=checkpoint, data=data, layers=layers, tile=tile, gate=gate,
+        _run(calibrate, checkpoint=checkpoint, data=data, layers=layers, tile=tile, gate=gate, log=_err,
              survey=_run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side,
                          overlap=overlap, min_length=None))
     refine = {k: v for k, v in {"cue": cue, "mode": refine_mode, "dilate": dilate}.items() if v is not None}
-    summary = _run(evaluate, method=method, data=data, split=split, checkpoint=checkpoint, threshold=threshold,
+    summary = _run(evaluate, log=_err, method=method, data=data, split=split, checkpoint=checkpoint,
+                   threshold=threshold,
                    layers=layers, mode=mode, tile=tile, flips=flips, tolerance=tolerance, out=out, limit=limit,
                    gate=gate, refine=refine,
                    postprocess_cfg={"min_area": min_area, "close_radius": close_radius, "open_radius": open_radius},
@@ -799,7 +805,8 @@ def calibrate_cmd(
     ms = [s.strip() for s in methods.split(",")] if methods else None
     sv = _run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side, overlap=overlap,
               min_length=None)
-    r = _run(calibrate, checkpoint=checkpoint, data=list(data) if data else None, methods=ms, layers=layers,
+    r = _run(calibrate, log=_err, checkpoint=checkpoint, data=list(data) if data else None, methods=ms,
+             layers=layers,
              mode=mode, tile=tile, gate=gate, budget=budget, frame_budget=frame_budget, min_detection=min_detection,
              survey=sv, limit=limit, out=out, labels=labels, masks=masks, seed=seed)
     typer.echo(json.dumps({k: v for k, v in r.items() if k not in ("candidates", "val_images")}))
@@ -838,7 +845,7 @@ def _calibrate_model_cmd(ctx, *, model, data, out, gates, thresholds, max_sides,
     r = _run(calibrate_model, model=model, data=list(data or []), out=out, gates=_floats("gates", gates),
              thresholds=_floats("thresholds", thresholds), max_sides=_floats("max-sides", max_sides, int),
              budget=budget, frame_budget=frame_budget, min_detection=min_detection, limit=limit,
-             log=lambda m: typer.echo(m, err=True))
+             log=_err)
     typer.echo(json.dumps({k: v for k, v in r.items() if k != "profiles"}
                           | {"profiles": {p: {k: v for k, v in e.items() if k != "grid"}
                                           for p, e in r["profiles"].items()}}))
@@ -868,7 +875,8 @@ def mask_budget_cmd(
         typer.echo(f"crack-eval: --budgets {budgets!r}: comma-separated numbers or 'all'", err=True)
         raise typer.Exit(2)
     sv = _run(survey_options, roi=roi, roi_size=roi_size, scale=None, max_side=None, overlap=None, min_length=None)
-    r = _run(mask_budget, checkpoint=checkpoint, tests=[parse_test(t) for t in test], budgets=bl, seed=seed, out=out,
+    r = _run(mask_budget, log=_err, checkpoint=checkpoint, tests=[parse_test(t) for t in test], budgets=bl,
+             seed=seed, out=out,
              limit=limit, calibrate_kw={"tile": tile, "survey": sv})
     typer.echo(json.dumps(r))
 
