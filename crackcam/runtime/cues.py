@@ -59,6 +59,14 @@ def normalize_map(x: np.ndarray, percentile: float = 99.5, floor: float = 1e-6) 
     return np.minimum(x * (1.0 / s), 1.0)
 
 
+def _to_u16(x: np.ndarray, unit: float) -> np.ndarray:
+    """``round(x · unit)`` as uint16, saturated to [0, 65535]."""
+    y = np.asarray(x, np.float32) * np.float32(unit)
+    y += np.float32(0.5)
+    np.clip(y, 0, 65535, out=y)
+    return y.astype(np.uint16)
+
+
 BLACKHAT_SIZES = (61,)  # chosen on DeepCrack validation images (raw ODS F1), see docs/evaluation.md
 BLACKHAT_BLUR = 2.0
 
@@ -78,12 +86,16 @@ def blackhat(image: np.ndarray, sizes=BLACKHAT_SIZES, blur: float = BLACKHAT_BLU
         g = cv2.GaussianBlur(g, (0, 0), blur)
     if scale != 1.0:
         g = cv2.resize(g, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    # the closings run on 1/256-grey fixed point (uint16): max and min commute with that monotone rounding, so the
+    # result is the float black-hat to within 1/256 grey level, and OpenCV's 16-bit morphology is about twice as fast
+    q = _to_u16(g, 256.0)
     out = None
     for s in sizes:
         k = max(3, int(round(s * scale)) | 1)
         k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
-        r = cv2.morphologyEx(g, cv2.MORPH_BLACKHAT, k)
+        r = cv2.morphologyEx(q, cv2.MORPH_BLACKHAT, k)
         out = r if out is None else np.maximum(out, r)
+    out = out.astype(np.float32) * np.float32(1.0 / 256.0)
     if scale != 1.0:
         out = cv2.resize(out, (w, h), interpolation=cv2.INTER_LINEAR)
     return normalize_map(out, percentile) if normalize else out
@@ -166,8 +178,10 @@ def _prior(cam: np.ndarray, dilate: int) -> np.ndarray:
     if dilate <= 0:
         return p
     h, w = p.shape
-    if dilate < 16 or min(h, w) < 8:
-        return cv2.dilate(p, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate + 1, 2 * dilate + 1)))
+    if dilate < 16 or min(h, w) < 8:  # in 1/65535 fixed point (a max commutes with the rounding; 2× faster)
+        q = cv2.dilate(_to_u16(p, 65535.0),
+                       cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * dilate + 1, 2 * dilate + 1)))
+        return q.astype(np.float32) * np.float32(1.0 / 65535.0)
     H, W = h + h % 2, w + w % 2
     if (H, W) != (h, w):
         p = cv2.copyMakeBorder(p, 0, H - h, 0, W - w, cv2.BORDER_REPLICATE)
@@ -198,8 +212,10 @@ def refine(image: np.ndarray, cam: np.ndarray, cfg: RefineConfig | None = None,
         p = _prior(cam, cfg.dilate)
         b = (c >= cfg.component_threshold).astype(np.uint8)
         n, lab = cv2.connectedComponents(b, connectivity=8)
-        cnt = np.bincount(lab.ravel(), minlength=n)
-        score = np.bincount(lab.ravel(), weights=p.ravel(), minlength=n) / np.maximum(cnt, 1)
+        fg = b.ravel().view(bool)  # the component pixels only: the background's score is 0 anyway
+        lf = lab.ravel()[fg]
+        cnt = np.bincount(lf, minlength=n)
+        score = np.bincount(lf, weights=p.ravel()[fg], minlength=n) / np.maximum(cnt, 1)
         score[0] = 0.0
         if cfg.prior_power != 1:
             score = score ** cfg.prior_power
