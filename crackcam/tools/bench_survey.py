@@ -105,7 +105,8 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
         e2e.append(summ["fps"])
     # 3. per-frame breakdown, sequential
     parts = {"decode": [], "plan_cut": [], "model": [], "merge_refine_roi": [], "post_decide": []}
-    for p in paths[: min(len(paths), 20)]:
+    refined = 0  # frames with a tile above the gate: only those run the refinement (38 ms of a 640x540 frame)
+    for p in paths:
         t0 = time.perf_counter()
         im = read_image(p, order="bgr")  # what the runtime's image source hands on
         t1 = time.perf_counter()
@@ -124,6 +125,7 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
         t3 = time.perf_counter()
         cmap, prob, _ = steps.frame_map(im, pl, probs, maps)
         t4 = time.perf_counter()
+        refined += int(steps.refine is not None and prob >= steps.survey.gate)
         from crackcam.runtime.postprocess import postprocess
 
         res = postprocess(cmap, steps.post)
@@ -131,7 +133,8 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
         t5 = time.perf_counter()
         for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
             parts[k].append(1000 * v)
-    ms = {k: round(float(np.median(v)), 2) for k, v in parts.items()}
+    ms = {k: round(float(np.mean(v)), 2) for k, v in parts.items()}  # the mean: what throughput pays
+    ms_median = {k: round(float(np.median(v)), 2) for k, v in parts.items()}
     best_e2e = max(e2e)
     print(f"crack-bench survey: {len(paths)} frames {w}x{h} from {where}; model {model.name} "
           f"({sess.provider}), {plan.n_tiles} tiles of {plan.tile[0]}x{plan.tile[1]} per frame at "
@@ -141,12 +144,15 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
     print(f"  {f'bare ONNX Runtime (model alone, {what} preloaded)':<52} {max(bare):7.2f} FPS")
     print(f"  {'crack-run end to end':<52} {best_e2e:7.2f} FPS   (target >= {TARGET_FPS:g}; "
           f"{best_e2e / max(bare):.2f}x the model alone)")
-    print("  per frame (sequential, median ms): " + ", ".join(f"{k} {v}" for k, v in ms.items()))
+    print(f"  per frame (sequential, mean ms over {len(paths)} frames): " + ", ".join(f"{k} {v}" for k, v in ms.items())
+          + (f"; refinement on {refined} of {len(paths)} frames (the others: no tile above the gate)"
+             if steps.refine is not None else ""))
     fig = {"frames": len(paths), "frame_size": [w, h], "source": where, "model": str(model),
                       "provider": sess.provider, "tiles_per_frame": plan.n_tiles, "frame_pass": bool(fp),
                       "tile": list(plan.tile), "work_scale": plan.scale, "bare_fps": round(max(bare), 2),
                       "e2e_fps": round(best_e2e, 2), "e2e_all": e2e, "bare_all": [round(b, 2) for b in bare],
-                      "ms_per_frame": ms, "target_fps": TARGET_FPS, "cracked": summ["cracked"]}
+                      "ms_per_frame": ms, "ms_per_frame_median": ms_median, "refined_frames": refined,
+                      "target_fps": TARGET_FPS, "cracked": summ["cracked"]}
     print(json.dumps(fig))
     return fig
 
