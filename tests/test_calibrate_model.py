@@ -33,7 +33,7 @@ def _meta(path):
 def test_calibrate_model_chooses_on_validation_frames_and_writes_a_graph_that_scores_so(tmp_path):
     """A threshold that paints the sealed-crack bands (crack-free frames flagged) loses to one that keeps only the
     cracks; the written graph carries the choice (crack-eval --model on it gives the recorded validation figures);
-    only validation frames are scored; a tie keeps the graph's own value."""
+    only validation frames are scored; a work size that shrinks no frame is not searched."""
     from crackcam.train.data import list_items
 
     root = _paveseg(tmp_path / "pv", n_frames=10)
@@ -45,11 +45,10 @@ def test_calibrate_model_chooses_on_validation_frames_and_writes_a_graph_that_sc
     rec = json.loads((tmp_path / "cal" / "g_cal.calibration.json").read_text())
     prof = rec["profiles"]["default"]
     grid = {(g["gate"], g["threshold"], g["max_side"]): g for g in prof["grid"]}
-    assert len(grid) == 8
+    assert len(grid) == 4 and {k[2] for k in grid} == {400}  # frames of 200 px: no value shrinks them, one size
     paint, keep = grid[(0.0, 0.5, 400)], grid[(0.0, 0.75, 400)]
     assert paint["frame_fa"] > 0.2 and keep["frame_fa"] <= 0.2, (paint, keep)  # the drawn data do what they should
     assert prof["chosen"] == {"gate": 0.0, "threshold": 0.75, "max_side": 400}, prof["chosen"]
-    assert grid[(0.0, 0.75, 800)]["f1_mean"] == keep["f1_mean"]  # frames of 200 px: a tie, the graph's 400 kept
 
     meta = _meta(out)
     assert meta["threshold"] == 0.75 and meta["postprocess"]["threshold"] == 0.75
@@ -110,3 +109,56 @@ def test_calibrate_model_bad_input_is_one_line(tmp_path):
                        (["--checkpoint", str(tmp_path), "--gates", "0.5"], "only with --model")):
         r = runner.invoke(app, ["calibrate", *argv, "--out", str(tmp_path / "o.onnx")])
         assert r.exit_code == 2 and says in r.output and len(r.output.strip().splitlines()) == 1, (argv, r.output)
+
+
+def test_calibrate_model_writes_a_camera_profile_and_resumes_into_the_same_choice(tmp_path):
+    """Frames that take a camera profile: the profile's settings are chosen and written, the top level left as it
+    was (clean tiles, tile-sized, do not count as another profile); a second run into the same --out reuses every
+    grid point and writes the same graph; a resumed crack-eval --model reports the profile's settings."""
+    from crackcam.runtime.toy import make_toy_model, toy_metadata
+
+    root = _paveseg(tmp_path / "pv", n_frames=10)
+    prof = {"survey": dict(SURVEY), "threshold": 0.5, "postprocess": {"threshold": 0.5, "min_area": 4}}
+    meta = toy_metadata(threshold=0.5, postprocess={"threshold": 0.5, "min_area": 4}, survey=dict(SURVEY),
+                        profiles={"200x160": prof})
+    src = make_toy_model(tmp_path / "p.onnx", offset=0.65, metadata=meta)
+    out = tmp_path / "cal" / "p_cal.onnx"
+    argv = ["calibrate", "--model", str(src), "--data", str(root), "--thresholds", "0.5,0.75", "--out", str(out)]
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    m1 = _meta(out)
+    assert m1["profiles"]["200x160"]["threshold"] == 0.75 and m1["profiles"]["200x160"]["postprocess"]["threshold"] == 0.75
+    assert m1["threshold"] == 0.5 and m1["postprocess"]["threshold"] == 0.5  # the top level untouched
+    rec = json.loads((tmp_path / "cal" / "p_cal.calibration.json").read_text())
+    assert list(rec["profiles"]) == ["200x160"]
+    r = runner.invoke(app, argv)
+    assert r.exit_code == 0, r.output
+    assert _meta(out) == m1
+    ev = tmp_path / "ev"
+    for _ in range(2):  # the second run finds every image scored
+        r = runner.invoke(app, ["--model", str(out), "--data", str(root), "--split", "val", "--out", str(ev)])
+        assert r.exit_code == 0, r.output
+        s = json.loads(r.stdout)
+        assert s["profiles_used"] == ["200x160", "default"], s["profiles_used"]  # frames + tile-sized clean tiles
+    with open(ev / "per_image.csv") as f:
+        assert {float(row["threshold"]) for row in csv.DictReader(f)} == {0.75}  # every frame: the profile's
+
+
+def test_calibrate_model_refuses_a_graph_that_gates_inside_itself_and_keeps_a_threshold_rule(tmp_path):
+    from crackcam.runtime.toy import make_toy_model, toy_metadata
+    from crackcam.tools.calibrate_model import _block_settings, apply_settings
+
+    root = _paveseg(tmp_path / "pv", n_frames=6)
+    gated = make_toy_model(tmp_path / "gated.onnx", gate=0.5)
+    r = runner.invoke(app, ["calibrate", "--model", str(gated), "--data", str(root), "--gates", "0.2"])
+    assert r.exit_code == 2 and "gates inside itself" in r.output and len(r.output.strip().splitlines()) == 1
+    meta = toy_metadata(threshold="otsu", postprocess={"threshold": "otsu", "min_area": 4}, survey=dict(SURVEY))
+    assert _block_settings(meta)["threshold"] == "otsu"
+    otsu = make_toy_model(tmp_path / "otsu.onnx", offset=0.65, metadata=meta)
+    out = tmp_path / "o_cal.onnx"
+    r = runner.invoke(app, ["calibrate", "--model", str(otsu), "--data", str(root), "--gates", "0,0.5", "--out",
+                            str(out)])
+    assert r.exit_code == 0, r.output
+    assert _meta(out)["threshold"] == "otsu" and _meta(out)["survey"]["gate"] in (0.0, 0.5)
+    blk = {"refine": {"threshold": 0.5, "postprocess": {"threshold": 0.5}}, "survey": {}}
+    assert _block_settings(apply_settings(blk, {"gate": 0.1, "threshold": 0.6, "max_side": 640}))["threshold"] == 0.6

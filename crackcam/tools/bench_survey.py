@@ -123,9 +123,9 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
             probs += list(pr[:n])
             maps += list(mp[:n])
         t3 = time.perf_counter()
-        cmap, prob, _ = steps.frame_map(im, pl, probs, maps)
+        cmap, prob, tprobs = steps.frame_map(im, pl, probs, maps)
         t4 = time.perf_counter()
-        refined += int(steps.refine is not None and prob >= steps.survey.gate)
+        refined += int(steps.refine is not None and bool(np.any(np.asarray(tprobs) >= steps.survey.gate)))
         from crackcam.runtime.postprocess import postprocess
 
         res = postprocess(cmap, steps.post)

@@ -23,8 +23,9 @@ from crackcam.tools.evaluate import EvalError, evaluate
 __all__ = ["calibrate_model", "grid_values", "apply_settings"]
 
 
-def _rnd(x: float) -> float:
-    return round(float(x), 4)
+def _rnd(x):
+    """Floats to 4 decimals; a threshold rule (``otsu``, ``pXX``) as it is."""
+    return x if isinstance(x, str) else round(float(x), 4)
 
 
 def grid_values(current: dict, gates=None, thresholds=None, max_sides=None) -> list[dict]:
@@ -32,7 +33,7 @@ def grid_values(current: dict, gates=None, thresholds=None, max_sides=None) -> l
     nearest the current settings first — the choice keeps the first of equal candidates, so a tie keeps what the
     graph had."""
     def near(vals, cur):
-        return sorted(dict.fromkeys(vals), key=lambda v: abs(v - cur) if cur is not None else 0.0)
+        return sorted(dict.fromkeys(vals), key=lambda v: abs(v - cur) if isinstance(cur, (int, float)) else 0.0)
 
     gs = near([float(g) for g in gates], current["gate"]) if gates else [current["gate"]]
     ts = near([float(t) for t in thresholds], current["threshold"]) if thresholds else [current["threshold"]]
@@ -41,7 +42,7 @@ def grid_values(current: dict, gates=None, thresholds=None, max_sides=None) -> l
         if not 0.0 <= g <= 1.0:
             raise EvalError(f"--gates: {g:g} must lie in [0, 1]")
     for t in ts:
-        if not 0.0 <= t <= 1.0:
+        if not isinstance(t, str) and not 0.0 <= t <= 1.0:
             raise EvalError(f"--thresholds: {t:g} must lie in [0, 1]")
     for m in ms:
         if m < 32:
@@ -53,10 +54,12 @@ def _block_settings(block: dict) -> dict:
     """``{gate, threshold, max_side}`` of the metadata's top level or one profile (``block`` has survey, threshold,
     refine, postprocess as the metadata does)."""
     sv = block.get("survey") or {}
-    rb = block.get("refine") or {}
-    thr = rb.get("threshold", block.get("threshold"))
-    return {"gate": float(sv.get("gate", block.get("gate", 0.0)) or 0.0),
-            "threshold": float(thr if thr is not None else 0.5), "max_side": sv.get("max_side")}
+    rb = block.get("refine")  # the runtime's order (steps.post_config_dict): the refinement's own block first
+    src = rb if isinstance(rb, dict) else {"postprocess": block.get("postprocess"), "threshold": block.get("threshold")}
+    thr = (src.get("postprocess") or {}).get("threshold", src.get("threshold"))
+    thr = 0.5 if thr is None else thr if isinstance(thr, str) else float(thr)
+    return {"gate": float(sv.get("gate", block.get("gate", 0.0)) or 0.0), "threshold": thr,
+            "max_side": sv.get("max_side")}
 
 
 def apply_settings(block: dict, s: dict) -> dict:
@@ -64,11 +67,14 @@ def apply_settings(block: dict, s: dict) -> dict:
     wherever the runtime reads them (survey, threshold, refine and post-processing)."""
     b = json.loads(json.dumps(block))
     b["survey"] = {**(b.get("survey") or {}), "gate": float(s["gate"]), "max_side": s["max_side"]}
-    b["threshold"] = float(s["threshold"])
+    t = s["threshold"] if isinstance(s["threshold"], str) else float(s["threshold"])
+    b["threshold"] = t
     if isinstance(b.get("postprocess"), dict):
-        b["postprocess"]["threshold"] = float(s["threshold"])
+        b["postprocess"]["threshold"] = t
     if isinstance(b.get("refine"), dict):
-        b["refine"]["threshold"] = float(s["threshold"])
+        b["refine"]["threshold"] = t
+        if isinstance(b["refine"].get("postprocess"), dict) and "threshold" in b["refine"]["postprocess"]:
+            b["refine"]["postprocess"]["threshold"] = t  # read before refine.threshold
     return b
 
 
@@ -84,6 +90,44 @@ def _row(settings: dict, summaries: dict) -> dict:
             "clean_rate": max(cls) if cls else None,
             "sets": {k: {"f1": s.get("f1"), "f1_t2": s.get("f1_t2"), "frames": s.get("frames")}
                      for k, s in summaries.items()}}
+
+
+def _set_names(data) -> dict[str, str]:
+    """A folder name per data set, made unique (``a``, ``a_2``) where two sets share one."""
+    out, seen = {}, {}
+    for d in data:
+        n = Path(d).name or "data"
+        seen[n] = seen.get(n, 0) + 1
+        out[str(d)] = n if seen[n] == 1 else f"{n}_{seen[n]}"
+    return out
+
+
+def _val_frames(model: Path, data: Path, limit: int | None) -> list[tuple[tuple, str]]:
+    """``[(frame shape, camera profile)]`` of the validation frames crack-eval --model scores (clean tiles left
+    out: they are tile-sized, and each set's frames decide its profile)."""
+    from crackcam.runtime.imageio import BadInputError, read_image
+    from crackcam.tools import eval_model as EM
+    from crackcam.tools.evaluate import _list, _model_split
+
+    from crackcam.runtime.meta import BackendUnavailable, ModelFileError
+
+    try:
+        sess, steps = EM.open_model(model)
+    except (ModelFileError, BackendUnavailable) as exc:
+        raise EvalError(str(exc)) from None
+    items = _list(data, "val", {"train_config": _model_split(sess.meta, model, data, "val", lambda m: None)}, limit)
+    out = []
+    for it in items:
+        if it.is_tile:
+            continue
+        try:
+            shape = read_image(it.image).shape[:2]
+        except BadInputError:
+            continue  # crack-eval skips it too, and says so
+        out.append((tuple(int(v) for v in shape), steps.profile_name(shape) or "default"))
+    if not out:
+        raise EvalError(f"{data}: no validation frame to calibrate on")
+    return out
 
 
 def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, gates=None, thresholds=None,
@@ -111,22 +155,23 @@ def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, g
     grid_values({"gate": 0.0, "threshold": 0.5, "max_side": 640}, gates, thresholds, max_sides)  # bad values first
     out = Path(out) if out else Path("runs") / f"{model.stem}_calibrated.onnx"
     work = out.with_suffix(".calib")
-    meta = md.get_metadata(model)
+    try:
+        meta = md.get_metadata(model)
+    except Exception as exc:  # noqa: BLE001 - a corrupt file, no crackcam metadata
+        raise EvalError(f"{model}: no readable crackcam metadata ({str(exc).splitlines()[0][:120]})") from None
+    if float(meta.get("gate") or 0.0) > 0 and not meta.get("survey"):
+        raise EvalError(f"{model}: the graph gates inside itself (metadata gate {meta['gate']:g}, no survey block): "
+                        f"a run-time gate below it changes nothing; export it with a survey recipe")
     t0 = time.time()
-
-    # which camera profile each set's validation frames take (one scoring pass at the graph's own settings)
-    base: dict[str, dict] = {}
-    for d in data:
-        s = evaluate(method=None, data=Path(d), split="val", model=model, limit=limit,
-                     out=work / "base" / Path(d).name, log=lambda m: None, show_progress=False)
-        used = [u for u in s.get("profiles_used") or ["default"]]
+    names = _set_names(data)
+    frames = {str(d): _val_frames(model, Path(d), limit) for d in data}  # [(shape, profile)] of the frames
+    by_profile: dict[str, list[str]] = {}
+    for d, fr in frames.items():
+        used = sorted({p for _, p in fr})
         if len(used) != 1:
             raise EvalError(f"{d}: its validation frames take several camera profiles ({', '.join(used)}); "
                             f"calibrate each frame size's images as a set of its own")
-        base[str(d)] = {"profile": used[0], "summary": s}
-    by_profile: dict[str, list[str]] = {}
-    for d, b in base.items():
-        by_profile.setdefault(b["profile"], []).append(d)
+        by_profile.setdefault(used[0], []).append(d)
 
     chosen, record_profiles = {}, {}
     new = json.loads(json.dumps(meta))
@@ -136,20 +181,19 @@ def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, g
         if cur["max_side"] is None and max_sides:
             raise EvalError(f"{model}: profile {prof!r} has no survey block (no max_side) to calibrate")
         sides = max_sides
-        if sides and prof != "default":  # frames of a WxH profile no larger than every max_side: it changes nothing
-            w, _, h = prof.partition("x")
-            if w.isdigit() and h.isdigit() and max(int(w), int(h)) <= min(int(m) for m in sides):
-                sides = None
+        longest = max(max(sh) for d in sets for sh, _ in frames[d])
+        if sides and longest <= min([int(m) for m in sides] + [int(cur["max_side"])]):
+            sides = None  # no frame of these sets is shrunk by any of the values (nor by the graph's): one row
         grid = grid_values(cur, gates, thresholds, sides)
         rows = []
         for pt in progress(grid, desc=f"calibrate {prof}", unit="setting", every=5):
             sv = {"gate": pt["gate"], "max_side": pt["max_side"]} if cur["max_side"] is not None else \
                 {"gate": pt["gate"]}
-            tag = f"g{pt['gate']:g}_t{pt['threshold']:g}_m{pt['max_side']}"
-            sums = {Path(d).name: evaluate(method=None, data=Path(d), split="val", model=model, limit=limit,
-                                           threshold=pt["threshold"], survey=sv,
-                                           out=work / prof / tag / Path(d).name, log=lambda m: None,
-                                           show_progress=False)
+            thr = pt["threshold"]
+            tag = f"g{pt['gate']:g}_t{thr if isinstance(thr, str) else format(thr, 'g')}_m{pt['max_side']}"
+            sums = {names[d]: evaluate(method=None, data=Path(d), split="val", model=model, limit=limit,
+                                       threshold=thr, survey=sv, out=work / prof / tag / names[d],
+                                       log=lambda m: None, show_progress=False)
                     for d in sets}
             rows.append(_row(pt, sums))
         n_crack = min([r["sets"][k]["frames"].get("crack", {}).get("frames", 0) for r in rows[:1] for k in r["sets"]]
@@ -177,13 +221,13 @@ def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, g
             new["profiles"][prof] = apply_settings(new["profiles"][prof], settings)
         if isinstance(new.get("frame_pass"), dict) and prof == "default":
             new["frame_pass"]["gate"] = float(settings["gate"])
-    record = {"model": str(model), "out": str(out), "split": "val", "chosen_on": sorted(base),
+    record = {"model": str(model), "out": str(out), "split": "val", "chosen_on": sorted(frames), "limit": limit,
               "objective": "best mean pixel F1 (t = 0) on the validation images subject to clean tiles flagged "
                            f"<= {budget:g}, crack-free / sealed-only frames flagged <= {frame_budget:g}, crack frames "
                            f"detected >= {min_detection:g} (relaxed as crack-eval calibrate does when none meets it)",
               "profiles": record_profiles, "seconds": round(time.time() - t0, 1)}
     new["calibration"] = {"by": "crack-eval calibrate --model", "from": model.name, "split": "val",
-                          "chosen_on": [Path(d).name for d in sorted(base)],
+                          "chosen_on": [names[d] for d in sorted(frames)], "limit": limit,
                           "profiles": {p: {"chosen": r["chosen"], "val": r["val_chosen"], "rule": r["rule"]}
                                        for p, r in record_profiles.items()}}
     proto = onnx.load(str(model))

@@ -425,6 +425,7 @@ def _score(jobs, items, data, split, tols, recipe, n_overlays, log, show_progres
         for j in todo:
             st = j.state
             v = j.variant(img.shape)
+            st.setdefault("used", set()).update(j.used)  # kept with the scores: a resumed run reports the same
             valid = scored_pixels(it, img.shape[:2], v.survey) if gt is not None else None
             t0 = time.perf_counter()
             m, prob = v.fn(img)
@@ -456,6 +457,13 @@ def _score(jobs, items, data, split, tols, recipe, n_overlays, log, show_progres
                 _atomic_write(j.state_path, pickle.dumps(j.state))
             last_save = time.time()
     summaries = []
+    for j in jobs:  # the camera profiles of images scored by an earlier, interrupted run of the same job
+        for name in sorted(set(j.state.get("used", ())) - j.used):
+            if name == "default":
+                j.used.add(name)
+            else:
+                w, _, h = name.partition("x")
+                j.variant((int(h), int(w)))
     for j in jobs:
         _atomic_write(j.state_path, pickle.dumps(j.state))
         if not j.state["frames"]:
