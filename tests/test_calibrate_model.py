@@ -40,15 +40,17 @@ def test_calibrate_model_chooses_on_validation_frames_and_writes_a_graph_that_sc
     src = _graph(tmp_path / "g.onnx", threshold=0.5)
     out = tmp_path / "cal" / "g_cal.onnx"
     r = runner.invoke(app, ["calibrate", "--model", str(src), "--data", str(root), "--thresholds", "0.5,0.75",
-                            "--gates", "0,0.5", "--max-sides", "800,400", "--out", str(out)])
+                            "--gates", "0,0.5", "--max-sides", "800,400", "--min-lengths", "0,1000", "--out",
+                            str(out)])
     assert r.exit_code == 0, r.output
     rec = json.loads((tmp_path / "cal" / "g_cal.calibration.json").read_text())
     prof = rec["profiles"]["default"]
-    grid = {(g["gate"], g["threshold"], g["max_side"]): g for g in prof["grid"]}
-    assert len(grid) == 4 and {k[2] for k in grid} == {400}  # frames of 200 px: no value shrinks them, one size
-    paint, keep = grid[(0.0, 0.5, 400)], grid[(0.0, 0.75, 400)]
+    grid = {(g["gate"], g["threshold"], g["max_side"], g["min_length"]): g for g in prof["grid"]}
+    assert len(grid) == 8 and {k[2] for k in grid} == {400}  # frames of 200 px: no value shrinks them, one size
+    paint, keep = grid[(0.0, 0.5, 400, 0.0)], grid[(0.0, 0.75, 400, 0.0)]
     assert paint["frame_fa"] > 0.2 and keep["frame_fa"] <= 0.2, (paint, keep)  # the drawn data do what they should
-    assert prof["chosen"] == {"gate": 0.0, "threshold": 0.75, "max_side": 400}, prof["chosen"]
+    assert grid[(0.0, 0.75, 400, 1000.0)]["detection"] == 0.0  # no crack is 1000 px long: no frame counts
+    assert prof["chosen"] == {"gate": 0.0, "threshold": 0.75, "max_side": 400, "min_length": 0.0}, prof["chosen"]
 
     meta = _meta(out)
     assert meta["threshold"] == 0.75 and meta["postprocess"]["threshold"] == 0.75
@@ -83,17 +85,17 @@ def test_calibrate_model_settings_reach_every_place_the_runtime_reads(tmp_path):
     meta["refine"] = {"method": "refine-none", "cue": "blackhat", "mode": "product", "dilate": 8, "threshold": 0.5,
                       "postprocess": {"min_area": 4}}
     meta["profiles"] = {"300x200": {"survey": dict(SURVEY), "threshold": 0.5, "postprocess": {"min_area": 4}}}
-    s = {"gate": 0.3, "threshold": 0.61, "max_side": 256}
+    s = {"gate": 0.3, "threshold": 0.61, "max_side": 256, "min_length": 40.0}
     new = apply_settings(meta, s)
     new["profiles"]["300x200"] = apply_settings(meta["profiles"]["300x200"], {**s, "gate": 0.2, "threshold": 0.4})
     steps = ModelSteps(meta_from_map({"crackcam": json.dumps(new)}, tmp_path / "g.onnx"))
     top, prof = steps.default, steps.for_shape((200, 300))
-    assert (top.survey.gate, top.post.threshold, top.survey.max_side) == (0.3, 0.61, 256)
+    assert (top.survey.gate, top.post.threshold, top.survey.max_side, top.survey.min_length) == (0.3, 0.61, 256, 40)
     assert (prof.survey.gate, prof.post.threshold, prof.survey.max_side) == (0.2, 0.4, 256)
     assert meta["refine"]["threshold"] == 0.5  # a copy: the source dict is untouched
 
     g = grid_values({"gate": 0.45, "threshold": 0.3, "max_side": 640}, gates=[0.3, 0.5, 0.45], max_sides=[800, 640])
-    assert g[0] == {"gate": 0.45, "threshold": 0.3, "max_side": 640} and len(g) == 6  # the graph's own first
+    assert g[0] == {"gate": 0.45, "threshold": 0.3, "max_side": 640, "min_length": 0.0} and len(g) == 6  # own first
     with pytest.raises(Exception, match=r"\[0, 1\]"):
         grid_values({"gate": 0.5, "threshold": 0.3, "max_side": 640}, gates=[1.5])
 

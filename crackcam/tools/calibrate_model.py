@@ -1,7 +1,7 @@
 """``crack-eval calibrate --model G.onnx``: re-choose an exported graph's run-time settings on VALIDATION images.
 
-A graph's metadata carries the knobs crack-run reads at run time: the per-tile gate, the threshold and the work size
-(``max_side``) of the top level and of each camera profile.  They were chosen for the graph they were calibrated
+A graph's metadata carries the knobs crack-run reads at run time: the per-tile gate, the threshold, the work size
+(``max_side``) and the frame decision's minimum crack length of the top level and of each camera profile.  They were chosen for the graph they were calibrated
 with; a derived graph (a frame pass, ``crackcam.export.frame_pass``) or a new camera may want others.  This searches
 a grid of them through crack-eval's own scoring of the graph (:func:`crackcam.tools.evaluate.evaluate` with
 ``model=``: the runtime's session and frame steps, as crack-run runs them) on the validation split only, and chooses
@@ -28,7 +28,7 @@ def _rnd(x):
     return x if isinstance(x, str) else round(float(x), 4)
 
 
-def grid_values(current: dict, gates=None, thresholds=None, max_sides=None) -> list[dict]:
+def grid_values(current: dict, gates=None, thresholds=None, max_sides=None, min_lengths=None) -> list[dict]:
     """The grid of one profile: every combination of the given values (the current value where a list is None),
     nearest the current settings first — the choice keeps the first of equal candidates, so a tie keeps what the
     graph had."""
@@ -38,6 +38,11 @@ def grid_values(current: dict, gates=None, thresholds=None, max_sides=None) -> l
     gs = near([float(g) for g in gates], current["gate"]) if gates else [current["gate"]]
     ts = near([float(t) for t in thresholds], current["threshold"]) if thresholds else [current["threshold"]]
     ms = near([int(m) for m in max_sides], current["max_side"]) if max_sides else [current["max_side"]]
+    cur_len = float(current.get("min_length") or 0.0)
+    ls = near([float(v) for v in min_lengths], cur_len) if min_lengths else [cur_len]
+    for v in ls:
+        if v < 0:
+            raise EvalError(f"--min-lengths: {v:g} px must be >= 0")
     for g in gs:
         if not 0.0 <= g <= 1.0:
             raise EvalError(f"--gates: {g:g} must lie in [0, 1]")
@@ -45,9 +50,10 @@ def grid_values(current: dict, gates=None, thresholds=None, max_sides=None) -> l
         if not isinstance(t, str) and not 0.0 <= t <= 1.0:
             raise EvalError(f"--thresholds: {t:g} must lie in [0, 1]")
     for m in ms:
-        if m < 32:
+        if m is not None and m < 32:
             raise EvalError(f"--max-sides: {m} px is too small (the tiles need at least 32)")
-    return [{"gate": _rnd(g), "threshold": _rnd(t), "max_side": int(m)} for g, t, m in itertools.product(gs, ts, ms)]
+    return [{"gate": _rnd(g), "threshold": _rnd(t), "max_side": None if m is None else int(m),
+             "min_length": _rnd(v)} for g, t, m, v in itertools.product(gs, ts, ms, ls)]
 
 
 def _block_settings(block: dict) -> dict:
@@ -59,14 +65,15 @@ def _block_settings(block: dict) -> dict:
     thr = (src.get("postprocess") or {}).get("threshold", src.get("threshold"))
     thr = 0.5 if thr is None else thr if isinstance(thr, str) else float(thr)
     return {"gate": float(sv.get("gate", block.get("gate", 0.0)) or 0.0), "threshold": thr,
-            "max_side": sv.get("max_side")}
+            "max_side": sv.get("max_side"), "min_length": float(sv.get("min_length") or 0.0)}
 
 
 def apply_settings(block: dict, s: dict) -> dict:
     """A copy of the metadata block (top level or profile) with the gate, threshold and max_side of ``s`` written
     wherever the runtime reads them (survey, threshold, refine and post-processing)."""
     b = json.loads(json.dumps(block))
-    b["survey"] = {**(b.get("survey") or {}), "gate": float(s["gate"]), "max_side": s["max_side"]}
+    b["survey"] = {**(b.get("survey") or {}), "gate": float(s["gate"]), "max_side": s["max_side"],
+                   "min_length": float(s.get("min_length", (b.get("survey") or {}).get("min_length", 0.0)) or 0.0)}
     t = s["threshold"] if isinstance(s["threshold"], str) else float(s["threshold"])
     b["threshold"] = t
     if isinstance(b.get("postprocess"), dict):
@@ -85,7 +92,8 @@ def _row(settings: dict, summaries: dict) -> dict:
     dets = [f["detection_rate"] for f in fr if f.get("detection_rate") is not None]
     fas = [f["false_alarm_rate"] for f in fr if f.get("false_alarm_rate") is not None]
     cls = [f["clean_tiles"]["rate"] for f in fr if f.get("clean_tiles")]
-    return {**settings, "min_length": 0.0, "f1_mean": _rnd(sum(f1s) / len(f1s)) if f1s else 0.0,
+    return {**settings, "min_length": float(settings.get("min_length") or 0.0),
+            "f1_mean": _rnd(sum(f1s) / len(f1s)) if f1s else 0.0,
             "detection": min(dets) if dets else None, "frame_fa": max(fas) if fas else None,
             "clean_rate": max(cls) if cls else None,
             "sets": {k: {"f1": s.get("f1"), "f1_t2": s.get("f1_t2"), "frames": s.get("frames")}
@@ -131,7 +139,7 @@ def _val_frames(model: Path, data: Path, limit: int | None) -> list[tuple[tuple,
 
 
 def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, gates=None, thresholds=None,
-                    max_sides=None, budget: float = 0.05, frame_budget: float = 0.20, min_detection: float = 0.90,
+                    max_sides=None, min_lengths=None, budget: float = 0.05, frame_budget: float = 0.20, min_detection: float = 0.90,
                     limit: int | None = None, log=print) -> dict:
     """Search the grid on the validation split of ``data``; write the chosen settings into a copy of ``model`` at
     ``out`` (default ``runs/<stem>_calibrated.onnx``) and ``out`` with ``.calibration.json``; returns that record."""
@@ -152,7 +160,8 @@ def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, g
     except ImportError:
         raise EvalError("calibrate --model writes a graph: it needs the onnx package (pip install 'crackcam[train]')") \
             from None
-    grid_values({"gate": 0.0, "threshold": 0.5, "max_side": 640}, gates, thresholds, max_sides)  # bad values first
+    grid_values({"gate": 0.0, "threshold": 0.5, "max_side": 640}, gates, thresholds, max_sides,
+                min_lengths)  # bad values first
     out = Path(out) if out else Path("runs") / f"{model.stem}_calibrated.onnx"
     work = out.with_suffix(".calib")
     try:
@@ -184,13 +193,15 @@ def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, g
         longest = max(max(sh) for d in sets for sh, _ in frames[d])
         if sides and longest <= min([int(m) for m in sides] + [int(cur["max_side"])]):
             sides = None  # no frame of these sets is shrunk by any of the values (nor by the graph's): one row
-        grid = grid_values(cur, gates, thresholds, sides)
+        grid = grid_values(cur, gates, thresholds, sides, min_lengths)
         rows = []
         for pt in progress(grid, desc=f"calibrate {prof}", unit="setting", every=5):
-            sv = {"gate": pt["gate"], "max_side": pt["max_side"]} if cur["max_side"] is not None else \
-                {"gate": pt["gate"]}
+            sv = {"gate": pt["gate"], "min_length": pt["min_length"]}
+            if cur["max_side"] is not None:
+                sv["max_side"] = pt["max_side"]
             thr = pt["threshold"]
-            tag = f"g{pt['gate']:g}_t{thr if isinstance(thr, str) else format(thr, 'g')}_m{pt['max_side']}"
+            tag = (f"g{pt['gate']:g}_t{thr if isinstance(thr, str) else format(thr, 'g')}_m{pt['max_side']}"
+                   f"_l{pt['min_length']:g}")
             sums = {names[d]: evaluate(method=None, data=Path(d), split="val", model=model, limit=limit,
                                        threshold=thr, survey=sv, out=work / prof / tag / names[d],
                                        log=lambda m: None, show_progress=False)
@@ -200,8 +211,8 @@ def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, g
                       or [0]) or None
         best, met, level = _choose(rows, budget, frame_budget, min_detection, n_crack)
         here = next((r for r in rows if r["gate"] == _rnd(cur["gate"]) and r["threshold"] == _rnd(cur["threshold"])
-                     and r["max_side"] == cur["max_side"]), None)
-        settings = {k: best[k] for k in ("gate", "threshold", "max_side")}
+                     and r["max_side"] == cur["max_side"] and r["min_length"] == _rnd(cur["min_length"])), None)
+        settings = {k: best[k] for k in ("gate", "threshold", "max_side", "min_length")}
         chosen[prof] = settings
         record_profiles[prof] = {"sets": [str(Path(d)) for d in sets], "before": cur, "chosen": settings,
                                  "constraints_met": met, "rule": level,

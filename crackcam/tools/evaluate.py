@@ -771,6 +771,9 @@ def calibrate_cmd(
                                                  "thresholds to try (default: the graph's)"),
         max_sides: Optional[str] = typer.Option(None, "--max-sides", help="with --model: comma-separated work "
                                                 "sizes (longer side, px) to try (default: the graph's)"),
+        min_lengths: Optional[str] = typer.Option(None, "--min-lengths", help="with --model: comma-separated "
+                                                  "minimum crack lengths (px of skeleton) for a frame to count as "
+                                                  "cracked (default: the graph's)"),
         data: Optional[List[Path]] = typer.Option(None, "--data", "-d", help="data folder(s) whose VALIDATION "
                                                   "split is used (default: the run's training sets)"),
         out: Optional[Path] = typer.Option(None, help="recipe file (default: DIR/recipe.json); with --model the "
@@ -802,10 +805,10 @@ def calibrate_cmd(
     _threads()
     if model is not None:
         _calibrate_model_cmd(ctx, model=model, data=data, out=out, gates=gates, thresholds=thresholds,
-                             max_sides=max_sides, budget=budget, frame_budget=frame_budget,
+                             max_sides=max_sides, min_lengths=min_lengths, budget=budget, frame_budget=frame_budget,
                              min_detection=min_detection, limit=limit)
         return
-    typed = [n for n in ("gates", "thresholds", "max_sides") if n in _typed(ctx)]
+    typed = [n for n in ("gates", "thresholds", "max_sides", "min_lengths") if n in _typed(ctx)]
     if typed:
         typer.echo(f"crack-eval calibrate: {', '.join('--' + n.replace('_', '-') for n in typed)}: only with "
                    f"--model (a run folder's calibration searches its own grid)", err=True)
@@ -840,7 +843,7 @@ def _floats(name: str, text: str | None, cast=float) -> list | None:
     return vals
 
 
-def _calibrate_model_cmd(ctx, *, model, data, out, gates, thresholds, max_sides, budget, frame_budget,
+def _calibrate_model_cmd(ctx, *, model, data, out, gates, thresholds, max_sides, min_lengths, budget, frame_budget,
                          min_detection, limit) -> None:
     from crackcam.tools.calibrate_model import calibrate_model
 
@@ -848,10 +851,11 @@ def _calibrate_model_cmd(ctx, *, model, data, out, gates, thresholds, max_sides,
                                              "roi_size", "scale", "max_side", "overlap", "labels", "masks", "seed")]
     if other:
         typer.echo(f"crack-eval calibrate: {', '.join('--' + n.replace('_', '-') for n in other)}: not read with "
-                   f"--model (it searches --gates, --thresholds, --max-sides on the graph's own recipe)", err=True)
+                   f"--model (it searches --gates, --thresholds, --max-sides, --min-lengths on the graph's own recipe)", err=True)
         raise typer.Exit(2)
     r = _run(calibrate_model, model=model, data=list(data or []), out=out, gates=_floats("gates", gates),
              thresholds=_floats("thresholds", thresholds), max_sides=_floats("max-sides", max_sides, int),
+             min_lengths=_floats("min-lengths", min_lengths),
              budget=budget, frame_budget=frame_budget, min_detection=min_detection, limit=limit,
              log=_err)
     typer.echo(json.dumps({k: v for k, v in r.items() if k != "profiles"}
