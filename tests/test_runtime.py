@@ -651,6 +651,29 @@ def test_tile_origins_cover_and_blend_is_a_partition():
     assert np.allclose(m[:, :48], 0.2) and np.allclose(m[:, 64:], 0.8)
     mid = m[10, 48:64]
     assert np.all(np.diff(mid) > 0) and mid.min() > 0.2 and mid.max() < 0.8
+    # gated tiles are skipped, not stitched as zero maps: the same map to the bit (weights over every tile)
+    rng = np.random.default_rng(2)
+    coords = [(0, 0), (0, 48), (48, 0), (48, 48)]
+    maps = [rng.random((64, 64)).astype(np.float32) for _ in coords]
+    for keep in ([True, False, True, False], [False] * 4, [False, False, False, True]):
+        zeroed = [mp if k else np.zeros_like(mp) for mp, k in zip(maps, keep)]
+        assert np.array_equal(stitch(maps, coords, (112, 112), 16, keep), stitch(zeroed, coords, (112, 112), 16))
+
+
+def test_postprocess_of_an_empty_map_is_the_empty_result_of_any_map():
+    """A gated frame's all-zero map short-cuts the post-processing; its result (mask, skeleton, measures,
+    threshold) is what a map whose pixels are all cleaned away gives."""
+    from crackcam.runtime.postprocess import PostProcessConfig, postprocess
+
+    speck = np.zeros((60, 80), np.float32)
+    speck[10, 10:12] = 0.9
+    for cfg in (PostProcessConfig(threshold=0.5, min_area=10), PostProcessConfig(threshold=0.5, min_area=10,
+                                                                                  skeleton=False)):
+        a = postprocess(np.zeros((60, 80), np.float32), cfg, mm_per_px=0.4)
+        b = postprocess(speck, cfg, mm_per_px=0.4)
+        assert not a.mask.any() and not b.mask.any() and a.threshold == b.threshold == 0.5
+        assert a.measures == b.measures, (a.measures, b.measures)
+        assert (a.skeleton is None) == (b.skeleton is None) and (a.skeleton is None or not a.skeleton.any())
 
 
 def test_tiled_large_frame_equals_whole_frame(tmp_path, models):

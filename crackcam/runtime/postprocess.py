@@ -355,7 +355,7 @@ def hysteresis(crack_map: np.ndarray, strong: np.ndarray, low: float) -> np.ndar
     sub = weak[y0:y0 + bh, x0:x0 + bw].view(np.uint8)
     n, lab = cv2.connectedComponents(sub, connectivity=8)
     keep = np.zeros(n, bool)
-    keep[np.unique(lab[strong[y0:y0 + bh, x0:x0 + bw]])] = True
+    keep[lab[strong[y0:y0 + bh, x0:x0 + bw]]] = True
     keep[0] = False
     out = np.zeros_like(strong)
     out[y0:y0 + bh, x0:x0 + bw] = keep[lab]
@@ -370,6 +370,11 @@ def postprocess(crack_map: np.ndarray, cfg: PostProcessConfig | None = None, mm_
     if cmap.ndim != 2:
         raise ValueError(f"crack map must be H×W, got shape {cmap.shape}")
     t = resolve_threshold(cmap, cfg.threshold)
+    if not cmap.any():  # a gated frame: nothing reaches any threshold (binarize keeps map > 0 only)
+        mask = np.zeros(cmap.shape, bool)
+        if not cfg.skeleton:
+            return PostResult(mask, None, {"area_px": 0, "components": 0}, t)
+        return PostResult(mask, mask.copy(), measure(mask, None, mm_per_px, components=0), t)
     mask = binarize(cmap, t)
     if cfg.hysteresis > 0 and mask.any():
         mask = hysteresis(cmap, mask, cfg.hysteresis * t)

@@ -324,18 +324,25 @@ def _inv_weight_sum(coords: tuple, shape: tuple, th: int, tw: int, overlap: int)
     return inv
 
 
-def stitch(maps: list[np.ndarray], coords: list, shape: tuple, overlap: int) -> np.ndarray:
-    """Weighted blend of tile maps into one ``shape`` map: Σ wᵢ·mᵢ / Σ wᵢ with :func:`blend_window` weights."""
+def stitch(maps: list[np.ndarray], coords: list, shape: tuple, overlap: int, keep=None) -> np.ndarray:
+    """Weighted blend of tile maps into one ``shape`` map: Σ wᵢ·mᵢ / Σ wᵢ with :func:`blend_window` weights.
+    ``keep`` (bool per tile): the tiles whose maps count; the others are zero maps (gated), which add nothing to
+    the sum, so they are skipped — the weights Σ wᵢ still run over every tile."""
     H, W = shape
+    if keep is None:
+        keep = [True] * len(maps)
     if len(maps) == 1 and tuple(coords[0]) == (0, 0) and maps[0].shape == (H, W):
-        return np.asarray(maps[0], np.float32)
-    th, tw = maps[0].shape
-    win = blend_window(th, tw, overlap)
+        return np.asarray(maps[0], np.float32) if keep[0] else np.zeros((H, W), np.float32)
     acc = np.zeros((H, W), np.float32)
+    if not any(keep):
+        return acc
+    th, tw = np.asarray(maps[0]).shape
+    win = blend_window(th, tw, overlap)
     tmp = np.empty((th, tw), np.float32)
-    for m, (y, x) in zip(maps, coords):
-        np.multiply(m, win, out=tmp)
-        acc[y:y + th, x:x + tw] += tmp
+    for m, (y, x), k in zip(maps, coords, keep):
+        if k:
+            np.multiply(m, win, out=tmp)
+            acc[y:y + th, x:x + tw] += tmp
     acc *= _inv_weight_sum(tuple(map(tuple, coords)), (H, W), th, tw, overlap)
     return acc
 
@@ -368,9 +375,9 @@ def merge_tiles(plan: FramePlan, probs, maps, cfg: SurveyConfig) -> tuple[np.nda
     if probs.size != plan.n_tiles or len(maps) != plan.n_tiles:
         raise ValueError(f"merge_tiles: {len(maps)} maps / {probs.size} probabilities for {plan.n_tiles} tiles")
     keep = tile_keep(plan, probs, cfg)
-    tiles = [np.asarray(m, np.float32) if k else np.zeros(plan.tile, np.float32) for m, k in zip(maps, keep)]
     h, w = plan.work_shape
-    work = stitch(tiles, plan.coords, plan.padded_shape, plan.overlap)[:h, :w]
+    work = stitch([np.asarray(m, np.float32) for m in maps], plan.coords, plan.padded_shape, plan.overlap,
+                  keep)[:h, :w]
     roi = roi_mask(plan.shape, cfg)
     if roi is not None:
         inside = _tiles_in_roi(plan, roi)
@@ -384,6 +391,8 @@ def frame_map(work: np.ndarray, plan: FramePlan, cfg: SurveyConfig) -> np.ndarra
     """A work-scale map resized back to the frame (bilinear), zero outside the ROI."""
     H, W = plan.shape
     m = np.asarray(work, np.float32)
+    if not m.any():  # every tile gated: the resize and the ROI of zeros are zeros
+        return np.zeros((H, W), np.float32)
     if m.shape != (H, W):
         m = cv2.resize(m, (W, H), interpolation=cv2.INTER_LINEAR)
     roi = roi_mask((H, W), cfg)
