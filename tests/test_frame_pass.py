@@ -14,7 +14,8 @@ from crackcam.runtime.sessions import open_session
 from crackcam.runtime.steps import FrameSteps, infer_frame
 from crackcam.train.synth import draw_crack_image, write_synthetic_dataset
 
-PACKAGED = Path(__file__).resolve().parents[1] / "crackcam" / "assets" / "default.onnx"
+ASSETS = Path(__file__).resolve().parents[1] / "crackcam" / "assets"
+PACKAGED = ASSETS / "default_tiles.onnx"  # the exported top-k tile graph (default.onnx is its cascade)
 runner = CliRunner()
 
 
@@ -159,7 +160,7 @@ def test_malformed_frame_pass_metadata_is_refused():
 
 
 def test_the_packaged_frame_pass_is_the_default_cut_by_its_recorded_command(tmp_path):
-    """crackcam/assets/default_frame.onnx is what its provenance command makes of default.onnx."""
+    """crackcam/assets/default_frame.onnx is what its provenance command makes of default_tiles.onnx."""
     pytest.importorskip("onnx")
     import hashlib
     import shlex
@@ -182,3 +183,155 @@ def test_the_packaged_frame_pass_is_the_default_cut_by_its_recorded_command(tmp_
     meta = open_session(packaged, provider="cpu").meta
     assert meta.frame_pass["gate"] == prov["gate"] == meta.raw["survey"]["gate"]
     assert all(p["survey"]["gate"] == prov["gate"] for p in meta.raw.get("profiles", {}).values())
+
+
+# ------------------------------------------------------------------------------------------------- the cascade
+def _steps(sess, **survey):
+    from crackcam.runtime.pipeline import build_model_steps
+
+    return build_model_steps(sess, survey=survey).default
+
+
+def test_the_cascade_reruns_the_proposed_tiles_as_tiles(graphs):
+    """``model_pass="cascade"``: the tiles whose one-pass probability is at least gate - recheck get the tile
+    graph's probability and map, the others keep the one pass's; with every tile proposed the frame is the tile
+    graph's frame, with none it is the one pass's."""
+    tile_g, frame_g = graphs
+    ts, fs = open_session(tile_g, provider="cpu"), open_session(frame_g, provider="cpu")
+    img = draw_crack_image(np.random.default_rng(11), 540, 640)[0][..., ::-1].copy()
+    tiles = _steps(ts, gate=0.5)
+    plan = tiles.plan(img)
+    pt, mt, _ = tiles.infer(ts, img, plan)
+    pf, mf, _ = _steps(fs, gate=0.5, model_pass="frame").infer(fs, img, plan)
+    assert len(pt) == len(pf) == plan.n_tiles > 20
+    assert max(abs(a - b) for a, b in zip(pt, pf)) > 1e-3  # the one pass does differ from the tiles
+    margin = float(np.median(np.abs(0.5 - np.asarray(pf))))  # about half the tiles proposed
+    casc = _steps(fs, gate=0.5, model_pass="cascade", recheck=margin)
+    assert casc.pass_for(fs.meta) == "cascade"
+    pc, mc, _ = casc.infer(fs, img, plan, batch=4)
+    proposed = [p >= 0.5 - margin for p in pf]
+    assert 0 < sum(proposed) < len(pf)
+    for i, on in enumerate(proposed):
+        want_p, want_m = (pt[i], mt[i]) if on else (pf[i], mf[i])
+        assert abs(pc[i] - want_p) < 1e-5 and np.abs(mc[i] - want_m).max() < 1e-5, i
+    everything = _steps(fs, gate=0.5, model_pass="cascade", recheck=1.0).process(fs, img)
+    ref = tiles.process(ts, img)
+    assert np.array_equal(everything.post.mask, ref.post.mask) and everything.cracked == ref.cracked
+    assert np.abs(everything.map - ref.map).max() < 1e-4
+    nothing = _steps(fs, gate=2.0, model_pass="cascade", recheck=0.0).infer(fs, img, plan)
+    assert np.allclose(nothing[0], pf)  # a gate no tile reaches proposes none: the one pass as it is
+
+
+def test_a_pass_the_graph_cannot_run_is_one_line(graphs, tmp_path):
+    """A one-pass mode on a tile graph, or an unknown pass, stops crack-run and crack-eval with one line."""
+    from crackcam.runtime import cli as run_cli
+    from crackcam.runtime.meta import ModelFileError
+    from crackcam.runtime.survey import SurveyConfig
+    from crackcam.tools.evaluate import app
+
+    tile_g, frame_g = graphs
+    with pytest.raises(ModelFileError, match="needs a frame-pass graph"):
+        _steps(open_session(tile_g, provider="cpu"), model_pass="cascade")
+    with pytest.raises(ValueError, match="model_pass"):
+        SurveyConfig(model_pass="sometimes")
+    with pytest.raises(ValueError, match="recheck"):
+        SurveyConfig(recheck=-0.1)
+    assert _steps(open_session(tile_g, provider="cpu")).pass_for(open_session(tile_g, provider="cpu").meta) == \
+        "tiles"
+    data = write_synthetic_dataset(tmp_path / "flat", n_crack=1, n_free=1, size=(130, 130), layout="flat", seed=2)
+    for args, want in ((["--model", str(tile_g), "--pass", "cascade"], "needs a frame-pass graph"),
+                       (["--model", str(frame_g), "--pass", "both"], "--pass 'both'"),
+                       (["--model", str(frame_g), "--recheck", "2"], "--recheck 2")):
+        r = runner.invoke(run_cli.app, [*args, "--source", str(data / "images"), "--out", str(tmp_path / "o"),
+                                        "--no-progress"])
+        assert r.exit_code == 2 and want in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    r = runner.invoke(app, ["--model", str(tile_g), "--pass", "cascade", "--data", str(data), "--split", "all",
+                            "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 2 and "needs a frame-pass graph" in r.output, r.output
+
+
+def test_crack_run_with_the_cascade_writes_the_tile_graphs_records(graphs, tmp_path):
+    """crack-run --pass cascade (margin 1: every tile re-checked) on a frame-pass graph writes the records and
+    masks the tile graph writes; the one pass alone need not."""
+    from crackcam.runtime import cli as run_cli
+
+    tile_g, frame_g = graphs
+    src = tmp_path / "frames"
+    src.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(src / f"f{i}.png"), draw_crack_image(np.random.default_rng(20 + i), 300, 420)[0][..., ::-1])
+
+    def run(model, *extra):
+        out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        r = runner.invoke(run_cli.app, ["--model", str(model), "--source", str(src), "--out", str(out),
+                                        "--no-progress", "--save", "masks", "--gate", "0.5", *extra])
+        assert r.exit_code == 0, r.output
+        recs = {x["key"]: x for x in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+        masks = {p.name: cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted((out / "masks").iterdir())}
+        return recs, masks
+
+    ref, ref_m = run(tile_g)
+    got, got_m = run(frame_g, "--pass", "cascade", "--recheck", "1")
+    assert set(ref) == set(got) and len(ref) == 3 and set(ref_m) == set(got_m)
+    for k in ref:
+        assert got[k]["cracked"] == ref[k]["cracked"] and abs(got[k]["prob"] - ref[k]["prob"]) < 1e-5
+        assert abs(got[k]["length_px"] - ref[k]["length_px"]) < 1e-6
+    assert all(np.array_equal(ref_m[n], got_m[n]) for n in ref_m)
+
+
+def test_cascade_agreement_and_choice():
+    """The margin rule: the smallest margin that loses no tile the tile pass keeps; tiles when the cascade would
+    cost as much as the tiles."""
+    from crackcam.tools.cascade import agreement, choose
+
+    pf = np.array([0.9, 0.42, 0.3, 0.1])
+    pt = np.array([0.95, 0.55, 0.52, 0.2])  # tiles 1 and 2 are kept by the tile pass
+    assert agreement(pf, pt, 0.5, 0.0) == (1, 2)
+    assert agreement(pf, pt, 0.5, 0.1) == (2, 1)
+    assert agreement(pf, pt, 0.5, 0.2) == (3, 0)
+    rec = {"gate": 0.5, "frames": [(pf, pt)], "frame_s": 0.004, "tiles_s": 0.020, "per_tile_s": [0.0025]}
+    c = choose(rec, (0.05, 0.1, 0.2, 0.3))
+    assert c["model_pass"] == "cascade" and c["recheck"] == 0.2
+    assert [r["tiles_lost"] for r in c["table"]] == [2, 1, 0, 0]
+    assert c["table"][2]["model_ms"] == pytest.approx(4 + 3 * 2.5)  # one pass + 3 re-run tiles
+    dear = choose({**rec, "frame_s": 0.013}, (0.05, 0.1, 0.2, 0.3))  # 13 + 7.5 ms > 20 ms of tiles
+    assert dear["model_pass"] == "tiles" and dear["recheck"] == 0.0
+    assert choose(rec, (0.05,))["model_pass"] == "tiles"  # no margin loses nothing
+
+
+def test_the_packaged_default_is_the_cascade_of_the_tile_graph():
+    """crackcam/assets/default.onnx: the packaged tile graph's frame pass (same logits) with the cascade chosen
+    by crackcam.tools.cascade (its provenance says on what); on survey-size frames it gives the tile graph's
+    masks."""
+    pytest.importorskip("onnx")
+    import hashlib
+
+    from crackcam.export.frame_pass import frame_pass_model
+
+    default = ASSETS / "default.onnx"
+    prov = json.loads((ASSETS / "default_model.json").read_text())
+    assert prov["file"] == "default.onnx" and prov["sha256"] == hashlib.sha256(default.read_bytes()).hexdigest()
+    assert prov["tiles"]["sha256"] == hashlib.sha256(PACKAGED.read_bytes()).hexdigest()
+    ds = open_session(default, provider="cpu")
+    sv = ds.meta.raw["survey"]
+    assert ds.meta.frame_pass and sv["model_pass"] == "cascade" and sv["gate"] == prov["recipe"]["gate"]
+    assert sv["recheck"] == prov["cascade"]["profiles"]["default"]["recheck"] > 0
+    assert ds.meta.raw["cascade"]["chosen_on"]["splits"] == ["train", "val"]
+    body, _ = frame_pass_model(PACKAGED, check=False)
+    ts = open_session(PACKAGED, provider="cpu")
+    x = np.random.default_rng(8).integers(0, 256, (1, 144, 200, 3), dtype=np.uint8)
+    import onnxruntime as ort
+
+    z = ort.InferenceSession(body.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    assert np.array_equal(np.asarray(z, np.float32).reshape(ds.run_logits(x).shape), ds.run_logits(x))
+    frames = sorted((Path(__file__).resolve().parents[2] / "shared" / "datasets" / "paveseg" / "images")
+                    .glob("*.jpg"))[:6]
+    imgs = [cv2.imread(str(p)) for p in frames] or \
+        [draw_crack_image(np.random.default_rng(30 + i), 1080, 1280)[0][..., ::-1].copy() for i in range(2)]
+    a, b = _steps(ts), None
+    from crackcam.runtime.pipeline import build_model_steps
+
+    b = build_model_steps(ds)
+    for im in imgs:
+        ra, rb = a.process(ts, im), b.for_shape(im.shape).process(ds, im)
+        assert np.array_equal(ra.post.mask, rb.post.mask) and ra.cracked == rb.cracked

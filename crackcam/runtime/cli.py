@@ -60,10 +60,18 @@ def _parse_save(s: str) -> tuple:
     return kinds
 
 
-def _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length) -> dict:
-    from .survey import parse_roi
+def _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length, model_pass=None, recheck=None) -> dict:
+    from .survey import PASSES, parse_roi
 
     d: dict = {}
+    if model_pass is not None:
+        if model_pass not in PASSES:
+            _err(f"--pass {model_pass!r}: choose {', '.join(PASSES)}")
+        d["model_pass"] = model_pass
+    if recheck is not None:
+        if not 0 <= recheck <= 1:
+            _err(f"--recheck {recheck:g}: must lie in [0, 1]")
+        d["recheck"] = recheck
     if scale is not None:
         if not 0 < scale <= 4:
             _err(f"--scale {scale}: must lie in (0, 4]")
@@ -153,6 +161,12 @@ def run(
     no_roi: bool = typer.Option(False, "--no-roi", help="ignore the model's ROI"),
     min_length: Optional[float] = typer.Option(None, help="a frame is 'cracked' when its crack skeleton is at least "
                                                "this long (px; default: the model's calibrated value)"),
+    model_pass: Optional[str] = typer.Option(None, "--pass", help="frame-pass graphs: tiles (every tile as a tile "
+                                             "graph would), frame (one pass per frame, tiles read out of it) or "
+                                             "cascade (one pass proposes, the tiles within --recheck of the gate "
+                                             "are re-run as tiles); default: the model's"),
+    recheck: Optional[float] = typer.Option(None, help="--pass cascade: re-run the tiles whose one-pass probability "
+                                            "is at least gate - recheck (default: the model's)"),
     workers: int = typer.Option(2, min=1, help="post-processing threads"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads (default: all cores)"),
     resume: bool = typer.Option(True, help="skip frames already in OUT/results.jsonl (written by the same model and "
@@ -189,7 +203,7 @@ def run(
         model = DEFAULT_MODEL
     thr = _parse_threshold(threshold)
     save_kinds = _parse_save(save)
-    survey = _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length)
+    survey = _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length, model_pass, recheck)
     if gps_method not in ("linear", "nearest"):
         _err(f"--gps-method {gps_method!r}: choose linear or nearest")
     if mm_per_px is not None and mm_per_px <= 0:

@@ -78,6 +78,7 @@ class _Plan:
     plan: S.FramePlan
     tiles: list  # list of uint8 arrays (h, w, 3), same shape
     steps: FrameSteps | None = None
+    one_pass: bool = False  # the steps' pass is "frame" or "cascade": the frame goes to the model whole
     probs: list = field(default_factory=list)
     maps: list = field(default_factory=list)
     infer_s: float = 0.0
@@ -114,7 +115,6 @@ class Pipeline:
         self.meta = session.meta
         fixed = self.meta.fixed_size
         self.fixed = fixed
-        self.frame_pass = bool(getattr(self.meta, "frame_pass", None))  # one pass per frame, no tile batches
         # The model's frame steps: survey geometry and gate, the refine-<cam> pixel-cue step (the graph gives the
         # CAM, the cue and the combination run here with the refined map's own threshold), post-processing.
         self.refine_block: dict | None = None if cfg.no_refine else model_refine_block(self.meta)
@@ -165,7 +165,8 @@ class Pipeline:
         t0 = time.perf_counter()
         steps = self.model_steps.for_shape(fr.image.shape)
         plan = steps.plan(fr.image)
-        return _Plan(fr, t0, plan, [] if self.frame_pass else steps.tiles(fr.image, plan), steps)
+        one = steps.pass_for(self.meta) != "tiles"  # a frame pass (or a cascade): no tile batches across frames
+        return _Plan(fr, t0, plan, [] if one else steps.tiles(fr.image, plan), steps, one)
 
     # ------------------------------------------------------------------ stages
     def _put(self, q: queue.Queue, item) -> bool:
@@ -251,8 +252,9 @@ class Pipeline:
                 if item is _END:
                     break
                 plan = self.plan(item)
-                if self.frame_pass:  # the whole work image in one call: the tiles are read out of it
-                    probs, maps, dt = infer_frame(self.session, plan.frame.image, plan.plan)
+                if plan.one_pass:  # the whole work image in one call, the tiles read out of it (cascade: and
+                    # the proposed ones re-run as tiles)
+                    probs, maps, dt = plan.steps.infer(self.session, plan.frame.image, plan.plan, self.batch)
                     plan.probs, plan.maps, plan.infer_s, plan.n_tiles = probs, maps, dt, len(maps)
                     self.stats["infer_s"] += dt
                     self.stats["batches"] += 1

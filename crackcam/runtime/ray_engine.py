@@ -33,7 +33,6 @@ from .optional import OptionalBroken, import_optional
 from .pipeline import build_model_steps, finish_frame, run_identity, run_summary, start_results, write_run_files
 from .progress import bar as progress_bar
 from .sources import Frame, ImageListSource, SourceStats, open_source
-from .steps import infer_frame, infer_tiles
 
 RAY_HINT = "pip install 'crackcam[cluster]'"
 
@@ -167,10 +166,7 @@ class FrameWorker:
             fr = Frame(int(batch["index"][i]), img, str(batch["path"][i]), None if np.isnan(ts) else ts, key)
             steps = self.steps.for_shape(img.shape)
             plan = steps.plan(img)
-            if self.sess.meta.frame_pass:  # one pass over the work image (steps.infer_frame)
-                probs, maps, infer_s = infer_frame(self.sess, img, plan)
-            else:
-                probs, maps, infer_s = infer_tiles(self.sess, steps.tiles(img, plan), self.batch, self.fixed_batch)
+            probs, maps, infer_s = steps.infer(self.sess, img, plan, self.batch)  # tiles, one pass or a cascade
             futs.append(self._pool.submit(self._finish, fr, steps, plan, probs, maps, infer_s, t0))
         return {"record": np.array([f if isinstance(f, str) else f.result() for f in futs], dtype=object)}
 

@@ -22,6 +22,7 @@ from .cues import RefineConfig, refine
 from .postprocess import PostProcessConfig, PostResult, postprocess
 
 __all__ = ["FrameSteps", "FrameResult", "frame_pass_input", "infer_frame", "infer_tiles", "model_refine_block",
+           "recheck_tiles", "tile_batch",
            "model_survey_block", "pad_batch",
            "post_config_dict"]
 
@@ -163,6 +164,7 @@ class FrameSteps:
         if prof is not None:
             class _M:  # the profile's blocks in place of the top-level ones
                 fixed_size = getattr(meta, "fixed_size", None)
+                frame_pass = getattr(meta, "frame_pass", None)
                 postprocess = dict(prof.get("postprocess") or {})
                 threshold_ = prof.get("threshold")
                 raw = {**(getattr(meta, "raw", None) or {}), "survey": prof.get("survey") or {},
@@ -183,8 +185,21 @@ class FrameSteps:
             pp["skeleton"] = False
         elif sv.min_length > 0:
             pp["skeleton"] = True
-        return cls(sv, RefineConfig.from_dict(rb) if rb else None, PostProcessConfig.from_dict(pp),
-                   getattr(meta, "fixed_size", None))
+        steps = cls(sv, RefineConfig.from_dict(rb) if rb else None, PostProcessConfig.from_dict(pp),
+                    getattr(meta, "fixed_size", None))
+        steps.pass_for(meta)  # a pass the graph cannot run is a bad setting now, not at the first frame
+        return steps
+
+    def pass_for(self, meta) -> str:
+        """How frames meet a graph with metadata ``meta``: ``"tiles"``, ``"frame"`` or ``"cascade"``
+        (``survey.model_pass``; unset: one pass for a frame-pass graph, tiles otherwise).  ValueError for a one-pass
+        mode on a tile graph."""
+        fp = getattr(meta, "frame_pass", None)
+        mode = self.survey.model_pass or ("frame" if fp else "tiles")
+        if mode != "tiles" and not fp:
+            raise ValueError(f"survey model_pass {mode!r} needs a frame-pass graph (python -m "
+                             f"crackcam.export.frame_pass cuts one from a top-k tile graph); this graph runs tiles")
+        return mode
 
     def settings(self) -> dict:
         """Every setting that shapes a frame's record, flat (``survey.tile``, ``refine.mode``, ``post.threshold``,
@@ -230,23 +245,59 @@ class FrameSteps:
         return self.finish(image_bgr, plan, probs, maps, mm_per_px)
 
     def run_model(self, session, image_bgr: np.ndarray, batch: int | None = None) -> tuple:
-        """Plan → tiles → model for one frame: ``(plan, tile probabilities, tile maps)``, in chunks of ``batch``
-        tiles (default: all of them) that the session takes — a fixed-batch graph's size, at most a TensorRT
-        engine's largest batch."""
+        """Plan → model for one frame: ``(plan, tile probabilities, tile maps)`` (:meth:`infer`)."""
         meta = getattr(session, "meta", None)
         fixed = self.fixed_size or getattr(meta, "fixed_size", None)
         plan = S.plan_frame(image_bgr.shape, self.survey, fixed)
-        if getattr(meta, "frame_pass", None):  # one pass over the whole work image
-            probs, maps, _ = infer_frame(session, image_bgr, plan)
-            return plan, probs, maps
-        tiles = self.tiles(image_bgr, plan)
-        nb = getattr(meta, "batch", None)
-        n = nb or batch or len(tiles)
-        mb = getattr(session, "max_batch", None)
-        if mb and not nb:
-            n = min(n, mb)
-        probs, maps, _ = infer_tiles(session, tiles, max(1, n), nb)
+        probs, maps, _ = self.infer(session, image_bgr, plan, batch)
         return plan, probs, maps
+
+    def infer(self, session, image: np.ndarray, plan: S.FramePlan, batch: int | None = None,
+              tiles: list | None = None) -> tuple[list, list, float]:
+        """The model's part of one frame, in the steps' pass (:meth:`pass_for`): ``(probs, maps, seconds in the
+        model)``.  Tiles go in chunks of ``batch`` (default: all of them) that the session takes — a fixed-batch
+        graph's size, at most a TensorRT engine's largest batch; ``tiles``: the plan's tiles when already cut."""
+        mode = self.pass_for(getattr(session, "meta", None))
+        if mode == "tiles":
+            tiles = self.tiles(image, plan) if tiles is None else tiles
+            return infer_tiles(session, tiles, *tile_batch(session, batch, len(tiles)))
+        probs, maps, secs = infer_frame(session, image, plan)
+        if mode == "cascade":
+            probs, maps, secs = recheck_tiles(session, image, plan, probs, maps, secs,
+                                              float(self.survey.gate) - float(self.survey.recheck), batch)
+        return probs, maps, secs
+
+
+def tile_batch(session, batch: int | None, n: int) -> tuple[int, int | None]:
+    """``(tiles per call, fixed batch or None)`` for ``n`` tiles through ``session``: ``batch`` (default: all
+    ``n``), a fixed-batch graph's own size, at most a TensorRT engine's largest batch."""
+    meta = getattr(session, "meta", None)
+    nb = getattr(meta, "batch", None)
+    k = nb or batch or n
+    mb = getattr(session, "max_batch", None)
+    if mb and not nb:
+        k = min(k, mb)
+    return max(1, k), nb
+
+
+def recheck_tiles(session, image: np.ndarray, plan: S.FramePlan, probs: list, maps: list, secs: float,
+                  floor: float, batch: int | None = None) -> tuple[list, list, float]:
+    """The cascade's second step: the tiles whose one-pass probability is at least ``floor`` (the gate less the
+    recheck margin) are cut and run as tiles through the same graph; their probabilities and maps replace the
+    read-out ones (the tile graph's outputs, within float rounding).  The others keep their one-pass figures:
+    they lie below the floor, so the gate drops them either way unless the one pass underrated them by more
+    than the margin (the margin is chosen so that this does not happen on validation frames)."""
+    idx = [i for i, p in enumerate(probs) if p >= floor]
+    if not idx:
+        return probs, maps, secs
+    work = S.work_image(image, plan)
+    th, tw = plan.tile
+    tiles = [work[y:y + th, x:x + tw] for y, x in (plan.coords[i] for i in idx)]
+    p2, m2, s2 = infer_tiles(session, tiles, *tile_batch(session, batch, len(tiles)))
+    probs, maps = list(probs), list(maps)
+    for j, i in enumerate(idx):
+        probs[i], maps[i] = p2[j], m2[j]
+    return probs, maps, secs + s2
 
 
 def pad_batch(arr: np.ndarray, fixed_batch: int | None) -> np.ndarray:

@@ -33,8 +33,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-__all__ = ["SurveyConfig", "FramePlan", "RoiError", "work_scale", "tile_origins", "blend_window", "plan_frame",
+__all__ = ["PASSES", "SurveyConfig", "FramePlan", "RoiError", "work_scale", "tile_origins", "blend_window", "plan_frame",
            "cut_tiles", "work_image", "merge_tiles", "frame_map", "stitch", "roi_mask", "parse_roi", "decide_frame"]
+
+
+PASSES = ("tiles", "frame", "cascade")  # SurveyConfig.model_pass
 
 
 class RoiError(ValueError):
@@ -64,6 +67,13 @@ class SurveyConfig:
     roi_mask: str | None = None  # or a mask PNG (non-zero = inside)
     roi_size: list | None = None  # [W, H]: the ROI applies to frames of this size only
     min_length: float = 0.0  # px (frame scale): a frame is cracked when its crack skeleton is this long
+    # How a frame-pass graph (crackcam.export.frame_pass) meets the tiles: "frame" (one pass over the work image,
+    # each tile read out of it), "cascade" (that pass proposes: the tiles whose one-pass probability is at least
+    # gate - recheck are run again as tiles, and their probabilities and maps replace the read-out ones),
+    # "tiles" (every tile through the graph, as the tile graph).  None: "frame" for a frame-pass graph, "tiles"
+    # for a tile graph (which can only run tiles).
+    model_pass: str | None = None
+    recheck: float = 0.0  # cascade: the margin below the gate within which a proposed tile is re-run
 
     def __post_init__(self):
         self.validate()
@@ -81,6 +91,10 @@ class SurveyConfig:
             raise ValueError(f"survey gate {self.gate!r} must be >= 0 (above 1 every tile is gated)")
         if float(self.min_length) < 0:
             raise ValueError(f"survey min_length {self.min_length!r} must be >= 0")
+        if self.model_pass not in (None,) + PASSES:
+            raise ValueError(f"survey model_pass {self.model_pass!r} must be one of {', '.join(PASSES)} (or null)")
+        if not (isinstance(self.recheck, (int, float)) and 0 <= float(self.recheck) <= 1):
+            raise ValueError(f"survey recheck {self.recheck!r} must be a number in [0, 1]")
         if self.roi is not None:
             self.roi = _check_polygons(self.roi)
         if self.roi_size is not None:

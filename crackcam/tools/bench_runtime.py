@@ -12,7 +12,7 @@ One run prints, side by side:
 ``--long``: a 10,000-frame video through the pipeline, printing resident memory (RSS) at the start, every 1,000
 frames and at the end — memory must stay flat.
 
-Model: ``--model FILE.onnx``; default ``crackcam/assets/default.onnx`` if present, else a small CNN built in code
+Model: ``--model FILE.onnx``; default ``crackcam/assets/default_tiles.onnx`` (the packaged tile graph) if present, else a small CNN built in code
 (``crackcam.runtime.toy``, 4 stride-2 convolutions) so the command works anywhere.
 """
 
@@ -37,18 +37,18 @@ from crackcam.runtime.imageio import read_image
 from crackcam.runtime.sources import ImageListSource, VideoSource
 from crackcam.runtime.steps import FrameSteps
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.onnx"
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default_tiles.onnx"  # the tile graph (default.onnx: its cascade)
 
 
 def _model(arg: str | None, workdir: Path, convs: int, channels: int, size: int | None) -> tuple[Path, str]:
     if arg:
         return Path(arg), Path(arg).name
     if DEFAULT_MODEL.is_file():
-        return DEFAULT_MODEL, "crackcam/assets/default.onnx"
+        return DEFAULT_MODEL, "crackcam/assets/default_tiles.onnx"
     from crackcam.runtime.toy import make_toy_model
 
     p = make_toy_model(workdir / "toy_cnn.onnx", convs=convs, channels=channels, height=size, width=size)
-    return p, f"toy CNN built in code ({convs} stride-2 3x3 convs, {channels} ch; default.onnx absent)"
+    return p, f"toy CNN built in code ({convs} stride-2 3x3 convs, {channels} ch; default_tiles.onnx absent)"
 
 
 def _synth_frames(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
@@ -291,7 +291,7 @@ def bench_long(model: Path, n_frames: int, size: int, batch: int, provider: str,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="crack-bench runtime", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", help="ONNX model (default: crackcam/assets/default.onnx, else a toy CNN)")
+    ap.add_argument("--model", help="ONNX model (default: crackcam/assets/default_tiles.onnx, else a toy CNN)")
     ap.add_argument("--images", type=int, default=64, help="448x448 JPEGs in the folder")
     ap.add_argument("--size", type=int, default=448)
     ap.add_argument("--batch", type=int, default=4)

@@ -8,8 +8,9 @@ Prints (side by side, same model, provider and frames): bare ONNX Runtime FPS on
 model alone), crack-run FPS end to end (decode → tiles → model → gate/stitch → refine → post-processing →
 results.jsonl, the threaded pipeline), and the per-frame breakdown of a sequential pass (decode, plan + cut, model,
 merge + refine + ROI, post-processing + decision) so that throughput elsewhere can be planned from it.  With no
-``--model``: the packaged default and, after it on the same frames, its frame-pass variant
-(``default_frame.onnx``: one pass per frame).  Each model's block ends with a JSON line of its figures.  Without the shared frames, 1280×1080 frames are drawn in code.
+``--model``: the packaged default (``default.onnx``: the cascade — one pass proposes, the tiles near the gate are
+re-run as tiles) and, after it on the same frames, the tile graph it reproduces (``default_tiles.onnx``, the
+reference) and the pure one pass (``default_frame.onnx``).  Each model's block ends with a JSON line of its figures.  Without the shared frames, 1280×1080 frames are drawn in code.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from crackcam.runtime.sources import ImageListSource
 from crackcam.runtime.steps import FrameSteps, frame_pass_input, infer_frame
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.onnx"
-FRAME_MODEL = DEFAULT_MODEL.with_name("default_frame.onnx")  # its frame-pass variant (crackcam.export.frame_pass)
+TILES_MODEL = DEFAULT_MODEL.with_name("default_tiles.onnx")  # the tile graph the default's cascade reproduces
+FRAME_MODEL = DEFAULT_MODEL.with_name("default_frame.onnx")  # the pure one-pass variant (crackcam.export.frame_pass)
 SHARED_FRAMES = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "paveseg" / "images"
 TARGET_FPS = 10.0
 
@@ -81,18 +83,29 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
     steps = FrameSteps.from_meta(sess.meta)
     imgs = [np.ascontiguousarray(read_image(p)[..., ::-1]) for p in paths]
     h, w = imgs[0].shape[:2]
-    # 1. the model alone on every frame's tiles, preloaded
+    # 1. the model alone on every frame's tiles (or work image, and the tiles a cascade re-runs), preloaded
     nb = sess.meta.batch or a.batch
+    mode = steps.pass_for(sess.meta)  # tiles / frame / cascade (crackcam.runtime.steps.FrameSteps.infer)
     fp = sess.meta.frame_pass  # a frame-pass graph: one call per frame on its padded work image
-    batches = frame_batches(steps, imgs, fp["stride"]) if fp else tile_batches(sess, steps, imgs, a.batch)
-    run = sess.run_logits if fp else sess.run
     plan = steps.plan(imgs[0])  # the plan of a frame of this size (reported below)
-    run(batches[0])
+    if mode == "tiles":
+        calls = [(sess.run, b) for b in tile_batches(sess, steps, imgs, a.batch)]
+    else:
+        calls = []
+        for im, wk in zip(imgs, frame_batches(steps, imgs, fp["stride"])):
+            calls.append((sess.run_logits, wk))
+            if mode == "cascade":  # the tiles this frame's one pass proposes, as the cascade re-runs them
+                pl = steps.plan(im)
+                pf = infer_frame(sess, im, pl)[0]
+                floor = float(steps.survey.gate) - float(steps.survey.recheck)
+                tl = [t for t, p in zip(steps.tiles(im, pl), pf) if p >= floor]
+                calls += [(sess.run, np.stack(tl[i:i + nb])) for i in range(0, len(tl), nb)]
+    calls[0][0](calls[0][1])
     bare = []
     for _ in range(a.repeats):
         t = time.perf_counter()
-        for b in batches:
-            run(b)
+        for fn, b in calls:
+            fn(b)
         bare.append(len(imgs) / (time.perf_counter() - t))
     # 2. crack-run end to end
     e2e, summ = [], None
@@ -111,17 +124,9 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
         im = read_image(p, order="bgr")  # what the runtime's image source hands on
         t1 = time.perf_counter()
         pl = steps.plan(im)
-        tl = [] if fp else steps.tiles(im, pl)
+        tl = steps.tiles(im, pl) if mode == "tiles" else None
         t2 = time.perf_counter()
-        probs, maps = infer_frame(sess, im, pl)[:2] if fp else ([], [])
-        for i in range(0, len(tl), nb):
-            b = np.stack(tl[i:i + nb])
-            n = len(b)
-            if sess.meta.batch and n < nb:
-                b = np.concatenate([b, np.zeros((nb - n,) + b.shape[1:], b.dtype)])
-            pr, mp = sess.run(b)
-            probs += list(pr[:n])
-            maps += list(mp[:n])
+        probs, maps, _ = steps.infer(sess, im, pl, nb, tiles=tl)
         t3 = time.perf_counter()
         cmap, prob, tprobs = steps.frame_map(im, pl, probs, maps)
         t4 = time.perf_counter()
@@ -138,9 +143,12 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
     best_e2e = max(e2e)
     print(f"crack-bench survey: {len(paths)} frames {w}x{h} from {where}; model {model.name} "
           f"({sess.provider}), {plan.n_tiles} tiles of {plan.tile[0]}x{plan.tile[1]} per frame at "
-          f"work scale {plan.scale:g}, " + (f"read out of one frame pass ({sess.meta.frame_pass['stride']}-px "
-                                             f"logits)" if fp else f"batch {nb}"))
-    what = "work images" if fp else "tiles"
+          f"work scale {plan.scale:g}, " + (f"batch {nb}" if mode == "tiles" else
+                                             f"read out of one frame pass ({fp['stride']}-px logits)" +
+                                             (f", re-run as tiles from {float(steps.survey.gate) - float(steps.survey.recheck):g}"
+                                              f" (gate {steps.survey.gate:g} - recheck {steps.survey.recheck:g})"
+                                              if mode == "cascade" else "")))
+    what = {"tiles": "tiles", "frame": "work images", "cascade": "work images + re-run tiles"}[mode]
     print(f"  {f'bare ONNX Runtime (model alone, {what} preloaded)':<52} {max(bare):7.2f} FPS")
     print(f"  {'crack-run end to end':<52} {best_e2e:7.2f} FPS   (target >= {TARGET_FPS:g}; "
           f"{best_e2e / max(bare):.2f}x the model alone)")
@@ -148,7 +156,7 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
           + (f"; refinement on {refined} of {len(paths)} frames (the others: no tile above the gate)"
              if steps.refine is not None else ""))
     fig = {"frames": len(paths), "frame_size": [w, h], "source": where, "model": str(model),
-                      "provider": sess.provider, "tiles_per_frame": plan.n_tiles, "frame_pass": bool(fp),
+                      "provider": sess.provider, "tiles_per_frame": plan.n_tiles, "frame_pass": bool(fp), "model_pass": mode,
                       "tile": list(plan.tile), "work_scale": plan.scale, "bare_fps": round(max(bare), 2),
                       "e2e_fps": round(best_e2e, 2), "e2e_all": e2e, "bare_all": [round(b, 2) for b in bare],
                       "ms_per_frame": ms, "ms_per_frame_median": ms_median, "refined_frames": refined,
@@ -167,11 +175,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime threads (default: all cores)")
     ap.add_argument("--provider", default="cpu")
     a = ap.parse_args(argv)
-    models = [Path(a.model)] if a.model else [DEFAULT_MODEL] + ([FRAME_MODEL] if FRAME_MODEL.is_file() else [])
+    models = [Path(a.model)] if a.model else [DEFAULT_MODEL] + [m for m in (TILES_MODEL, FRAME_MODEL) if m.is_file()]
     work = Path(tempfile.mkdtemp(prefix="crackbench_survey_"))
     try:
         paths, where = _frames(a.frames, a.n, work / "frames")
-        for model in models:  # the packaged default and, next to it, its frame-pass variant
+        for model in models:  # the packaged default and, next to it, the tile graph and the pure one pass
             bench(model, paths, where, a, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)

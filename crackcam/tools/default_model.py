@@ -5,18 +5,24 @@ The packaged model is made by the project's own commands only, and its provenanc
 1. ``crack-train --data A [--data B] --model edge_mil ... --out RUN`` (skipped when RUN holds a finished run),
 2. ``crack-eval calibrate --checkpoint RUN ...`` (recipe chosen on RUN's *validation* images, under the
    false-alarm budget; skipped when present),
-3. the export of ``crack-export --checkpoint RUN --out crackcam/assets/default.onnx`` (verified against PyTorch),
-4. ``crackcam/assets/default_model.json``: the commands, the data card (counts, tile rule, digest), each data set's
-   licence (its ``SOURCE.md``), the recipe and the model's sha256.
+3. the export of ``crack-export --checkpoint RUN --out crackcam/assets/default_tiles.onnx`` (the top-k tile graph,
+   verified against PyTorch),
+4. ``python -m crackcam.export.frame_pass`` of it (the same weights cut at the per-position logits) and
+   ``python -m crackcam.tools.cascade`` on the *training and validation* images of the same data: the cascade's
+   margin and pass per camera profile, written into ``crackcam/assets/default.onnx`` — one pass proposes, the
+   tiles near or above the gate are re-run as tiles, so its frames are the tile graph's at a fraction of the cost,
+5. ``crackcam/assets/default_model.json``: the commands, the data card (counts, tile rule, digest), each data set's
+   licence (its ``SOURCE.md``), the recipe, the cascade's choice and both graphs' sha256.
 
     python -m crackcam.tools.default_model          # the survey-capable default: PaveSeg train frames + DeepCrack
 
-The PaveSeg *test* frames never reach it: training reads the train split, calibration the val split.
+The PaveSeg *test* frames never reach it: training reads the train split, calibration the val split, the cascade
+train + val.
 
-The opt-in speed variant ``crackcam/assets/default_frame.onnx`` (one pass per frame) is cut from the result
-afterwards by the command in ``default_model.json["frame_pass"]`` (``python -m crackcam.export.frame_pass ...
---gate G``, its gate chosen on the same validation images); a rebuild drops that entry until it is re-run, and
-tests/test_frame_pass.py fails while the two files disagree.
+The pure one-pass variant ``crackcam/assets/default_frame.onnx`` is cut from the tile graph afterwards by the
+command in ``default_model.json["frame_pass"]`` (``python -m crackcam.export.frame_pass ... --gate G``, its gate
+chosen on the same validation images); a rebuild drops that entry until it is re-run, and
+tests/test_frame_pass.py fails while the files disagree.
 """
 
 from __future__ import annotations
@@ -110,24 +116,39 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     a.data = a.data or [Path("../shared/datasets/paveseg"), Path("../shared/datasets/deepcrack")]
     exe = Path(sys.executable).parent
+    tiles = a.out.with_name(a.out.stem + "_tiles.onnx")
+    frame = a.run / "frame.onnx"
     train = [str(exe / "crack-train"), *[x for d in a.data for x in ("--data", str(d))], "--model", a.model,
              *shlex.split(a.train_args), "--out", str(a.run)]
     calib = [str(exe / "crack-eval"), "calibrate", "--checkpoint", str(a.run), *shlex.split(a.calibrate_args)]
-    export = [str(exe / "crack-export"), "--checkpoint", str(a.run), "--format", "onnx", "--out", str(a.out)]
+    export = [str(exe / "crack-export"), "--checkpoint", str(a.run), "--format", "onnx", "--out", str(tiles)]
+    cut = [sys.executable, "-m", "crackcam.export.frame_pass", str(tiles), str(frame)]
+    cascade = [sys.executable, "-m", "crackcam.tools.cascade", str(frame),
+               *[x for d in a.data for x in ("--data", str(d))], "--out", str(a.out)]
     if not (a.run / "best.pt").is_file():
         _run(train)
     if not (a.run / "recipe.json").is_file():
         _run(calib)
     _run(export)
-    rel = os.path.relpath(a.out)
+    _run(cut)
+    _run(cascade)
+    rel, rel_t = os.path.relpath(a.out), os.path.relpath(tiles)
     shown = [shlex.join(["crack-train", *train[1:]]), shlex.join(["crack-eval", *calib[1:]]),
-             shlex.join(["crack-export", *export[1:-1], rel])]
+             shlex.join(["crack-export", *export[1:-1], rel_t]), shlex.join(["python", *cut[1:]]),
+             shlex.join(["python", *cascade[1:-1], rel])]
     prov = provenance(a.run, a.data, a.out, shown)
+    from crackcam.export.metadata import get_metadata
+
+    casc = get_metadata(a.out).get("cascade") or {}
+    prov["tiles"] = {"file": tiles.name, "sha256": file_sha256(tiles), "bytes": tiles.stat().st_size,
+                     "what": "the exported top-k tile graph (verified against PyTorch): the reference computation, "
+                             "what TensorRT engines are built from, and what the default is cut from"}
+    prov["cascade"] = {"command": shown[-1], **casc}
     side = a.out.with_name(a.out.stem + "_model.json")  # not NAME.json: that name is an engine's metadata side-car
     tmp = side.with_name(side.name + ".tmp")
     tmp.write_text(json.dumps(prov, indent=2) + "\n")
     tmp.replace(side)
-    print(f"wrote {a.out} ({prov['bytes'] / 1e3:.0f} kB) and {side}")
+    print(f"wrote {a.out} ({prov['bytes'] / 1e3:.0f} kB), {tiles} and {side}")
     return 0
 
 

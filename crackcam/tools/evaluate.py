@@ -708,6 +708,10 @@ def cli(ctx: typer.Context,
         overlap: Optional[int] = typer.Option(None, "--overlap", help="tile overlap in px at work scale"),
         min_length: Optional[float] = typer.Option(None, "--min-length", help="a frame is cracked when its crack "
                                                    "skeleton is at least this long (px)"),
+        model_pass: Optional[str] = typer.Option(None, "--pass", help="with --model, a frame-pass graph: tiles, "
+                                                 "frame or cascade (as crack-run --pass; default: the model's)"),
+        recheck: Optional[float] = typer.Option(None, "--recheck", help="with --model and --pass cascade: re-run "
+                                                "the tiles within this of the gate (default: the model's)"),
         calibrate_flag: bool = typer.Option(False, "--calibrate", help="run calibration (as `calibrate`) first"),
         list_methods: bool = typer.Option(False, "--list-methods", help="print the method names and exit")):
     """Score crack maps against pixel masks (see `crack-eval calibrate --help` for choosing the recipe)."""
@@ -722,6 +726,9 @@ def cli(ctx: typer.Context,
             typer.echo(f"crack-eval: {opts}: not read with --model (the exported graph's metadata holds its method "
                        f"and recipe; score a run folder with --checkpoint for those)", err=True)
             raise typer.Exit(2)
+    if model is None and (model_pass is not None or recheck is not None):
+        typer.echo("crack-eval: --pass / --recheck: read with --model (a frame-pass graph) only", err=True)
+        raise typer.Exit(2)
     _threads()
     if list_methods:
         for n in _run(M.list_method_names):
@@ -741,8 +748,9 @@ def cli(ctx: typer.Context,
                    gate=gate, refine=refine,
                    postprocess_cfg={"min_area": min_area, "close_radius": close_radius, "open_radius": open_radius},
                    recipe_path=recipe, options={"restoration_checkpoint": restoration_checkpoint}, model=model,
-                   survey=_run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side,
-                               overlap=overlap, min_length=min_length))
+                   survey={**_run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side,
+                                  overlap=overlap, min_length=min_length),
+                           **{k: v for k, v in (("model_pass", model_pass), ("recheck", recheck)) if v is not None}})
     if isinstance(summary, list):
         for t in summary:
             typer.echo(f"{t['method']:<24} P {t['precision']:.3f} R {t['recall']:.3f} F1 {t['f1']:.3f} "
