@@ -238,6 +238,11 @@ def test_a_pass_the_graph_cannot_run_is_one_line(graphs, tmp_path):
         SurveyConfig(recheck=-0.1)
     assert _steps(open_session(tile_g, provider="cpu")).pass_for(open_session(tile_g, provider="cpu").meta) == \
         "tiles"
+    fs = open_session(frame_g, provider="cpu")  # the same steps are the same run (run.json): pass resolved,
+    plain = _steps(fs).settings()               # a margin only where it acts
+    assert plain["survey.model_pass"] == "frame" and plain["survey.recheck"] == 0.0
+    assert _steps(fs, model_pass="frame", recheck=0.2).settings() == plain
+    assert _steps(fs, model_pass="cascade", recheck=0.2).settings()["survey.recheck"] == 0.2
     data = write_synthetic_dataset(tmp_path / "flat", n_crack=1, n_free=1, size=(130, 130), layout="flat", seed=2)
     for args, want in ((["--model", str(tile_g), "--pass", "cascade"], "needs a frame-pass graph"),
                        (["--model", str(frame_g), "--pass", "both"], "--pass 'both'"),
@@ -248,25 +253,34 @@ def test_a_pass_the_graph_cannot_run_is_one_line(graphs, tmp_path):
     r = runner.invoke(app, ["--model", str(tile_g), "--pass", "cascade", "--data", str(data), "--split", "all",
                             "--out", str(tmp_path / "ev")])
     assert r.exit_code == 2 and "needs a frame-pass graph" in r.output, r.output
+    assert len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output, r.output
+    r = runner.invoke(run_cli.app, ["--model", str(tile_g), "--pass", "frame", "--engine", "ray", "--source",
+                                    str(data / "images"), "--out", str(tmp_path / "or"), "--no-progress"])
+    assert r.exit_code == 2, r.output  # refused before Ray starts (or: the extra is not installed)
+    assert len(r.output.strip().splitlines()) == 1 and ("needs a frame-pass graph" in r.output
+                                                        or "crackcam[cluster]" in r.output), r.output
 
 
 def test_crack_run_with_the_cascade_writes_the_tile_graphs_records(graphs, tmp_path):
-    """crack-run --pass cascade (margin 1: every tile re-checked) on a frame-pass graph writes the records and
-    masks the tile graph writes; the one pass alone need not."""
+    """crack-run --pass cascade: with a margin that proposes some tiles its records are the shared steps' own
+    (FrameSteps.infer, as crack-eval runs them); with every tile re-checked they are the tile graph's records and
+    masks, which the one pass alone does not give."""
     from crackcam.runtime import cli as run_cli
 
     tile_g, frame_g = graphs
     src = tmp_path / "frames"
     src.mkdir()
+    imgs = {}
     for i in range(3):
-        cv2.imwrite(str(src / f"f{i}.png"), draw_crack_image(np.random.default_rng(20 + i), 300, 420)[0][..., ::-1])
+        imgs[f"f{i}.png"] = draw_crack_image(np.random.default_rng(20 + i), 300, 420)[0][..., ::-1].copy()
+        cv2.imwrite(str(src / f"f{i}.png"), imgs[f"f{i}.png"])
 
     def run(model, *extra):
         out = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
         r = runner.invoke(run_cli.app, ["--model", str(model), "--source", str(src), "--out", str(out),
                                         "--no-progress", "--save", "masks", "--gate", "0.5", *extra])
         assert r.exit_code == 0, r.output
-        recs = {x["key"]: x for x in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+        recs = {Path(x["key"]).name: x for x in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
         masks = {p.name: cv2.imread(str(p), cv2.IMREAD_GRAYSCALE) for p in sorted((out / "masks").iterdir())}
         return recs, masks
 
@@ -277,11 +291,29 @@ def test_crack_run_with_the_cascade_writes_the_tile_graphs_records(graphs, tmp_p
         assert got[k]["cracked"] == ref[k]["cracked"] and abs(got[k]["prob"] - ref[k]["prob"]) < 1e-5
         assert abs(got[k]["length_px"] - ref[k]["length_px"]) < 1e-6
     assert all(np.array_equal(ref_m[n], got_m[n]) for n in ref_m)
+    one, _ = run(frame_g, "--pass", "frame")
+    assert max(abs(one[k]["prob"] - ref[k]["prob"]) for k in ref) > 1e-4  # the one pass alone differs
+    fs = open_session(frame_g, provider="cpu")
+    part, part_m = run(frame_g, "--pass", "cascade", "--recheck", "0.15")
+    from crackcam.runtime.pipeline import build_model_steps
+
+    casc = build_model_steps(fs, survey={"gate": 0.5, "model_pass": "cascade", "recheck": 0.15})
+    some, total = 0, 0
+    for k, im in imgs.items():
+        steps = casc.for_shape(im.shape)  # the camera profile these frames take, as crack-run picks it
+        plan = steps.plan(im)
+        total += plan.n_tiles
+        pf = infer_frame(fs, im, plan)[0]
+        some += sum(p >= 0.35 for p in pf)
+        res = steps.process(fs, im, batch=1)  # crack-run's --batch default
+        assert part[k]["cracked"] == res.cracked and abs(part[k]["prob"] - res.prob) < 1e-5, k
+        assert np.array_equal(part_m[Path(k).stem + ".png"] > 0, res.post.mask), k
+    assert 0 < some < total  # some tiles re-checked, not all
 
 
 def test_cascade_agreement_and_choice():
-    """The margin rule: the smallest margin that loses no tile the tile pass keeps; tiles when the cascade would
-    cost as much as the tiles."""
+    """The margin rule: the smallest margin that loses no tile the tile pass keeps; the cascade only where it puts
+    fewer pixels through the network than the tiles (the margin is recorded either way)."""
     from crackcam.tools.cascade import agreement, choose
 
     pf = np.array([0.9, 0.42, 0.3, 0.1])
@@ -289,14 +321,74 @@ def test_cascade_agreement_and_choice():
     assert agreement(pf, pt, 0.5, 0.0) == (1, 2)
     assert agreement(pf, pt, 0.5, 0.1) == (2, 1)
     assert agreement(pf, pt, 0.5, 0.2) == (3, 0)
-    rec = {"gate": 0.5, "frames": [(pf, pt)], "frame_s": 0.004, "tiles_s": 0.020, "per_tile_s": [0.0025]}
-    c = choose(rec, (0.05, 0.1, 0.2, 0.3))
+    rec = {"gate": 0.5, "frames": [(pf, pt)], "frame_s": 0.004, "tiles_s": 0.020, "per_tile_s": [0.0025],
+           "one_pass_px": [40]}
+    c = choose(rec, (0.05, 0.1, 0.2, 0.3), tile_px=100)
     assert c["model_pass"] == "cascade" and c["recheck"] == 0.2
     assert [r["tiles_lost"] for r in c["table"]] == [2, 1, 0, 0]
-    assert c["table"][2]["model_ms"] == pytest.approx(4 + 3 * 2.5)  # one pass + 3 re-run tiles
-    dear = choose({**rec, "frame_s": 0.013}, (0.05, 0.1, 0.2, 0.3))  # 13 + 7.5 ms > 20 ms of tiles
-    assert dear["model_pass"] == "tiles" and dear["recheck"] == 0.0
-    assert choose(rec, (0.05,))["model_pass"] == "tiles"  # no margin loses nothing
+    assert c["table"][2]["cost"] == pytest.approx((40 + 3 * 100) / 400)  # one pass + 3 re-run tiles
+    assert c["table"][2]["model_ms"] == pytest.approx(4 + 3 * 2.5)  # reported beside it
+    dear = choose({**rec, "one_pass_px": [120]}, (0.05, 0.1, 0.2, 0.3), tile_px=100)  # 420 px > 400
+    assert dear["model_pass"] == "tiles" and dear["recheck"] == 0.2  # the measured margin is kept
+    slow = choose({**rec, "frame_s": 1.0}, (0.05, 0.1, 0.2, 0.3), tile_px=100)  # timing does not decide
+    assert slow["model_pass"] == "cascade"
+    none = choose(rec, (0.05,), tile_px=100)
+    assert none["model_pass"] == "tiles" and none["recheck"] == 0.05  # no margin loses nothing
+
+
+def test_the_cascade_tool_gives_unmeasured_profiles_the_tiles(graphs, tmp_path):
+    """A camera profile no measured image reached runs tiles (the exact computation) at its own gate, so the
+    written graph never leaves a block in the plain one pass by omission."""
+    pytest.importorskip("onnx")
+    from crackcam.export import metadata as md
+    from crackcam.tools.cascade import write_graph
+
+    _, frame_g = graphs
+    assert "544x384" in (md.get_metadata(frame_g).get("profiles") or {})
+    chosen = {"default": {"gate": 0.5, "images": 3, "tiles_ms": 1.0, "frame_ms": 0.5, "model_pass": "cascade",
+                          "recheck": 0.3, "why": "test"}}
+    new = write_graph(frame_g, tmp_path / "c.onnx", chosen, {"data": ["x"]})
+    assert new["survey"]["model_pass"] == "cascade" and new["survey"]["recheck"] == 0.3
+    prof = new["profiles"]["544x384"]["survey"]
+    assert prof["model_pass"] == "tiles" and prof["gate"] == md.get_metadata(frame_g)["profiles"]["544x384"][
+        "survey"]["gate"]
+    sess = open_session(tmp_path / "c.onnx", provider="cpu")
+    from crackcam.runtime.pipeline import build_model_steps
+
+    ms = build_model_steps(sess)
+    assert ms.for_shape((384, 544, 3)).pass_for(sess.meta) == "tiles"
+    assert ms.for_shape((1080, 1280, 3)).survey.model_pass == "cascade"
+
+
+def test_records_stay_in_source_order_when_profiles_mix_passes(graphs, tmp_path):
+    """A cascade top level and a tiles profile in one folder: every record in source order (a one-pass frame
+    must not overtake a tile-pass frame still waiting for its batch)."""
+    pytest.importorskip("onnx")
+    from crackcam.runtime import cli as run_cli
+    from crackcam.tools.cascade import write_graph
+
+    _, frame_g = graphs
+    chosen = {"default": {"gate": 0.5, "images": 1, "tiles_ms": 1.0, "frame_ms": 0.5, "model_pass": "cascade",
+                          "recheck": 0.3, "why": "test"}}
+    g = tmp_path / "mixed.onnx"
+    write_graph(frame_g, g, chosen, {"data": ["x"]})  # 544x384 frames: tiles; other sizes: the cascade
+    from crackcam.runtime.pipeline import build_model_steps
+
+    gs = open_session(g, provider="cpu")
+    ms = build_model_steps(gs)
+    assert [ms.for_shape(sh).pass_for(gs.meta) for sh in ((384, 544, 3), (200, 260, 3))] == ["tiles", "cascade"]
+    src = tmp_path / "frames"
+    src.mkdir()
+    for i in range(8):
+        h, w = (384, 544) if i % 2 == 0 else (200, 260)  # the 544x384 profile; the top level (4x fewer px)
+        cv2.imwrite(str(src / f"f{i:02d}.png"), draw_crack_image(np.random.default_rng(40 + i), h, w)[0][..., ::-1])
+    for batch in ("7", "5"):
+        out = tmp_path / f"o{batch}"
+        r = runner.invoke(run_cli.app, ["--model", str(g), "--source", str(src), "--out", str(out), "--no-progress",
+                                        "--batch", batch])
+        assert r.exit_code == 0, r.output
+        keys = [Path(json.loads(x)["key"]).name for x in (out / "results.jsonl").read_text().splitlines()]
+        assert keys == [f"f{i:02d}.png" for i in range(8)], keys
 
 
 def test_the_packaged_default_is_the_cascade_of_the_tile_graph():
@@ -324,14 +416,24 @@ def test_the_packaged_default_is_the_cascade_of_the_tile_graph():
 
     z = ort.InferenceSession(body.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
     assert np.array_equal(np.asarray(z, np.float32).reshape(ds.run_logits(x).shape), ds.run_logits(x))
-    frames = sorted((Path(__file__).resolve().parents[2] / "shared" / "datasets" / "paveseg" / "images")
-                    .glob("*.jpg"))[:6]
-    imgs = [cv2.imread(str(p)) for p in frames] or \
-        [draw_crack_image(np.random.default_rng(30 + i), 1080, 1280)[0][..., ::-1].copy() for i in range(2)]
-    a, b = _steps(ts), None
+    for name, c in prov["cascade"]["profiles"].items():  # every block of the graph as the provenance says
+        block = ds.meta.raw if name == "default" else ds.meta.raw["profiles"][name]
+        assert block["survey"]["model_pass"] == c["model_pass"] and block["survey"]["recheck"] == c["recheck"]
+    assert set(prov["cascade"]["profiles"]) == {"default", *ds.meta.raw.get("profiles", {})}
+    # held-out frames (the PaveSeg test split, never used to choose the margin) and close-ups (their profile):
+    # the tile graph's masks; drawn frames where the shared data is absent
     from crackcam.runtime.pipeline import build_model_steps
+    from crackcam.train.data import list_items
 
-    b = build_model_steps(ds)
+    shared = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+    paths = []
+    if (shared / "paveseg").is_dir():
+        paths += [it.image for it in list_items(shared / "paveseg", "test") if not it.is_tile][:5]
+    if (shared / "deepcrack").is_dir():
+        paths += [it.image for it in list_items(shared / "deepcrack", "test")][:2]
+    imgs = [cv2.imread(str(p)) for p in paths] or \
+        [draw_crack_image(np.random.default_rng(30 + i), 1080, 1280)[0][..., ::-1].copy() for i in range(2)]
+    a, b = build_model_steps(ts), build_model_steps(ds)
     for im in imgs:
-        ra, rb = a.process(ts, im), b.for_shape(im.shape).process(ds, im)
+        ra, rb = a.for_shape(im.shape).process(ts, im), b.for_shape(im.shape).process(ds, im)
         assert np.array_equal(ra.post.mask, rb.post.mask) and ra.cracked == rb.cracked

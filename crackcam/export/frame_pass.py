@@ -14,7 +14,7 @@ The graph's metadata is the tile graph's (recipe, survey settings, profiles) wit
 ``logits`` and a ``frame_pass`` block — ``tile`` (the window, the tile graph's input size), ``stride`` (pixels per
 logit) and ``k`` (top-k positions per window).
 
-    python -m crackcam.export.frame_pass IN.onnx OUT.onnx      # e.g. the packaged default → default_frame.onnx
+    python -m crackcam.export.frame_pass IN.onnx OUT.onnx      # e.g. default_tiles.onnx → default_frame.onnx
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m crackcam.export.frame_pass",
                                  description="Cut a top-k tile graph into a frame-pass graph (one pass per frame).")
-    ap.add_argument("src", help="tile graph (.onnx) of a top-k model, e.g. crackcam/assets/default.onnx")
+    ap.add_argument("src", help="tile graph (.onnx) of a top-k model, e.g. crackcam/assets/default_tiles.onnx")
     ap.add_argument("dst", help="frame-pass graph to write (.onnx)")
     ap.add_argument("--gate", type=float, default=None, help="per-tile gate for the frame pass (default: the "
                     "tile graph's); choose it on validation frames")

@@ -37,7 +37,7 @@ from .imageio import BadInputError
 from .meta import ModelFileError, is_engine_path
 from .progress import bar as progress_bar
 from .sources import Frame, Source
-from .steps import (FrameSteps, ModelSteps, infer_frame, model_refine_block, model_survey_block,  # noqa: F401
+from .steps import (FrameSteps, ModelSteps, PassError, infer_frame, model_refine_block, model_survey_block,  # noqa: F401
                     pad_batch, post_config_dict)
 
 _END = object()
@@ -253,7 +253,10 @@ class Pipeline:
                     break
                 plan = self.plan(item)
                 if plan.one_pass:  # the whole work image in one call, the tiles read out of it (cascade: and
-                    # the proposed ones re-run as tiles)
+                    # the proposed ones re-run as tiles); earlier frames still waiting for a tile batch go first,
+                    # so that records stay in source order when a model mixes passes across camera profiles
+                    if buf and not flush(True):
+                        break
                     probs, maps, dt = plan.steps.infer(self.session, plan.frame.image, plan.plan, self.batch)
                     plan.probs, plan.maps, plan.infer_s, plan.n_tiles = probs, maps, dt, len(maps)
                     self.stats["infer_s"] += dt
@@ -428,6 +431,8 @@ def build_model_steps(session, *, tile=None, overlap=None, max_side=None, survey
         return ModelSteps(session.meta, survey=over, threshold=threshold, no_refine=no_refine)
     except S.RoiError:
         raise
+    except PassError as e:  # a pass this graph cannot run: the option's fault, not the metadata's
+        raise ModelFileError(session.path, str(e)) from None
     except (ValueError, TypeError) as e:
         raise ModelFileError(session.path, f"crackcam metadata 'survey'/'postprocess' does not fit this "
                                            f"runtime or the options ({e})")

@@ -21,10 +21,14 @@ from . import survey as S
 from .cues import RefineConfig, refine
 from .postprocess import PostProcessConfig, PostResult, postprocess
 
-__all__ = ["FrameSteps", "FrameResult", "frame_pass_input", "infer_frame", "infer_tiles", "model_refine_block",
+__all__ = ["FrameSteps", "FrameResult", "PassError", "frame_pass_input", "infer_frame", "infer_tiles", "model_refine_block",
            "recheck_tiles", "tile_batch",
            "model_survey_block", "pad_batch",
            "post_config_dict"]
+
+
+class PassError(ValueError):
+    """A ``model_pass`` the graph cannot run (a one-pass mode on a tile graph)."""
 
 
 def model_refine_block(meta) -> dict | None:
@@ -153,6 +157,7 @@ class FrameSteps:
         self.refine = refine_cfg
         self.post = post
         self.fixed_size = fixed_size
+        self.mode: str | None = None  # the pass resolved against the model's graph (from_meta), for settings()
 
     @classmethod
     def from_meta(cls, meta, *, survey: dict | None = None, threshold=None, no_refine: bool = False,
@@ -187,7 +192,7 @@ class FrameSteps:
             pp["skeleton"] = True
         steps = cls(sv, RefineConfig.from_dict(rb) if rb else None, PostProcessConfig.from_dict(pp),
                     getattr(meta, "fixed_size", None))
-        steps.pass_for(meta)  # a pass the graph cannot run is a bad setting now, not at the first frame
+        steps.mode = steps.pass_for(meta)  # a pass the graph cannot run is a bad setting now, not at the first frame
         return steps
 
     def pass_for(self, meta) -> str:
@@ -197,7 +202,7 @@ class FrameSteps:
         fp = getattr(meta, "frame_pass", None)
         mode = self.survey.model_pass or ("frame" if fp else "tiles")
         if mode != "tiles" and not fp:
-            raise ValueError(f"survey model_pass {mode!r} needs a frame-pass graph (python -m "
+            raise PassError(f"survey model_pass {mode!r} needs a frame-pass graph (python -m "
                              f"crackcam.export.frame_pass cuts one from a top-k tile graph); this graph runs tiles")
         return mode
 
@@ -205,6 +210,10 @@ class FrameSteps:
         """Every setting that shapes a frame's record, flat (``survey.tile``, ``refine.mode``, ``post.threshold``,
         ``fixed_size``): what a run's identity compares, so options that give the same steps are the same run."""
         flat = {f"survey.{k}": v for k, v in self.survey.to_dict().items()}
+        if self.mode is not None:  # the resolved pass, and a margin only where it acts (the same steps, one run)
+            flat["survey.model_pass"] = self.mode
+            if self.mode != "cascade":
+                flat["survey.recheck"] = 0.0
         if self.refine is None:
             flat["refine"] = None
         else:
@@ -286,7 +295,9 @@ def recheck_tiles(session, image: np.ndarray, plan: S.FramePlan, probs: list, ma
     recheck margin) are cut and run as tiles through the same graph; their probabilities and maps replace the
     read-out ones (the tile graph's outputs, within float rounding).  The others keep their one-pass figures:
     they lie below the floor, so the gate drops them either way unless the one pass underrated them by more
-    than the margin (the margin is chosen so that this does not happen on validation frames)."""
+    than the margin (the margin is chosen so that this does not happen on validation frames).  So the maps,
+    masks and decisions are the tile graph's; a probability below the floor (a frame's ``prob`` when no tile
+    reaches it) is the one pass's estimate."""
     idx = [i for i, p in enumerate(probs) if p >= floor]
     if not idx:
         return probs, maps, secs

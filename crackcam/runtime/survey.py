@@ -93,7 +93,8 @@ class SurveyConfig:
             raise ValueError(f"survey min_length {self.min_length!r} must be >= 0")
         if self.model_pass not in (None,) + PASSES:
             raise ValueError(f"survey model_pass {self.model_pass!r} must be one of {', '.join(PASSES)} (or null)")
-        if not (isinstance(self.recheck, (int, float)) and 0 <= float(self.recheck) <= 1):
+        if isinstance(self.recheck, bool) or not (isinstance(self.recheck, (int, float))
+                                                  and 0 <= float(self.recheck) <= 1):
             raise ValueError(f"survey recheck {self.recheck!r} must be a number in [0, 1]")
         if self.roi is not None:
             self.roi = _check_polygons(self.roi)

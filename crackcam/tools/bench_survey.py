@@ -30,7 +30,7 @@ from crackcam.runtime.imageio import list_images, read_image
 from crackcam.runtime.pipeline import Pipeline, RunConfig
 from crackcam.runtime.sessions import open_session
 from crackcam.runtime.sources import ImageListSource
-from crackcam.runtime.steps import FrameSteps, frame_pass_input, infer_frame
+from crackcam.runtime.steps import FrameSteps, frame_pass_input, infer_frame, pad_batch
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.onnx"
 TILES_MODEL = DEFAULT_MODEL.with_name("default_tiles.onnx")  # the tile graph the default's cascade reproduces
@@ -99,7 +99,8 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
                 pf = infer_frame(sess, im, pl)[0]
                 floor = float(steps.survey.gate) - float(steps.survey.recheck)
                 tl = [t for t, p in zip(steps.tiles(im, pl), pf) if p >= floor]
-                calls += [(sess.run, np.stack(tl[i:i + nb])) for i in range(0, len(tl), nb)]
+                calls += [(sess.run, pad_batch(np.stack(tl[i:i + nb]), sess.meta.batch))
+                          for i in range(0, len(tl), nb)]
     calls[0][0](calls[0][1])
     bare = []
     for _ in range(a.repeats):

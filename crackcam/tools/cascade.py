@@ -13,11 +13,14 @@ rounding), and a tile the tile graph would keep is only lost when the one pass u
 This measures, on the images given (train and validation frames: the criterion needs no label, only agreement with
 the tile pass), for each candidate margin how many tiles a frame re-runs and how many tiles the tile pass keeps
 that the cascade would drop; it chooses per camera profile the smallest margin with **no** such tile, and the
-cascade only where it costs less model time than the tiles (else the profile runs tiles).  With ``--out`` it
-writes a copy of the graph with those settings (weights untouched) and a ``cascade`` block saying on what they
-were chosen.
+cascade only where it puts fewer pixels through the network than the tiles (else the profile runs tiles; the
+measured model times are printed beside it, the choice does not depend on them).  The margin is recorded where
+the tiles win too (a forced ``--pass cascade`` then uses a measured one); a camera profile no image reached runs
+tiles.  With ``--out`` it writes a copy of the graph with those settings (weights untouched) and a ``cascade``
+block saying on what they were chosen.
 
-    python -m crackcam.tools.cascade crackcam/assets/default_frame.onnx --gate 0.5 \\
+    python -m crackcam.export.frame_pass crackcam/assets/default_tiles.onnx runs/default/frame.onnx
+    python -m crackcam.tools.cascade runs/default/frame.onnx \\
         --data ../shared/datasets/paveseg --data ../shared/datasets/deepcrack --out crackcam/assets/default.onnx
 """
 
@@ -58,7 +61,7 @@ def measure(sess, steps, paths: list[Path], log=print) -> dict:
     """Per camera profile: every image's one-pass and tile-pass probabilities, and each pass's model seconds."""
     from crackcam.runtime.imageio import BadInputError, read_image
     from crackcam.runtime.progress import progress
-    from crackcam.runtime.steps import infer_frame, infer_tiles
+    from crackcam.runtime.steps import frame_pass_input, infer_frame, infer_tiles
 
     out: dict = {}
     for p in progress(paths, desc="cascade", unit="img"):
@@ -75,48 +78,74 @@ def measure(sess, steps, paths: list[Path], log=print) -> dict:
         pt, _, _ = infer_tiles(sess, st.tiles(img, plan), 8)
         tt = time.perf_counter() - t
         rec = out.setdefault(name, {"gate": float(st.survey.gate), "frames": [], "frame_s": 0.0, "tiles_s": 0.0,
-                                    "per_tile_s": []})
+                                    "per_tile_s": [], "one_pass_px": []})
         rec["frames"].append((np.asarray(pf), np.asarray(pt)))
+        work = frame_pass_input(img, plan, int(sess.meta.frame_pass["stride"]))
+        rec["one_pass_px"].append(int(work.shape[1] * work.shape[2]))
         rec["frame_s"] += tf
         rec["tiles_s"] += tt
         rec["per_tile_s"].append(tt / max(1, len(pt)))
     return out
 
 
-def choose(rec: dict, rechecks=RECHECKS) -> dict:
-    """One profile's table and choice: the smallest margin that loses no tile, and the pass that costs less model
-    time (the cascade's estimated as its one pass plus its re-run tiles at the tile pass's cost per tile)."""
+def choose(rec: dict, rechecks=RECHECKS, tile_px: int = 128 * 128) -> dict:
+    """One profile's table and choice: the smallest margin that loses no tile, and the cascade only where it
+    costs less than the tiles.  The cost is counted in pixels through the network, so that the choice does not
+    depend on the machine's load: the tile pass n tiles × ``tile_px``, the one pass its padded work image, the
+    cascade the one pass plus its re-run tiles (measured model times are reported beside it)."""
     gate, frames = rec["gate"], rec["frames"]
     n = len(frames)
     per_tile = float(np.median(rec["per_tile_s"])) if rec["per_tile_s"] else 0.0
+    px = rec.get("one_pass_px") or [0] * n
+    tiles_px = [len(pt) * tile_px for _, pt in frames]
     rows = []
     for m in sorted(rechecks):
         rr = [agreement(pf, pt, gate, m) for pf, pt in frames]
         rerun, lost = sum(r[0] for r in rr), sum(r[1] for r in rr)
+        cost = float(np.mean([(px[i] + rr[i][0] * tile_px) / max(1, tiles_px[i]) for i in range(n)]))
         rows.append({"recheck": m, "rerun_per_frame": round(rerun / n, 2), "tiles_lost": lost,
-                     "frames_with_a_loss": sum(int(r[1] > 0) for r in rr),
+                     "frames_with_a_loss": sum(int(r[1] > 0) for r in rr), "cost": round(cost, 3),
                      "model_ms": round(1000 * (rec["frame_s"] + rerun * per_tile) / n, 1)})
     ok = [r for r in rows if r["tiles_lost"] == 0]
     tiles_ms = round(1000 * rec["tiles_s"] / n, 1)
     pick = ok[0] if ok else None
-    mode = "cascade" if pick is not None and pick["model_ms"] < tiles_ms else "tiles"
+    mode = "cascade" if pick is not None and pick["cost"] < 1.0 else "tiles"
+    # the margin is kept where the tiles win too, so that a forced --pass cascade uses a measured one
     return {"gate": gate, "images": n, "tiles_per_frame": round(sum(len(f[1]) for f in frames) / n, 2),
             "tiles_ms": tiles_ms, "frame_ms": round(1000 * rec["frame_s"] / n, 1), "table": rows,
-            "model_pass": mode, "recheck": pick["recheck"] if (pick and mode == "cascade") else 0.0,
-            "why": ("the smallest margin that loses no tile the tile pass keeps, and cheaper than the tiles"
+            "one_pass_cost": round(float(np.mean([px[i] / max(1, tiles_px[i]) for i in range(n)])), 3),
+            "model_pass": mode, "recheck": pick["recheck"] if pick else max(rechecks),
+            "why": ("the smallest margin that loses no tile the tile pass keeps, and fewer pixels than the tiles"
                     if mode == "cascade" else
                     "tiles: no margin in the grid loses no tile" if pick is None else
-                    f"tiles: the cascade ({pick['model_ms']} ms) costs no less than the tiles ({tiles_ms} ms)")}
+                    f"tiles: the cascade puts {pick['cost']:.2f}x the tiles' pixels through the network")}
 
 
-def write_graph(src: Path, dst: Path, chosen: dict, chosen_on: dict) -> dict:
-    """A copy of the graph ``src`` whose top level and camera profiles carry the chosen pass, margin and gate."""
+def unmeasured(meta: dict, chosen: dict, gates: dict | None = None) -> dict:
+    """The choice for every block of the graph's metadata (``"default"``: the top level, else a camera profile)
+    that no measured image reached: the tiles (the exact computation) at its own gate (or ``gates[name]``)."""
+    names = ["default"] + sorted((meta.get("profiles") or {}))
+    out = {}
+    for name in names:
+        if name in chosen:
+            continue
+        block = meta if name == "default" else meta["profiles"][name]
+        g = (gates or {}).get(name, (block.get("survey") or {}).get("gate", 0.0))
+        out[name] = {"gate": float(g), "images": 0, "tiles_ms": None, "frame_ms": None, "model_pass": "tiles",
+                     "recheck": 0.0, "why": "not measured (no image of this camera profile among the data): tiles"}
+    return out
+
+
+def write_graph(src: Path, dst: Path, chosen: dict, chosen_on: dict, gates: dict | None = None) -> dict:
+    """A copy of the graph ``src`` whose top level and camera profiles carry the chosen pass, margin and gate;
+    a block no image measured gets the tiles (:func:`unmeasured`)."""
     import onnx
 
     from crackcam.export import metadata as md
 
     meta = md.get_metadata(src)
     new = json.loads(json.dumps(meta))
+    chosen = {**chosen, **unmeasured(meta, chosen, gates)}
 
     def put(block: dict, c: dict):
         sv = dict(block.get("survey") or {})
@@ -129,9 +158,9 @@ def write_graph(src: Path, dst: Path, chosen: dict, chosen_on: dict) -> dict:
         else:
             put(new.setdefault("profiles", {})[name], c)
     new["cascade"] = {"chosen_on": chosen_on, "rule": "per profile: the smallest recheck margin losing no tile the "
-                      "tile pass keeps on these images; the cascade only where it costs less model time than tiles",
+                      "tile pass keeps on these images; the cascade only where it puts fewer pixels through the network than the tiles",
                       "profiles": {k: {kk: v[kk] for kk in ("model_pass", "recheck", "gate", "images",
-                                                             "tiles_ms", "frame_ms")} for k, v in chosen.items()}}
+                                                             "tiles_ms", "frame_ms", "why")} for k, v in chosen.items()}}
     proto = onnx.load(str(src))
     md.set_metadata(proto, new)
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -185,22 +214,26 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         return fail("no image to measure")
     recs = measure(sess, steps, paths, log=lambda m: print(m, file=sys.stderr))
-    chosen = {name: choose(rec, rechecks) for name, rec in sorted(recs.items())}
+    th, tw = sess.meta.frame_pass["tile"]
+    chosen = {name: choose(rec, rechecks, int(th) * int(tw)) for name, rec in sorted(recs.items())}
+    gates = {name or "default": float(st.survey.gate) for name, st in steps.profiles()}
+    for name, c in unmeasured(sess.meta.raw, chosen, gates).items():
+        print(f"profile {name}: no image of its size among the data; it runs tiles (gate {c['gate']:g})")
     for name, c in chosen.items():
         print(f"profile {name}: {c['images']} images, gate {c['gate']:g}, {c['tiles_per_frame']} tiles per frame; "
               f"model per frame: tiles {c['tiles_ms']} ms, one pass {c['frame_ms']} ms")
-        print(f"  {'recheck':>7} {'re-run/frame':>12} {'tiles lost':>10} {'frames':>6} {'model ms':>8}")
+        print(f"  {'recheck':>7} {'re-run/frame':>12} {'tiles lost':>10} {'frames':>6} {'cost':>6} {'model ms':>8}"
+              f"   (cost: pixels through the network / the tiles'; one pass alone {c['one_pass_cost']})")
         for r in c["table"]:
             print(f"  {r['recheck']:>7g} {r['rerun_per_frame']:>12} {r['tiles_lost']:>10} "
-                  f"{r['frames_with_a_loss']:>6} {r['model_ms']:>8}")
-        print(f"  chosen: {c['model_pass']}" + (f", recheck {c['recheck']:g}" if c["model_pass"] == "cascade"
-                                                 else "") + f" ({c['why']})")
+                  f"{r['frames_with_a_loss']:>6} {r['cost']:>6} {r['model_ms']:>8}")
+        print(f"  chosen: {c['model_pass']}, recheck {c['recheck']:g} ({c['why']})")
     chosen_on = {"data": [str(d) for d in a.data], "splits": list(splits), "images": len(paths),
                  "limit": a.limit}
     print(json.dumps({"chosen_on": chosen_on,
                       "profiles": {k: {kk: v for kk, v in c.items() if kk != "table"} for k, c in chosen.items()}}))
     if a.out is not None:
-        write_graph(a.model, a.out, chosen, chosen_on)
+        write_graph(a.model, a.out, chosen, chosen_on, gates)
         print(f"wrote {a.out}", file=sys.stderr)
     return 0
 
