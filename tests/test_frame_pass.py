@@ -437,3 +437,38 @@ def test_the_packaged_default_is_the_cascade_of_the_tile_graph():
     for im in imgs:
         ra, rb = a.for_shape(im.shape).process(ts, im), b.for_shape(im.shape).process(ds, im)
         assert np.array_equal(ra.post.mask, rb.post.mask) and ra.cracked == rb.cracked
+
+
+def test_the_cascade_command_measures_and_writes_a_graph(graphs, tmp_path, capsys):
+    """python -m crackcam.tools.cascade on a drawn set: the table, the choice, a written graph whose blocks carry
+    it; test splits, a tile graph and bad margins are one line and exit 2."""
+    pytest.importorskip("onnx")
+    from crackcam.export import metadata as md
+    from crackcam.tools.cascade import main
+
+    tile_g, frame_g = graphs
+    data = write_synthetic_dataset(tmp_path / "flat", n_crack=4, n_free=2, size=(200, 260), layout="flat", seed=9)
+    out = tmp_path / "c.onnx"
+    assert main([str(frame_g), "--data", str(data), "--gate", "0.5", "--rechecks", "0.1,0.3,1", "--out",
+                 str(out)]) == 0
+    text = capsys.readouterr().out
+    summary = json.loads(text.strip().splitlines()[-1])
+    from crackcam.train.data import list_items
+
+    want = len(list_items(data, "train")) + len(list_items(data, "val"))
+    assert summary["chosen_on"]["splits"] == ["train", "val"] and summary["chosen_on"]["images"] == want > 0
+    assert want < len(list_items(data, "all"))  # the test images are not measured
+    meta = md.get_metadata(out)
+    for name, c in meta["cascade"]["profiles"].items():
+        block = meta if name == "default" else meta["profiles"][name]
+        assert block["survey"]["model_pass"] == c["model_pass"] in ("tiles", "cascade")
+        assert block["survey"]["gate"] == 0.5
+    assert set(meta["cascade"]["profiles"]) == {"default", *meta.get("profiles", {})}
+    measured = [c for c in summary["profiles"].values() if c["images"]]
+    assert measured and all(c["recheck"] in (0.1, 0.3, 1.0) for c in measured)
+    for args in ([str(frame_g), "--data", str(data), "--splits", "val,test"],
+                 [str(tile_g), "--data", str(data)],
+                 [str(frame_g), "--data", str(data), "--rechecks", "0.1,x"]):
+        assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and "never on test" in err[0] and "not a frame-pass graph" in err[1], err

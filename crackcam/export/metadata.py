@@ -159,6 +159,21 @@ def set_metadata(model_proto, meta: dict) -> None:
     entry.key, entry.value = METADATA_KEY, dumps(meta)
 
 
+def write_with_metadata(src, dst, meta: dict) -> None:
+    """Copy the ONNX graph ``src`` to ``dst`` with ``meta`` as its crackcam metadata (weights untouched), through
+    a temporary file, so that an interrupted write never leaves a half-written graph at ``dst``."""
+    import onnx
+    from pathlib import Path
+
+    dst = Path(dst)
+    proto = onnx.load(str(src))
+    set_metadata(proto, meta)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(dst)
+
+
 def get_metadata(model_or_path) -> dict:
     """Read the crackcam metadata from an ONNX ModelProto or file path (ValueError when absent or broken)."""
     if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):

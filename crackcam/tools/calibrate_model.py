@@ -154,7 +154,7 @@ def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, g
     if not data:
         raise EvalError("calibrate --model needs --data (the sets whose validation split it is chosen on)")
     try:
-        import onnx
+        import onnx  # noqa: F401 - the graph is written with it (metadata.write_with_metadata)
 
         from crackcam.export import metadata as md
     except ImportError:
@@ -241,12 +241,7 @@ def calibrate_model(*, model: Path, data: list[Path], out: Path | None = None, g
                           "chosen_on": [names[d] for d in sorted(frames)], "limit": limit,
                           "profiles": {p: {"chosen": r["chosen"], "val": r["val_chosen"], "rule": r["rule"]}
                                        for p, r in record_profiles.items()}}
-    proto = onnx.load(str(model))
-    md.set_metadata(proto, new)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(out)
+    md.write_with_metadata(model, out, new)
     rec_path = out.with_suffix(".calibration.json")
     rec_path.write_text(json.dumps(record, indent=1))
     for p, r in record_profiles.items():

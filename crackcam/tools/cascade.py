@@ -139,8 +139,6 @@ def unmeasured(meta: dict, chosen: dict, gates: dict | None = None) -> dict:
 def write_graph(src: Path, dst: Path, chosen: dict, chosen_on: dict, gates: dict | None = None) -> dict:
     """A copy of the graph ``src`` whose top level and camera profiles carry the chosen pass, margin and gate;
     a block no image measured gets the tiles (:func:`unmeasured`)."""
-    import onnx
-
     from crackcam.export import metadata as md
 
     meta = md.get_metadata(src)
@@ -161,12 +159,7 @@ def write_graph(src: Path, dst: Path, chosen: dict, chosen_on: dict, gates: dict
                       "tile pass keeps on these images; the cascade only where it puts fewer pixels through the network than the tiles",
                       "profiles": {k: {kk: v[kk] for kk in ("model_pass", "recheck", "gate", "images",
                                                              "tiles_ms", "frame_ms", "why")} for k, v in chosen.items()}}
-    proto = onnx.load(str(src))
-    md.set_metadata(proto, new)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(dst)
+    md.write_with_metadata(src, dst, new)
     return new
 
 
@@ -191,6 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     from crackcam.runtime.pipeline import build_model_steps
     from crackcam.runtime.sessions import open_session
 
+    if a.out is not None:
+        try:
+            import onnx  # noqa: F401 - write_graph needs it
+        except ImportError:
+            return fail("--out writes a graph: it needs the onnx package (pip install 'crackcam[train]')")
     splits = tuple(s.strip() for s in a.splits.split(",") if s.strip())
     if "test" in splits:
         return fail("--splits: the margin is chosen on training / validation images, never on test")
