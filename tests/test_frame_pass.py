@@ -472,3 +472,26 @@ def test_the_cascade_command_measures_and_writes_a_graph(graphs, tmp_path, capsy
         assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 3 and "never on test" in err[0] and "not a frame-pass graph" in err[1], err
+
+
+def test_crack_bench_survey_runs_the_three_packaged_graphs_and_compares_their_records(tmp_path, capsys):
+    """crack-bench survey with no --model: the default (cascade), the tile graph and the one pass on the same
+    frames, each with its figures, then how the default's and the one pass's records agree with the tiles'."""
+    from crackcam.tools.bench_survey import compare_records, main
+
+    a = [{"key": "f1", "cracked": True, "area_px": 10, "length_px": 5.0, "prob": 0.9},
+         {"key": "f2", "cracked": False, "area_px": 0, "length_px": 0.0, "prob": 0.2}]
+    b = [dict(a[0], prob=0.85), dict(a[1], area_px=3, cracked=True)]
+    assert compare_records(a, b) == {"frames": 2, "same_decision_length_area": 1, "max_prob_diff": 0.05}
+    src = tmp_path / "frames"
+    src.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(src / f"f{i}.jpg"), draw_crack_image(np.random.default_rng(50 + i), 1080, 1280)[0][..., ::-1])
+    assert main(["--frames", str(src), "--n", "2", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    figs = [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+    assert [Path(f["model"]).name for f in figs] == ["default.onnx", "default_tiles.onnx", "default_frame.onnx"]
+    assert [f["model_pass"] for f in figs] == ["cascade", "tiles", "frame"]
+    assert all(f["frames"] == 2 and f["e2e_fps"] > 0 and f["bare_fps"] > 0 for f in figs)
+    lines = [x for x in out.splitlines() if " vs default_tiles.onnx: " in x]
+    assert len(lines) == 2 and all(" of 2 frames" in x for x in lines), out

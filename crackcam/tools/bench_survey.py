@@ -116,6 +116,7 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
         src = ImageListSource(paths, str(Path(paths[0]).parent), log=lambda m: None)
         summ = Pipeline(sess, src, RunConfig(out=out, batch=a.batch, progress=False, resume=False),
                         log=lambda m: None).run()
+        records = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines() if x.strip()]
         e2e.append(summ["fps"])
     # 3. per-frame breakdown, sequential
     parts = {"decode": [], "plan_cut": [], "model": [], "merge_refine_roi": [], "post_decide": []}
@@ -163,7 +164,19 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
                       "ms_per_frame": ms, "ms_per_frame_median": ms_median, "refined_frames": refined,
                       "target_fps": TARGET_FPS, "cracked": summ["cracked"]}
     print(json.dumps(fig))
+    fig["_records"] = records  # the last end-to-end run's records (compared across models by main)
     return fig
+
+
+def compare_records(a: list, b: list) -> dict:
+    """How two runs' records of the same frames agree: decisions, crack length and area (the mask's measures)
+    per frame, and the largest difference of the frame probability."""
+    ra, rb = {r["key"]: r for r in a}, {r["key"]: r for r in b}
+    keys = sorted(set(ra) & set(rb))
+    same = [k for k in keys if ra[k]["cracked"] == rb[k]["cracked"] and ra[k]["area_px"] == rb[k]["area_px"]
+            and abs(ra[k]["length_px"] - rb[k]["length_px"]) < 1e-3]
+    return {"frames": len(keys), "same_decision_length_area": len(same),
+            "max_prob_diff": round(max((abs(ra[k]["prob"] - rb[k]["prob"]) for k in keys), default=0.0), 4)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,8 +193,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="crackbench_survey_"))
     try:
         paths, where = _frames(a.frames, a.n, work / "frames")
+        figs = {}
         for model in models:  # the packaged default and, next to it, the tile graph and the pure one pass
-            bench(model, paths, where, a, work)
+            figs[model] = bench(model, paths, where, a, work)
+        if DEFAULT_MODEL in figs and TILES_MODEL in figs:  # what the default's cascade is for: the tiles' outputs
+            for other in [m for m in figs if m != TILES_MODEL]:
+                c = compare_records(figs[other]["_records"], figs[TILES_MODEL]["_records"])
+                print(f"{other.name} vs {TILES_MODEL.name}: decision, crack length and area the same on "
+                      f"{c['same_decision_length_area']} of {c['frames']} frames; frame probability within "
+                      f"{c['max_prob_diff']:g}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
