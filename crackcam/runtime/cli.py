@@ -68,18 +68,15 @@ def _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length, model_pass
         if model_pass not in PASSES:
             _err(f"--pass {model_pass!r}: choose {', '.join(PASSES)}")
         d["model_pass"] = model_pass
-    if recheck is not None:
-        if not 0 <= recheck <= 1:
-            _err(f"--recheck {recheck:g}: must lie in [0, 1]")
-        d["recheck"] = recheck
     if scale is not None:
         if not 0 < scale <= 4:
             _err(f"--scale {scale}: must lie in (0, 4]")
         d["scale"] = scale
-    if gate is not None:
-        if not 0 <= gate <= 1:
-            _err(f"--gate {gate}: must lie in [0, 1]")
-        d["gate"] = gate
+    for key, flag, v in (("gate", "--gate", gate), ("recheck", "--recheck", recheck)):  # fractions
+        if v is not None:
+            if not 0 <= v <= 1:
+                _err(f"{flag} {v}: must lie in [0, 1]")
+            d[key] = v
     if min_length is not None:
         if min_length < 0:
             _err(f"--min-length {min_length}: must be >= 0")

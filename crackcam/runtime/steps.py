@@ -22,7 +22,7 @@ from .cues import RefineConfig, refine
 from .postprocess import PostProcessConfig, PostResult, postprocess
 
 __all__ = ["FrameSteps", "FrameResult", "PassError", "frame_pass_input", "infer_frame", "infer_tiles", "model_refine_block",
-           "recheck_tiles", "tile_batch",
+           "proposed_tiles", "recheck_tiles", "tile_batch",
            "model_survey_block", "pad_batch",
            "post_config_dict"]
 
@@ -272,9 +272,13 @@ class FrameSteps:
             return infer_tiles(session, tiles, *tile_batch(session, batch, len(tiles)))
         probs, maps, secs = infer_frame(session, image, plan)
         if mode == "cascade":
-            probs, maps, secs = recheck_tiles(session, image, plan, probs, maps, secs,
-                                              float(self.survey.gate) - float(self.survey.recheck), batch)
+            probs, maps, secs = recheck_tiles(session, image, plan, probs, maps, secs, self.recheck_floor, batch)
         return probs, maps, secs
+
+    @property
+    def recheck_floor(self) -> float:
+        """The cascade's floor: a tile whose one-pass probability is at least this is re-run as a tile."""
+        return float(self.survey.gate) - float(self.survey.recheck)
 
 
 def tile_batch(session, batch: int | None, n: int) -> tuple[int, int | None]:
@@ -298,17 +302,25 @@ def recheck_tiles(session, image: np.ndarray, plan: S.FramePlan, probs: list, ma
     than the margin (the margin is chosen so that this does not happen on validation frames).  So the maps,
     masks and decisions are the tile graph's; a probability below the floor (a frame's ``prob`` when no tile
     reaches it) is the one pass's estimate."""
-    idx = [i for i, p in enumerate(probs) if p >= floor]
+    idx, tiles = proposed_tiles(image, plan, probs, floor)
     if not idx:
         return probs, maps, secs
-    work = S.work_image(image, plan)
-    th, tw = plan.tile
-    tiles = [work[y:y + th, x:x + tw] for y, x in (plan.coords[i] for i in idx)]
     p2, m2, s2 = infer_tiles(session, tiles, *tile_batch(session, batch, len(tiles)))
     probs, maps = list(probs), list(maps)
     for j, i in enumerate(idx):
         probs[i], maps[i] = p2[j], m2[j]
     return probs, maps, secs + s2
+
+
+def proposed_tiles(image: np.ndarray, plan: S.FramePlan, probs, floor: float) -> tuple[list, list]:
+    """``(indices, tiles)``: the tiles of ``plan`` whose one-pass probability is at least ``floor``, cut from the
+    frame's work image as :func:`crackcam.runtime.survey.cut_tiles` cuts them (views)."""
+    idx = [i for i, p in enumerate(probs) if p >= floor]
+    if not idx:
+        return idx, []
+    work = S.work_image(image, plan)
+    th, tw = plan.tile
+    return idx, [work[y:y + th, x:x + tw] for y, x in (plan.coords[i] for i in idx)]
 
 
 def pad_batch(arr: np.ndarray, fixed_batch: int | None) -> np.ndarray:

@@ -30,7 +30,7 @@ from crackcam.runtime.imageio import list_images, read_image
 from crackcam.runtime.pipeline import Pipeline, RunConfig
 from crackcam.runtime.sessions import open_session
 from crackcam.runtime.sources import ImageListSource
-from crackcam.runtime.steps import FrameSteps, frame_pass_input, infer_frame, pad_batch
+from crackcam.runtime.steps import FrameSteps, frame_pass_input, infer_frame, pad_batch, proposed_tiles
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default.onnx"
 TILES_MODEL = DEFAULT_MODEL.with_name("default_tiles.onnx")  # the tile graph the default's cascade reproduces
@@ -96,9 +96,7 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
             calls.append((sess.run_logits, wk))
             if mode == "cascade":  # the tiles this frame's one pass proposes, as the cascade re-runs them
                 pl = steps.plan(im)
-                pf = infer_frame(sess, im, pl)[0]
-                floor = float(steps.survey.gate) - float(steps.survey.recheck)
-                tl = [t for t, p in zip(steps.tiles(im, pl), pf) if p >= floor]
+                tl = proposed_tiles(im, pl, infer_frame(sess, im, pl)[0], steps.recheck_floor)[1]
                 calls += [(sess.run, pad_batch(np.stack(tl[i:i + nb]), sess.meta.batch))
                           for i in range(0, len(tl), nb)]
     calls[0][0](calls[0][1])
@@ -147,7 +145,7 @@ def bench(model: Path, paths: list, where: str, a, work: Path) -> dict:
           f"({sess.provider}), {plan.n_tiles} tiles of {plan.tile[0]}x{plan.tile[1]} per frame at "
           f"work scale {plan.scale:g}, " + (f"batch {nb}" if mode == "tiles" else
                                              f"read out of one frame pass ({fp['stride']}-px logits)" +
-                                             (f", re-run as tiles from {float(steps.survey.gate) - float(steps.survey.recheck):g}"
+                                             (f", re-run as tiles from {steps.recheck_floor:g}"
                                               f" (gate {steps.survey.gate:g} - recheck {steps.survey.recheck:g})"
                                               if mode == "cascade" else "")))
     what = {"tiles": "tiles", "frame": "work images", "cascade": "work images + re-run tiles"}[mode]

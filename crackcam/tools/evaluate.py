@@ -619,11 +619,13 @@ def calibrate(**kw):
 
 
 def survey_options(roi: str | None, roi_size: str | None, scale: float | None, max_side: int | None,
-                   overlap: int | None, min_length: float | None) -> dict:
+                   overlap: int | None, min_length: float | None, model_pass: str | None = None,
+                   recheck: float | None = None) -> dict:
     """Command-line survey overrides → a dict for SurveyConfig.replace (bad ROI → one-line EvalError)."""
     from crackcam.runtime.survey import RoiError, parse_roi
 
-    d: dict = {"scale": scale, "max_side": max_side, "overlap": overlap, "min_length": min_length}
+    d: dict = {"scale": scale, "max_side": max_side, "overlap": overlap, "min_length": min_length,
+               "model_pass": model_pass, "recheck": recheck}
     try:
         if roi:
             d.update(parse_roi(roi))
@@ -748,9 +750,8 @@ def cli(ctx: typer.Context,
                    gate=gate, refine=refine,
                    postprocess_cfg={"min_area": min_area, "close_radius": close_radius, "open_radius": open_radius},
                    recipe_path=recipe, options={"restoration_checkpoint": restoration_checkpoint}, model=model,
-                   survey={**_run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side,
-                                  overlap=overlap, min_length=min_length),
-                           **{k: v for k, v in (("model_pass", model_pass), ("recheck", recheck)) if v is not None}})
+                   survey=_run(survey_options, roi=roi, roi_size=roi_size, scale=scale, max_side=max_side,
+                               overlap=overlap, min_length=min_length, model_pass=model_pass, recheck=recheck))
     if isinstance(summary, list):
         for t in summary:
             typer.echo(f"{t['method']:<24} P {t['precision']:.3f} R {t['recall']:.3f} F1 {t['f1']:.3f} "
