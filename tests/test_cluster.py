@@ -70,6 +70,13 @@ def test_ray_engine_matches_the_local_engine(tmp_path, ray_local, model):
     r = runner.invoke(cli.app, base + ["--out", str(tmp_path / "ray"), "--engine", "ray", "--ray-workers", "2"])
     assert r.exit_code == 0, r.output
     assert "skipped" in r.output and "zz_broken.png" in r.output  # unreadable files: one line, as locally
+    # decoding in Ray tasks instead of the actors: the same records
+    r = runner.invoke(cli.app, base + ["--out", str(tmp_path / "ray_tasks"), "--engine", "ray", "--ray-workers", "1",
+                                       "--ray-decode", "tasks"])
+    assert r.exit_code == 0, r.output
+    for a, b in zip(_records(tmp_path / "ray"), _records(tmp_path / "ray_tasks"), strict=True):
+        assert {k: v for k, v in a.items() if k not in {"infer_ms", "post_ms", "ms"}} == \
+            {k: v for k, v in b.items() if k not in {"infer_ms", "post_ms", "ms"}}
     loc, ray_ = _records(tmp_path / "local"), _records(tmp_path / "ray")
     assert len(loc) == len(ray_) == 9
     timing = {"infer_ms", "post_ms", "ms"}
@@ -101,14 +108,17 @@ def test_ray_engine_matches_the_local_engine(tmp_path, ray_local, model):
     assert r.exit_code == 2 and "other options (post.threshold" in r.output and "Traceback" not in r.output
 
 
-def test_killed_actor_still_gives_each_frame_once_and_resume(tmp_path, ray_local, model):
+@pytest.mark.parametrize("decode", ["actor", "tasks"])
+def test_killed_actor_still_gives_each_frame_once_and_resume(tmp_path, ray_local, model, decode):
+    """Each actor holds two batches at once (calls_per_actor 2): a killed one loses both, Ray Data redoes both."""
     from crackcam.runtime.ray_engine import RayJob, run_ray
 
     src = _frames(tmp_path / "f", 12)
     out = tmp_path / "o"
     marker = tmp_path / "killed"
     job = RayJob(model=str(model), out=str(out), save=("masks",), die_once_at="f07.png", die_marker=str(marker))
-    s = run_ray(job, src, workers=2, progress=False, log=lambda m: None, max_frames=10)
+    s = run_ray(job, src, workers=2, progress=False, log=lambda m: None, max_frames=10, decode=decode,
+                calls_per_actor=2, frames_per_call=2)
     assert marker.is_file()  # an actor really died in the middle of the run (and was restarted by Ray Data)
     keys = [r["key"] for r in _records(out)]
     assert len(keys) == len(set(keys)) == 10 == s["frames"]
@@ -118,7 +128,7 @@ def test_killed_actor_still_gives_each_frame_once_and_resume(tmp_path, ray_local
     # resume: the rest, and nothing twice
     logs = []
     s = run_ray(RayJob(model=str(model), out=str(out), save=("masks",)), src, workers=1, progress=False,
-                log=logs.append)
+                log=logs.append, decode=decode)
     assert any("resuming: 10 frames" in m for m in logs)
     keys = [r["key"] for r in _records(out)]
     assert len(keys) == len(set(keys)) == 12 and s["frames"] == 2 and s["frames_total"] == 12
@@ -167,7 +177,7 @@ def test_each_engine_refuses_the_other_engines_options_and_fails_in_one_line(tmp
     src = _frames(tmp_path / "f", 1)
     base = ["--model", str(model), "--source", str(src), "--out", str(tmp_path / "o")]
     for extra in (["--engine", "ray", "--show"], ["--engine", "ray", "--retries", "1"],
-                  ["--address", "auto"], ["--ray-workers", "3"]):
+                  ["--address", "auto"], ["--ray-workers", "3"], ["--ray-decode", "tasks"]):
         r = runner.invoke(cli.app, base + extra)
         assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, (extra, r.output)
         assert next(e for e in extra if e.startswith("--") and e != "--engine") in r.output, (extra, r.output)
@@ -179,6 +189,11 @@ def test_each_engine_refuses_the_other_engines_options_and_fails_in_one_line(tmp
     monkeypatch.setattr(cli, "format_summary", lambda s: "ran")
     r = runner.invoke(cli.app, base + ["--engine", "ray", "--no-show"])
     assert r.exit_code == 0 and seen and "ran" in r.output, r.output
+    assert seen[-1]["decode"] == "actor"  # the default: each actor reads its own frames
+    r = runner.invoke(cli.app, base + ["--engine", "ray", "--ray-decode", "tasks"])
+    assert r.exit_code == 0 and seen[-1]["decode"] == "tasks", r.output
+    r = runner.invoke(cli.app, base + ["--engine", "ray", "--ray-decode", "gpu"])
+    assert r.exit_code == 2 and r.output.strip() == "crack-run: --ray-decode 'gpu': choose tasks, actor", r.output
     failures = [(3, sinks.OutputWriteError(tmp_path / "o" / "results.jsonl", OSError(errno.ENOSPC, "No space left"))),
                 (1, RuntimeError("actor died\nmore detail")),
                 (1, ConnectionError("Could not find any running Ray instance"))]  # an OSError, not the output's

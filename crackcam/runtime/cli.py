@@ -103,7 +103,7 @@ def _survey_overrides(scale, gate, roi, roi_size, no_roi, min_length, model_pass
 
 # options only one engine reads: typed for the other, they are one error line (not a silent no-op)
 _LOCAL_ONLY = ("show", "workers", "retries", "stall_timeout", "start_time")
-_RAY_ONLY = ("address", "ray_workers")
+_RAY_ONLY = ("address", "ray_workers", "ray_decode")
 
 
 def typed_options(ctx, names=None) -> list[str]:
@@ -174,12 +174,15 @@ def run(
     progress: bool = typer.Option(True, help="progress bar"),
     refine: bool = typer.Option(True, help="apply the model's recorded pixel-cue refinement (metadata 'refine', "
                                 "a refine-<cam> recipe); --no-refine post-processes the CAM as it is"),
-    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: decode tasks + an actor pool "
+    engine: str = typer.Option("local", help="local (this process) or ray (Ray Data: an actor pool "
                                "of sessions; image folders, globs and list files; needs crackcam[cluster])"),
     address: Optional[str] = typer.Option(None, help="--engine ray: the cluster (auto, ray://HOST:PORT); default: "
                                           "start a local Ray on this machine"),
     ray_workers: int = typer.Option(2, min=1, help="--engine ray: inference actors (one session each; a GPU each "
                                     "where the cluster has as many)"),
+    ray_decode: str = typer.Option("actor", help="--engine ray: where frames are decoded: actor (each actor reads "
+                                   "its own frames, one ahead of its model) or tasks (Ray tasks, frames through the "
+                                   "object store: decoding scales on CPUs other than the actors')"),
 ):
     """Run a crack model on a camera, video, image folder or glob; write results.jsonl, summary.json, images."""
     from . import geo
@@ -227,7 +230,8 @@ def run(
         _run_ray(model, source, out, log, provider=provider, threads=threads, batch=batch, save=save_kinds,
                  threshold=thr, mm_per_px=mm_per_px, tile=tile, overlap=overlap, max_side=max_side, survey=survey,
                  gps=gps, gps_method=gps_method, gps_max_gap=gps_max_gap, no_refine=not refine, address=address,
-                 workers=ray_workers, resume=resume, max_frames=max_frames, progress=progress and sys.stderr.isatty())
+                 workers=ray_workers, resume=resume, max_frames=max_frames, progress=progress and sys.stderr.isatty(),
+                 decode=ray_decode)
         return
 
     pipe = None
@@ -253,9 +257,12 @@ def run(
         raise typer.Exit(1)
 
 
-def _run_ray(model, source, out, log, *, gps, address, workers, resume, max_frames, progress, **job):
+def _run_ray(model, source, out, log, *, gps, address, workers, resume, max_frames, progress, decode="actor", **job):
     from . import geo
-    from .ray_engine import RayJob, import_ray, run_ray
+    from .ray_engine import DECODE_MODES, RayJob, import_ray, run_ray
+
+    if decode not in DECODE_MODES:
+        _err(f"--ray-decode {decode!r}: choose {', '.join(DECODE_MODES)}")
 
     def storage(e):
         return storage_line(e, out, None, kept=f"the records in {out}/results.jsonl are intact")
@@ -266,7 +273,7 @@ def _run_ray(model, source, out, log, *, gps, address, workers, resume, max_fram
         root = source if Path(source).is_dir() else None
         rj = RayJob(model=str(model), out=str(out), gps=track, source_root=root, **job)
         summary = run_ray(rj, source, address=address, workers=workers, resume=resume, max_frames=max_frames,
-                          progress=progress, log=log)
+                          progress=progress, log=log, decode=decode)
     typer.echo(format_summary(summary))
 
 

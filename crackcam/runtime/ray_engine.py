@@ -1,8 +1,10 @@
 """``crack-run --engine ray``: re-process a survey archive (image folder, glob or list file) on Ray Data.
 
-Frames are read and decoded in Ray tasks; inference and the frame steps run in an actor pool (one ONNX Runtime
-session per actor: a GPU per actor where the cluster has as many, CPU otherwise); the driver alone appends to
-``results.jsonl``.  The per-frame work is the local pipeline's own (:func:`crackcam.runtime.pipeline.build_model_steps`,
+Inference and the frame steps run in an actor pool (one ONNX Runtime session per actor: a GPU per actor where the
+cluster has as many, CPU otherwise); each actor reads its frames' files itself, one ahead of its model
+(``decode="actor"``, the default: only paths travel, and no decoding workers start), or Ray tasks decode them and
+hand them over through the object store (``decode="tasks"``: decoding scales on CPUs other than the actors'); the
+driver alone appends to ``results.jsonl``.  The per-frame work is the local pipeline's own (:func:`crackcam.runtime.pipeline.build_model_steps`,
 :func:`~crackcam.runtime.steps.infer_tiles`, :func:`~crackcam.runtime.pipeline.finish_frame`,
 :func:`~crackcam.runtime.pipeline.run_summary`; frames read by the local source's own loader), so the files and their schema are the same: results.jsonl,
 masks / overlays / skeletons, summary.json, cracks.geojson.
@@ -19,7 +21,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +39,8 @@ from .progress import bar as progress_bar
 from .sources import Frame, ImageListSource, SourceStats, open_source
 
 RAY_HINT = "pip install 'crackcam[cluster]'"
+DECODE_MODES = ("tasks", "actor")
+ROW_KEYS = ("index", "path", "key", "ts", "error", "image")  # a decoded frame's columns (decode_batch)
 
 
 def import_ray():
@@ -139,6 +145,12 @@ class FrameWorker:
         self.fixed_batch = self.sess.meta.batch
         self.batch = self.fixed_batch or (min(job.batch, mb) if mb else job.batch)
         self.out = Path(job.out)
+        # Ray Data may hand this actor its next batch while this one's last frames are still being finished
+        # (max_concurrent_calls_per_actor 2): one call at a time runs the model, the post-processing thread and
+        # the reader thread serve both in submission order, so the model does not wait for a batch to drain
+        self._model_lock = threading.Lock()
+        self._post = ThreadPoolExecutor(1, thread_name_prefix="crackpost")
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="crackread")
 
     def _maybe_die(self, key: str) -> None:
         j = self.job
@@ -148,26 +160,30 @@ class FrameWorker:
 
     def __call__(self, batch: dict) -> dict:
         """Frames in order: plan → tiles → model for each, while the frame steps after the model (merge, refine,
-        post-processing, images) of the previous frame run in a second thread, as in the local pipeline."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        if not hasattr(self, "_pool"):
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="crackpost")
+        post-processing, images) run in a second thread, as in the local pipeline.  With ``decode="actor"`` the
+        batch holds paths only, and a reader thread decodes them one ahead of the model."""
+        n = len(batch["key"])
+        if "image" not in batch:  # decode="actor"
+            rows = [self._reader.submit(decode_row, {k: batch[k][i] for k in batch}) for i in range(n)]
+        else:
+            rows = None
         futs = []
-        for i in range(len(batch["key"])):
-            key = str(batch["key"][i])
-            if batch["error"][i]:
-                futs.append(json.dumps({"key": key, "_error": str(batch["error"][i])}))
-                continue
-            self._maybe_die(key)
-            t0 = time.perf_counter()
-            img = np.ascontiguousarray(batch["image"][i], dtype=np.uint8)
-            ts = float(batch["ts"][i])
-            fr = Frame(int(batch["index"][i]), img, str(batch["path"][i]), None if np.isnan(ts) else ts, key)
-            steps = self.steps.for_shape(img.shape)
-            plan = steps.plan(img)
-            probs, maps, infer_s = steps.infer(self.sess, img, plan, self.batch)  # tiles, one pass or a cascade
-            futs.append(self._pool.submit(self._finish, fr, steps, plan, probs, maps, infer_s, t0))
+        with self._model_lock:
+            for i in range(n):
+                row = rows[i].result() if rows is not None else {k: batch[k][i] for k in ROW_KEYS}
+                key = str(row["key"])
+                if row["error"]:
+                    futs.append(json.dumps({"key": key, "_error": str(row["error"])}))
+                    continue
+                self._maybe_die(key)
+                t0 = time.perf_counter()
+                img = np.ascontiguousarray(row["image"], dtype=np.uint8)
+                ts = float(row["ts"])
+                fr = Frame(int(row["index"]), img, str(row["path"]), None if np.isnan(ts) else ts, key)
+                steps = self.steps.for_shape(img.shape)
+                plan = steps.plan(img)
+                probs, maps, infer_s = steps.infer(self.sess, img, plan, self.batch)  # tiles, one pass or a cascade
+                futs.append(self._post.submit(self._finish, fr, steps, plan, probs, maps, infer_s, t0))
         return {"record": np.array([f if isinstance(f, str) else f.result() for f in futs], dtype=object)}
 
     def _finish(self, fr, steps, plan, probs, maps, infer_s, t0) -> str:
@@ -187,8 +203,16 @@ def _cluster_gpus(ray) -> int:
 
 def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2, resume: bool = True,
             max_frames: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
-            blocks_per_worker: int = 4, frames_per_call: int = 4) -> dict:
-    """Process an image folder / glob / list file on Ray; returns the summary (also in ``out/summary.json``)."""
+            blocks_per_worker: int = 4, frames_per_call: int = 4, decode: str = "actor",
+            calls_per_actor: int = 2) -> dict:
+    """Process an image folder / glob / list file on Ray; returns the summary (also in ``out/summary.json``).
+
+    ``decode``: ``tasks`` (frames decoded in Ray tasks, handed to the actors through the object store) or
+    ``actor`` (each actor reads its frames' files itself, one frame ahead of its model, as the local pipeline's
+    reader thread does: only the paths travel).  ``calls_per_actor``: batches an actor holds at once (2: its model
+    starts on the next batch while the last frames of the previous one are post-processed; 1: one at a time)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode {decode!r}: choose one of {', '.join(DECODE_MODES)}")
     ray = import_ray()
     src = open_source(source, log=log)
     if src.kind != "images":
@@ -239,10 +263,14 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
     try:
         if rows:
             ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), workers * blocks_per_worker)))
-            ds = ds.map_batches(decode_batch, batch_size=frames_per_call, batch_format="numpy", num_cpus=0.25)
+            if decode == "tasks":
+                ds = ds.map_batches(decode_batch, batch_size=frames_per_call, batch_format="numpy", num_cpus=0.25)
             worker_cls = type("FrameWorker", (FrameWorker,), {"JOB": job})  # pickled by value, with its job
-            ds = ds.map_batches(worker_cls, compute=ray.data.ActorPoolStrategy(size=workers), batch_size=frames_per_call,
-                                batch_format="numpy", num_cpus=0 if with_gpu else max(0.25, (cpus - 0.5) / workers),
+            spare = 0.5 if decode == "tasks" else 0.0  # CPU left to the decoding tasks
+            ds = ds.map_batches(worker_cls, compute=ray.data.ActorPoolStrategy(
+                                    size=workers, max_concurrent_calls_per_actor=calls_per_actor,
+                                    enable_true_multi_threading=calls_per_actor > 1), batch_size=frames_per_call,
+                                batch_format="numpy", num_cpus=0 if with_gpu else max(0.25, (cpus - spare) / workers),
                                 num_gpus=1 if with_gpu else 0)
             for row in ds.iter_rows():
                 if t_first is None:

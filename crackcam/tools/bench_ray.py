@@ -69,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8, help="tiles per inference call")
     ap.add_argument("--copies", type=int, default=4, help="the long runs take the frames this many more times "
                     "(under other names): marginal FPS = n·copies / (t(long) − t(n))")
+    ap.add_argument("--decode", default="actor,tasks", help="Ray runs: where frames are decoded, comma list of "
+                    "tasks | actor (each is timed)")
+    ap.add_argument("--calls", default="2", help="Ray runs: batches an actor holds at once, comma list (each is "
+                    "timed)")
     a = ap.parse_args(argv)
-    from crackcam.runtime.ray_engine import RayJob, import_ray, run_ray
+    from crackcam.runtime.ray_engine import DECODE_MODES, RayJob, import_ray, run_ray
 
     try:
         ray = import_ray()
@@ -81,6 +85,18 @@ def main(argv: list[str] | None = None) -> int:
 
     model = Path(a.model) if a.model else DEFAULT_MODEL
     counts = [int(x) for x in a.workers.split(",") if x.strip()]
+    decodes = [x.strip() for x in a.decode.split(",") if x.strip()]
+    try:
+        calls = [int(x) for x in a.calls.split(",") if x.strip()]
+    except ValueError:
+        calls = []
+    if not calls or min(calls) < 1:
+        print(f"crack-bench ray: --calls {a.calls!r}: give whole numbers >= 1")
+        return 2
+    bad = [d for d in decodes if d not in DECODE_MODES]
+    if bad or not decodes:
+        print(f"crack-bench ray: --decode {a.decode!r}: choose from {', '.join(DECODE_MODES)}")
+        return 2
     work = Path(tempfile.mkdtemp(prefix="crackbench_ray_"))
     cores = os.cpu_count() or 1
     rows = []
@@ -114,25 +130,31 @@ def main(argv: list[str] | None = None) -> int:
                      RunConfig(out=out, batch=a.batch, progress=False, post_workers=w), log=lambda m: None).run()
             return time.perf_counter() - t0
 
-        def on_ray(lst, out, w):
+        def on_ray(lst, out, w, dec, calls):
             t0 = time.perf_counter()
             run_ray(RayJob(model=str(model), out=str(out), provider="cpu", threads=max(1, cores // w),
-                           batch=a.batch), lst, workers=w, progress=False, log=lambda m: None)
+                           batch=a.batch), lst, workers=w, progress=False, log=lambda m: None, decode=dec,
+                    calls_per_actor=calls)
             return time.perf_counter() - t0
 
-        for w in counts:
-            tl1, tl2 = local(paths, work / f"l{w}a", w), local(paths + copies, work / f"l{w}b", w)
-            tr1, tr2 = on_ray(lists["n"], work / f"r{w}a", w), on_ray(lists["long"], work / f"r{w}b", w)
+        variants = [(d, c) for d in decodes for c in calls]
+        for w, (dec, c) in ((w, v) for w in counts for v in variants):
+            if (dec, c) == variants[0]:  # the local reference once per worker count
+                tl1, tl2 = local(paths, work / f"l{w}a", w), local(paths + copies, work / f"l{w}b", w)
+            tag = f"r{w}{dec}{c}"
+            tr1 = on_ray(lists["n"], work / f"{tag}a", w, dec, c)
+            tr2 = on_ray(lists["long"], work / f"{tag}b", w, dec, c)
             fl, fr = n / tl1, n / tr1
             extra = len(copies)
             ml, mr = extra / max(tl2 - tl1, 1e-9), extra / max(tr2 - tr1, 1e-9)
-            rows.append({"workers": w, "local_fps": round(fl, 2), "ray_fps": round(fr, 2), "ratio": round(fr / fl, 3),
+            rows.append({"workers": w, "decode": dec, "calls": c, "local_fps": round(fl, 2), "ray_fps": round(fr, 2),
+                         "ratio": round(fr / fl, 3),
                          "local_marginal_fps": round(ml, 2), "ray_marginal_fps": round(mr, 2),
                          "marginal_ratio": round(mr / ml, 3), "ray_fixed_s": round(tr1 - n / mr, 2),
                          # end to end on the long run (n·(1+copies) frames, start-up included): an archive chunk
                          "long_frames": n + extra, "local_long_fps": round((n + extra) / tl2, 2),
                          "ray_long_fps": round((n + extra) / tr2, 2), "long_ratio": round(tl2 / tr2, 3),
-                         "local": _breakdown(work / f"l{w}a"), "ray": _breakdown(work / f"r{w}a")})
+                         "local": _breakdown(work / f"l{w}a"), "ray": _breakdown(work / f"{tag}a")})
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -140,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"crack-bench ray: {len(paths)} frames ({where}), model {model.name}, {cores} cores, batch {a.batch}; "
           f"Ray start-up {ray_start:.1f} s + Ray Data's cluster actors {ray_data_start:.1f} s (once per cluster: "
           f"not in the figures; each Ray run includes its own actors, sessions and pipeline fill)")
-    print(f"{'workers':>8} {'local FPS':>10} {'ray FPS':>8} {'ray/local':>10} | {'local marg.':>12} {'ray marg.':>10}"
+    print(f"{'workers':>8} {'decode':>7} {'calls':>5} {'local FPS':>10} {'ray FPS':>8} {'ray/local':>10} | {'local marg.':>12} {'ray marg.':>10}"
           f" {'ray/local':>10} {'ray fixed s':>12} | {'e2e long':>9} | per frame in an actor: model / steps after | local: model / steps")
     for r in rows:
         br, bl, w = r["ray"], r["local"], r["workers"]
         ok = "✓" if r["ratio"] >= TARGET else "✗"
         ok2 = "✓" if r["marginal_ratio"] >= TARGET else "✗"
         ok3 = "✓" if r["long_ratio"] >= TARGET else "✗"
-        print(f"{w:>8} {r['local_fps']:>10.2f} {r['ray_fps']:>8.2f} {r['ratio']:>9.2f}{ok} | "
+        print(f"{w:>8} {r['decode']:>7} {r['calls']:>5} {r['local_fps']:>10.2f} {r['ray_fps']:>8.2f} {r['ratio']:>9.2f}{ok} | "
               f"{r['local_marginal_fps']:>12.2f} {r['ray_marginal_fps']:>10.2f} {r['marginal_ratio']:>9.2f}{ok2} "
               f"{r['ray_fixed_s']:>12.1f} | {r['long_ratio']:>8.2f}{ok3} | {br['infer_ms']:>5.0f} / {br['post_ms']:.0f} ms{'':>22}| "
               f"{bl['infer_ms']:.0f} / {bl['post_ms']:.0f} ms")
