@@ -96,6 +96,8 @@ def test_ray_engine_matches_the_local_engine(tmp_path, ray_local, model):
     s_loc = json.loads((tmp_path / "local" / "summary.json").read_text())
     s_ray = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert s_ray["engine"] == "ray" and set(s_loc) <= set(s_ray)
+    assert s_ray["ray_decode"] == "actor"  # auto on CPU actors
+    assert json.loads((tmp_path / "ray_tasks" / "summary.json").read_text())["ray_decode"] == "tasks"
     for k in ("frames", "frames_total", "cracked", "cracked_total", "unreadable"):
         assert s_loc[k] == s_ray[k], k
     # both engines say alike which model and options wrote the records (what a resume checks), GPS track included
@@ -156,6 +158,16 @@ def test_list_file_source_and_video_refused(tmp_path, ray_local, model):
     assert r.exit_code == 2 and "line 1" in r.output and "missing.png" in r.output
 
 
+def test_auto_decode_feeds_gpu_actors_from_tasks_and_cpu_actors_read_their_own_frames():
+    from crackcam.runtime.ray_engine import resolve_decode
+
+    assert resolve_decode("auto", gpu_actors=True) == "tasks"
+    assert resolve_decode("auto", gpu_actors=False) == "actor"
+    assert resolve_decode("tasks", gpu_actors=False) == "tasks" and resolve_decode("actor", gpu_actors=True) == "actor"
+    with pytest.raises(ValueError, match="choose one of auto, tasks, actor"):
+        resolve_decode("gpu", gpu_actors=False)
+
+
 def test_without_ray_one_line_names_the_extra(tmp_path, monkeypatch, model):
     from crackcam.runtime import ray_engine
 
@@ -189,11 +201,11 @@ def test_each_engine_refuses_the_other_engines_options_and_fails_in_one_line(tmp
     monkeypatch.setattr(cli, "format_summary", lambda s: "ran")
     r = runner.invoke(cli.app, base + ["--engine", "ray", "--no-show"])
     assert r.exit_code == 0 and seen and "ran" in r.output, r.output
-    assert seen[-1]["decode"] == "actor"  # the default: each actor reads its own frames
+    assert seen[-1]["decode"] == "auto"  # the default: the actors read their frames on CPU, tasks feed GPU actors
     r = runner.invoke(cli.app, base + ["--engine", "ray", "--ray-decode", "tasks"])
     assert r.exit_code == 0 and seen[-1]["decode"] == "tasks", r.output
     r = runner.invoke(cli.app, base + ["--engine", "ray", "--ray-decode", "gpu"])
-    assert r.exit_code == 2 and r.output.strip() == "crack-run: --ray-decode 'gpu': choose tasks, actor", r.output
+    assert r.exit_code == 2 and r.output.strip() == "crack-run: --ray-decode 'gpu': choose auto, tasks, actor", r.output
     failures = [(3, sinks.OutputWriteError(tmp_path / "o" / "results.jsonl", OSError(errno.ENOSPC, "No space left"))),
                 (1, RuntimeError("actor died\nmore detail")),
                 (1, ConnectionError("Could not find any running Ray instance"))]  # an OSError, not the output's

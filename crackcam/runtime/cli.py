@@ -180,9 +180,10 @@ def run(
                                           "start a local Ray on this machine"),
     ray_workers: int = typer.Option(2, min=1, help="--engine ray: inference actors (one session each; a GPU each "
                                     "where the cluster has as many)"),
-    ray_decode: str = typer.Option("actor", help="--engine ray: where frames are decoded: actor (each actor reads "
-                                   "its own frames, one ahead of its model) or tasks (Ray tasks, frames through the "
-                                   "object store: decoding scales on CPUs other than the actors')"),
+    ray_decode: str = typer.Option("auto", help="--engine ray: where frames are decoded: actor (each actor reads "
+                                   "its own frames, one ahead of its model), tasks (Ray tasks, frames through the "
+                                   "object store: decoding scales on CPUs other than the actors') or auto (tasks for "
+                                   "GPU actors, actor for CPU actors)"),
 ):
     """Run a crack model on a camera, video, image folder or glob; write results.jsonl, summary.json, images."""
     from . import geo
@@ -257,7 +258,7 @@ def run(
         raise typer.Exit(1)
 
 
-def _run_ray(model, source, out, log, *, gps, address, workers, resume, max_frames, progress, decode="actor", **job):
+def _run_ray(model, source, out, log, *, gps, address, workers, resume, max_frames, progress, decode="auto", **job):
     from . import geo
     from .ray_engine import DECODE_MODES, RayJob, import_ray, run_ray
 

@@ -2,8 +2,10 @@
 
 Inference and the frame steps run in an actor pool (one ONNX Runtime session per actor: a GPU per actor where the
 cluster has as many, CPU otherwise); each actor reads its frames' files itself, one ahead of its model
-(``decode="actor"``, the default: only paths travel, and no decoding workers start), or Ray tasks decode them and
-hand them over through the object store (``decode="tasks"``: decoding scales on CPUs other than the actors'); the
+(``decode="actor"``: only paths travel, and no decoding workers start), or Ray tasks decode them and hand them
+over through the object store (``decode="tasks"``: decoding scales on CPUs other than the actors', which a GPU
+actor needs: one reader thread would not keep a GPU busy); ``auto`` (the default) takes ``tasks`` for GPU actors
+and ``actor`` for CPU actors; the
 driver alone appends to ``results.jsonl``.  The per-frame work is the local pipeline's own (:func:`crackcam.runtime.pipeline.build_model_steps`,
 :func:`~crackcam.runtime.steps.infer_tiles`, :func:`~crackcam.runtime.pipeline.finish_frame`,
 :func:`~crackcam.runtime.pipeline.run_summary`; frames read by the local source's own loader), so the files and their schema are the same: results.jsonl,
@@ -39,7 +41,7 @@ from .progress import bar as progress_bar
 from .sources import Frame, ImageListSource, SourceStats, open_source
 
 RAY_HINT = "pip install 'crackcam[cluster]'"
-DECODE_MODES = ("tasks", "actor")
+DECODE_MODES = ("auto", "tasks", "actor")
 ROW_KEYS = ("index", "path", "key", "ts", "error", "image")  # a decoded frame's columns (decode_batch)
 
 
@@ -194,6 +196,14 @@ class FrameWorker:
         return json.dumps(rec)
 
 
+def resolve_decode(decode: str, gpu_actors: bool) -> str:
+    """``auto`` → ``tasks`` where each actor has a GPU (one reader thread would starve it: decoding goes to the
+    cluster's CPUs), ``actor`` on CPU actors (no decoding workers to start, no frames through the object store)."""
+    if decode not in DECODE_MODES:
+        raise ValueError(f"decode {decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    return ("tasks" if gpu_actors else "actor") if decode == "auto" else decode
+
+
 def _cluster_gpus(ray) -> int:
     try:
         return int(ray.cluster_resources().get("GPU", 0))
@@ -203,16 +213,15 @@ def _cluster_gpus(ray) -> int:
 
 def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2, resume: bool = True,
             max_frames: int | None = None, progress: bool = True, log: Callable[[str], None] = print,
-            blocks_per_worker: int = 4, frames_per_call: int = 4, decode: str = "actor",
+            blocks_per_worker: int = 4, frames_per_call: int = 4, decode: str = "auto",
             calls_per_actor: int = 2) -> dict:
     """Process an image folder / glob / list file on Ray; returns the summary (also in ``out/summary.json``).
 
-    ``decode``: ``tasks`` (frames decoded in Ray tasks, handed to the actors through the object store) or
+    ``decode``: ``tasks`` (frames decoded in Ray tasks, handed to the actors through the object store),
     ``actor`` (each actor reads its frames' files itself, one frame ahead of its model, as the local pipeline's
-    reader thread does: only the paths travel).  ``calls_per_actor``: batches an actor holds at once (2: its model
+    reader thread does: only the paths travel) or ``auto`` (tasks for GPU actors, actor for CPU actors).  ``calls_per_actor``: batches an actor holds at once (2: its model
     starts on the next batch while the last frames of the previous one are post-processed; 1: one at a time)."""
-    if decode not in DECODE_MODES:
-        raise ValueError(f"decode {decode!r}: choose one of {', '.join(DECODE_MODES)}")
+    resolve_decode(decode, False)  # a bad value fails before Ray starts
     ray = import_ray()
     src = open_source(source, log=log)
     if src.kind != "images":
@@ -250,6 +259,7 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
     ctx.execution_options.preserve_order = True  # records in source order, as the local engine writes them
     ctx.enable_progress_bars = False
     with_gpu = _cluster_gpus(ray) >= workers
+    decode = resolve_decode(decode, with_gpu)
     cpus = float(ray.cluster_resources().get("CPU", 1))
     if job.threads is None:
         job.threads = max(1, int(cpus // max(1, workers))) if not with_gpu else 1
@@ -317,7 +327,7 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
         results, stats_run, stats, elapsed=elapsed, started=started,
         head={"model": str(job.model), "provider": job.provider, "source": src.name, "source_kind": "images",
               "out": str(out), "engine": "ray", "ray_workers": workers, "ray_address": address or "local",
-              "ray_gpu_per_worker": bool(with_gpu),
+              "ray_gpu_per_worker": bool(with_gpu), "ray_decode": decode,
               "ray_first_record_s": round(t_first - t_start, 3) if t_first else None},
         tail={"batch": job.batch, "threshold": job.threshold, "interrupted": interrupted,
               "stopped_reason": None if error is None else f"{type(error).__name__}: {error}"})
