@@ -5,8 +5,7 @@ cluster has as many, CPU otherwise); each actor reads its frames' files itself, 
 (``decode="actor"``: only paths travel, and no decoding workers start), or Ray tasks decode them and hand them
 over through the object store (``decode="tasks"``: decoding scales on CPUs other than the actors', which a GPU
 actor needs: one reader thread would not keep a GPU busy); ``auto`` (the default) takes ``tasks`` for GPU actors
-and ``actor`` for CPU actors; the
-driver alone appends to ``results.jsonl``.  The per-frame work is the local pipeline's own (:func:`crackcam.runtime.pipeline.build_model_steps`,
+and ``actor`` for CPU actors.  The driver alone appends to ``results.jsonl``.  The per-frame work is the local pipeline's own (:func:`crackcam.runtime.pipeline.build_model_steps`,
 :func:`~crackcam.runtime.steps.infer_tiles`, :func:`~crackcam.runtime.pipeline.finish_frame`,
 :func:`~crackcam.runtime.pipeline.run_summary`; frames read by the local source's own loader), so the files and their schema are the same: results.jsonl,
 masks / overlays / skeletons, summary.json, cracks.geojson.
@@ -42,7 +41,6 @@ from .sources import Frame, ImageListSource, SourceStats, open_source
 
 RAY_HINT = "pip install 'crackcam[cluster]'"
 DECODE_MODES = ("auto", "tasks", "actor")
-ROW_KEYS = ("index", "path", "key", "ts", "error", "image")  # a decoded frame's columns (decode_batch)
 
 
 def import_ray():
@@ -164,15 +162,14 @@ class FrameWorker:
         """Frames in order: plan → tiles → model for each, while the frame steps after the model (merge, refine,
         post-processing, images) run in a second thread, as in the local pipeline.  With ``decode="actor"`` the
         batch holds paths only, and a reader thread decodes them one ahead of the model."""
-        n = len(batch["key"])
-        if "image" not in batch:  # decode="actor"
-            rows = [self._reader.submit(decode_row, {k: batch[k][i] for k in batch}) for i in range(n)]
-        else:
-            rows = None
+        rows = [{k: batch[k][i] for k in batch} for i in range(len(batch["key"]))]
+        reading = "image" not in batch  # decode="actor": paths only
+        if reading:
+            rows = [self._reader.submit(decode_row, r) for r in rows]
         futs = []
         with self._model_lock:
-            for i in range(n):
-                row = rows[i].result() if rows is not None else {k: batch[k][i] for k in ROW_KEYS}
+            for row in rows:
+                row = row.result() if reading else row
                 key = str(row["key"])
                 if row["error"]:
                     futs.append(json.dumps({"key": key, "_error": str(row["error"])}))
@@ -219,8 +216,9 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
 
     ``decode``: ``tasks`` (frames decoded in Ray tasks, handed to the actors through the object store),
     ``actor`` (each actor reads its frames' files itself, one frame ahead of its model, as the local pipeline's
-    reader thread does: only the paths travel) or ``auto`` (tasks for GPU actors, actor for CPU actors).  ``calls_per_actor``: batches an actor holds at once (2: its model
-    starts on the next batch while the last frames of the previous one are post-processed; 1: one at a time)."""
+    reader thread does: only the paths travel) or ``auto`` (tasks for GPU actors, actor for CPU actors).
+    ``calls_per_actor``: batches an actor holds at once (2: its model starts on the next batch while the last
+    frames of the previous one are post-processed; 1: one at a time)."""
     resolve_decode(decode, False)  # a bad value fails before Ray starts
     ray = import_ray()
     src = open_source(source, log=log)

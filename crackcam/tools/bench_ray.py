@@ -138,23 +138,23 @@ def main(argv: list[str] | None = None) -> int:
             return time.perf_counter() - t0
 
         variants = [(d, c) for d in decodes for c in calls]
-        for w, (dec, c) in ((w, v) for w in counts for v in variants):
-            if (dec, c) == variants[0]:  # the local reference once per worker count
-                tl1, tl2 = local(paths, work / f"l{w}a", w), local(paths + copies, work / f"l{w}b", w)
-            tag = f"r{w}{dec}{c}"
-            tr1 = on_ray(lists["n"], work / f"{tag}a", w, dec, c)
-            tr2 = on_ray(lists["long"], work / f"{tag}b", w, dec, c)
-            fl, fr = n / tl1, n / tr1
-            extra = len(copies)
-            ml, mr = extra / max(tl2 - tl1, 1e-9), extra / max(tr2 - tr1, 1e-9)
-            rows.append({"workers": w, "decode": dec, "calls": c, "local_fps": round(fl, 2), "ray_fps": round(fr, 2),
-                         "ratio": round(fr / fl, 3),
-                         "local_marginal_fps": round(ml, 2), "ray_marginal_fps": round(mr, 2),
-                         "marginal_ratio": round(mr / ml, 3), "ray_fixed_s": round(tr1 - n / mr, 2),
-                         # end to end on the long run (n·(1+copies) frames, start-up included): an archive chunk
-                         "long_frames": n + extra, "local_long_fps": round((n + extra) / tl2, 2),
-                         "ray_long_fps": round((n + extra) / tr2, 2), "long_ratio": round(tl2 / tr2, 3),
-                         "local": _breakdown(work / f"l{w}a"), "ray": _breakdown(work / f"{tag}a")})
+        for w in counts:
+            tl1, tl2 = local(paths, work / f"l{w}a", w), local(paths + copies, work / f"l{w}b", w)  # the reference
+            for dec, c in variants:
+                tag = f"r{w}{dec}{c}"
+                tr1 = on_ray(lists["n"], work / f"{tag}a", w, dec, c)
+                tr2 = on_ray(lists["long"], work / f"{tag}b", w, dec, c)
+                fl, fr = n / tl1, n / tr1
+                extra = len(copies)
+                ml, mr = extra / max(tl2 - tl1, 1e-9), extra / max(tr2 - tr1, 1e-9)
+                rows.append({"workers": w, "decode": dec, "calls": c, "local_fps": round(fl, 2),
+                             "ray_fps": round(fr, 2), "ratio": round(fr / fl, 3),
+                             "local_marginal_fps": round(ml, 2), "ray_marginal_fps": round(mr, 2),
+                             "marginal_ratio": round(mr / ml, 3), "ray_fixed_s": round(tr1 - n / mr, 2),
+                             # end to end on the long run (n·(1+copies) frames, start-up included): an archive chunk
+                             "long_frames": n + extra, "local_long_fps": round((n + extra) / tl2, 2),
+                             "ray_long_fps": round((n + extra) / tr2, 2), "long_ratio": round(tl2 / tr2, 3),
+                             "local": _breakdown(work / f"l{w}a"), "ray": _breakdown(work / f"{tag}a")})
     finally:
         if ray.is_initialized():
             ray.shutdown()
