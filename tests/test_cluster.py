@@ -97,6 +97,8 @@ def test_ray_engine_matches_the_local_engine(tmp_path, ray_local, model):
     s_ray = json.loads((tmp_path / "ray" / "summary.json").read_text())
     assert s_ray["engine"] == "ray" and set(s_loc) <= set(s_ray)
     assert s_ray["ray_decode"] == "actor"  # auto on CPU actors
+    # the actors' start-up, apart: after the run began, before its first record and its end
+    assert 0 < s_ray["ray_actor_ready_s"] < min(s_ray["ray_first_record_s"], s_ray["elapsed_s"])
     assert json.loads((tmp_path / "ray_tasks" / "summary.json").read_text())["ray_decode"] == "tasks"
     for k in ("frames", "frames_total", "cracked", "cracked_total", "unreadable"):
         assert s_loc[k] == s_ray[k], k

@@ -135,6 +135,8 @@ class FrameWorker:
     def __init__(self, job: RayJob | None = None):
         from .sessions import open_session
 
+        self.ready_at = float("nan")  # wall-clock time this actor could take frames (its process started, Ray Data,
+        # crackcam and ONNX Runtime imported, session open): what the run's summary reports as the actors' start-up
         job = job or self.JOB
         self.job = job
         self.sess = open_session(job.model, provider=job.provider, log=lambda m: None, threads=job.threads,
@@ -151,6 +153,7 @@ class FrameWorker:
         self._model_lock = threading.Lock()
         self._post = ThreadPoolExecutor(1, thread_name_prefix="crackpost")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="crackread")
+        self.ready_at = time.time()
 
     def _maybe_die(self, key: str) -> None:
         j = self.job
@@ -183,7 +186,8 @@ class FrameWorker:
                 plan = steps.plan(img)
                 probs, maps, infer_s = steps.infer(self.sess, img, plan, self.batch)  # tiles, one pass or a cascade
                 futs.append(self._post.submit(self._finish, fr, steps, plan, probs, maps, infer_s, t0))
-        return {"record": np.array([f if isinstance(f, str) else f.result() for f in futs], dtype=object)}
+        return {"record": np.array([f if isinstance(f, str) else f.result() for f in futs], dtype=object),
+                "ready_at": np.full(len(futs), self.ready_at)}
 
     def _finish(self, fr, steps, plan, probs, maps, infer_s, t0) -> str:
         j = self.job
@@ -268,6 +272,7 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
     interrupted, error = False, None
     t_start, started = time.perf_counter(), time.time()
     t_first = None  # the first record: actors started, pipeline full
+    ready_at = float("inf")  # the first actor ready to take frames (wall clock: one node's, or the cluster's NTP)
     try:
         if rows:
             ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), workers * blocks_per_worker)))
@@ -283,6 +288,7 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
             for row in ds.iter_rows():
                 if t_first is None:
                     t_first = time.perf_counter()
+                ready_at = min(ready_at, float(row["ready_at"]))
                 rec = json.loads(row["record"])
                 if "_error" in rec:
                     log(f"crack-run: skipped {rec['_error']}")
@@ -326,6 +332,7 @@ def run_ray(job: RayJob, source, *, address: str | None = None, workers: int = 2
         head={"model": str(job.model), "provider": job.provider, "source": src.name, "source_kind": "images",
               "out": str(out), "engine": "ray", "ray_workers": workers, "ray_address": address or "local",
               "ray_gpu_per_worker": bool(with_gpu), "ray_decode": decode,
+              "ray_actor_ready_s": round(ready_at - started, 3) if np.isfinite(ready_at) else None,
               "ray_first_record_s": round(t_first - t_start, 3) if t_first else None},
         tail={"batch": job.batch, "threshold": job.threshold, "interrupted": interrupted,
               "stopped_reason": None if error is None else f"{type(error).__name__}: {error}"})

@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                              # end to end on the long run (n·(1+copies) frames, start-up included): an archive chunk
                              "long_frames": n + extra, "local_long_fps": round((n + extra) / tl2, 2),
                              "ray_long_fps": round((n + extra) / tr2, 2), "long_ratio": round(tl2 / tr2, 3),
+                             "ray_actor_ready_s": json.loads((work / f"{tag}a" / "summary.json").read_text())
+                             .get("ray_actor_ready_s"),
                              "local": _breakdown(work / f"l{w}a"), "ray": _breakdown(work / f"{tag}a")})
     finally:
         if ray.is_initialized():
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
           f"Ray start-up {ray_start:.1f} s + Ray Data's cluster actors {ray_data_start:.1f} s (once per cluster: "
           f"not in the figures; each Ray run includes its own actors, sessions and pipeline fill)")
     print(f"{'workers':>8} {'decode':>7} {'calls':>5} {'local FPS':>10} {'ray FPS':>8} {'ray/local':>10} | {'local marg.':>12} {'ray marg.':>10}"
-          f" {'ray/local':>10} {'ray fixed s':>12} | {'e2e long':>9} | per frame in an actor: model / steps after | local: model / steps")
+          f" {'ray/local':>10} {'ray fixed s':>12} {'actors s':>9} | {'e2e long':>9} | per frame in an actor: model / steps after | local: model / steps")
     for r in rows:
         br, bl, w = r["ray"], r["local"], r["workers"]
         ok = "✓" if r["ratio"] >= TARGET else "✗"
@@ -171,11 +173,13 @@ def main(argv: list[str] | None = None) -> int:
         ok3 = "✓" if r["long_ratio"] >= TARGET else "✗"
         print(f"{w:>8} {r['decode']:>7} {r['calls']:>5} {r['local_fps']:>10.2f} {r['ray_fps']:>8.2f} {r['ratio']:>9.2f}{ok} | "
               f"{r['local_marginal_fps']:>12.2f} {r['ray_marginal_fps']:>10.2f} {r['marginal_ratio']:>9.2f}{ok2} "
-              f"{r['ray_fixed_s']:>12.1f} | {r['long_ratio']:>8.2f}{ok3} | {br['infer_ms']:>5.0f} / {br['post_ms']:.0f} ms{'':>22}| "
+              f"{r['ray_fixed_s']:>12.1f} {r['ray_actor_ready_s'] or float('nan'):>9.1f} | {r['long_ratio']:>8.2f}{ok3} | {br['infer_ms']:>5.0f} / {br['post_ms']:.0f} ms{'':>22}| "
               f"{bl['infer_ms']:.0f} / {bl['post_ms']:.0f} ms")
     print(f"target: ray ≥ {TARGET}× local at the same worker count. FPS = {n} frames end to end; 'marg.' = marginal "
           f"FPS from {n} to {n + len(copies)} frames (no start-up: what an archive of thousands of frames sees); "
-          f"'ray fixed s' = the run's fixed cost (actors and sessions starting, pipeline filling); 'e2e long' = "
+          f"'ray fixed s' = the run's fixed cost (actors and sessions starting, pipeline filling), of which 'actors s' "
+          f"until the first actor could take frames (its process started, Ray Data, crackcam and ONNX Runtime "
+          f"imported, session open); 'e2e long' = "
           f"ray / local end to end on {n + len(copies)} frames, start-up included")
     print(json.dumps({"frames": len(paths), "where": where, "cores": cores, "ray_start_s": round(ray_start, 2),
                       "ray_data_start_s": round(ray_data_start, 2),
