@@ -135,8 +135,6 @@ class FrameWorker:
     def __init__(self, job: RayJob | None = None):
         from .sessions import open_session
 
-        self.ready_at = float("nan")  # wall-clock time this actor could take frames (its process started, Ray Data,
-        # crackcam and ONNX Runtime imported, session open): what the run's summary reports as the actors' start-up
         job = job or self.JOB
         self.job = job
         self.sess = open_session(job.model, provider=job.provider, log=lambda m: None, threads=job.threads,
@@ -153,6 +151,8 @@ class FrameWorker:
         self._model_lock = threading.Lock()
         self._post = ThreadPoolExecutor(1, thread_name_prefix="crackpost")
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="crackread")
+        # wall-clock time this actor could take frames (its process started, Ray Data, crackcam and ONNX Runtime
+        # imported, session open): what the run's summary reports as the actors' start-up
         self.ready_at = time.time()
 
     def _maybe_die(self, key: str) -> None:
