@@ -209,6 +209,42 @@ class BackgroundRestorer(nn.Module):
         return (self._blur(x2 * vis) / norm).clamp(-1, 1)
 
 
+def test_mixed_sets_pool_their_crack_free_fragments_at_the_work_scale(tmp_path):
+    """Two --data sets: each set's crack-free fragments (its own split) are pooled, the card lists both, the
+    config keeps the first set as the run's evaluation set; --max-side shrinks large images before tiling."""
+    from typer.testing import CliRunner
+
+    from crackcam.train import upcracknet as tu
+    from crackcam.train.cli import app
+
+    a = write_synthetic_dataset(tmp_path / "a", n_crack=3, n_free=5, size=(64, 64), seed=1)
+    b = write_synthetic_dataset(tmp_path / "b", n_crack=3, n_free=5, size=(128, 128), seed=2)
+    fa = tu.load_fragments(a, 32, log=lambda *_: None)
+    fb = tu.load_fragments(b, 32, log=lambda *_: None)
+    fb_small = tu.load_fragments(b, 32, max_side=64, log=lambda *_: None)  # 128² images shrunk to 64²
+    assert len(fb[0]) > len(fb_small[0]) > 0  # a quarter of the area: fewer 32px tiles
+    lines = []
+    mix = tu.load_fragments([a, b], 32, max_side=64, log=lines.append)
+    assert len(mix[0]) == len(fa[0]) + len(fb_small[0]) and len(mix[1]) == len(fa[1]) + len(fb_small[1])
+    assert np.array_equal(mix[0][:len(fa[0])], fa[0]) and np.array_equal(mix[0][len(fa[0]):], fb_small[0])
+    card = mix[3]
+    assert card["layout"] == "mixed" and [c["data"] for c in card["sets"]] == card["data"]
+    assert card["upcracknet_fragments"]["per_set"]["b"]["train"] == len(fb_small[0])
+    assert card["work_scale"] == {"max_side": 64}
+    assert any("2 sets pooled" in ln for ln in lines)
+
+    out = tmp_path / "run"
+    r = CliRunner().invoke(app, ["--model", "upcracknet", "--data", str(a), "--data", str(b), "--max-side", "64",
+                                 "--tile", "32", "--epochs", "1", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"] == str(a.resolve()) and cfg["training_sets"] == [str(a.resolve()), str(b.resolve())]
+    assert cfg["max_side"] == 64 and cfg["fragments"]["train"] == len(mix[0])
+    r = CliRunner().invoke(app, ["--model", "upcracknet", "--data", str(a), "--max-side", "8", "--out",
+                                 str(tmp_path / "r2")])
+    assert r.exit_code == 2 and "--max-side must be at least 16" in r.output
+
+
 @pytest.mark.parametrize("variant", ["full", "masked"])
 def test_restoration_map_is_high_on_the_crack(variant):
     rng = np.random.default_rng(3)

@@ -31,7 +31,7 @@ _ROUTE_READS = {
                                       "photometric", "devices", "overwrite"},
     "segmenter": _SEGMENTER_ONLY | {"tile", "min_crack_px", "border", "margin", "val_fraction", "pretrained",
                                     "photometric", "devices", "overwrite"},
-    "upcracknet": {"preset", "tile", "max_tiles", "val_fraction"},
+    "upcracknet": {"preset", "tile", "max_tiles", "val_fraction", "max_side"},
 }
 _ALL_ROUTE_OPTIONS = set().union(*_ROUTE_READS.values())
 
@@ -112,9 +112,9 @@ def train_cmd(
     given = set(typed_options(ctx))
     if model == "upcracknet":
         _check_route("upcracknet", model, given)  # --devices too: UP-CrackNet trains in one process
-        if data and len(data) > 1:
-            _fail("--model upcracknet takes one --data folder")
-        data = data[0] if data else None
+        # repeated --data: the crack-free fragments of every set are pooled (each set split by its own rule);
+        # the first set is the run's default evaluation and calibration set
+        data = (data[0] if len(data) == 1 else list(data)) if data else None
         from crackcam.train import upcracknet
 
         # crack-train's classifier defaults (batch, tile) are not UP-CrackNet's: only what was typed goes through,
@@ -126,6 +126,10 @@ def train_cmd(
             kw["threads"] = threads
         if "val_fraction" in given:
             kw["val_fraction"] = val_fraction
+        if max_side is not None:
+            if max_side < 16:
+                _fail(f"--max-side must be at least 16 px (got {max_side})")
+            kw["max_side"] = max_side
         if device != "auto":
             kw["device"] = device
         try:

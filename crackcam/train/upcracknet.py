@@ -83,16 +83,53 @@ class FragmentSet(torch.utils.data.Dataset):
 
 
 def load_fragments(data, tile: int, *, val_fraction: float = 0.2, split_seed: int = 0,
-                   max_tiles: int | None = None, seed: int = 0, log=print):
+                   max_tiles: int | None = None, seed: int = 0, max_side: int | None = None, log=print):
     """Crack-free tiles of the train and val splits (val images are carved by image, as for the classifiers),
-    a few val crack tiles for the sample figure, and the data card."""
+    a few val crack tiles for the sample figure, and the data card.
+
+    ``data``: one folder or a list of them (mixed sets: each is split by its own rule, its crack-free tiles
+    pooled; ``max_tiles`` caps each set's share).  ``max_side``: the work scale, images whose longer side
+    exceeds it are shrunk before tiling (as ``crack-train --max-side`` does for the classifiers)."""
+    roots = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    parts = [_fragments_of(r, tile, val_fraction=val_fraction, split_seed=split_seed, max_tiles=max_tiles,
+                           seed=seed, max_side=max_side, log=log) for r in roots]
+    if len(parts) == 1:
+        free_train, free_val, crack_val, card = parts[0]
+    else:
+        def cat(k):
+            arrs = [p[k] for p in parts if len(p[k])]
+            return np.concatenate(arrs) if arrs else parts[0][k]
+
+        free_train, free_val, crack_val = cat(0), cat(1), cat(2)
+        cards = [p[3] for p in parts]
+        card = {"format": 1, "data": [c["data"] for c in cards], "layout": "mixed",
+                "label_rule": {"name": "mixed", "text": "; ".join(f"{Path(c['data']).name}: {c['label_rule']['text']}"
+                                                                 for c in cards)},
+                "split_rule": {"text": "each set split by its own rule (see sets)"}, "sets": cards,
+                "skipped_files": [f for c in cards for f in c.get("skipped_files", [])],
+                "upcracknet_fragments": {"train": int(len(free_train)), "val": int(len(free_val)),
+                                         "max_tiles": max_tiles,
+                                         "per_set": {Path(c["data"]).name: c["upcracknet_fragments"] for c in cards}}}
+        log(f"UP-CrackNet fragments, {len(roots)} sets pooled: train {len(free_train)}, val {len(free_val)}")
+    if max_side:
+        card["work_scale"] = {"max_side": int(max_side)}
+    if len(free_train) < MIN_FRAGMENTS:
+        log(f"warning: only {len(free_train)} crack-free {tile}px training fragments — too few to train the "
+            f"generator (the official run uses about 1,900 crack-free 256² patches of Crack500); use a smaller "
+            f"--tile or add crack-free images")
+    return free_train, free_val, crack_val, card
+
+
+def _fragments_of(data, tile: int, *, val_fraction: float, split_seed: int, max_tiles: int | None, seed: int,
+                  max_side: int | None, log):
     layout = D.detect_layout(data)
     items = D.list_items(data, "all", val_fraction=val_fraction, split_seed=split_seed, layout=layout)
     rule = D.TileRule(tile=tile)
     skipped: list[str] = []
     sets = {}
     for split in ("train", "val"):
-        sets[split] = D.load_split(items, split, "tiles", rule, seed=seed, skipped=skipped, progress=True)
+        sets[split] = D.load_split(items, split, "tiles", rule, seed=seed, skipped=skipped, progress=True,
+                                   max_side=max_side)
     if len(sets["train"]) == 0:
         raise D.BadInputError(data, "no training images")
     free = {k: v.images[v.labels == 0] for k, v in sets.items()}
@@ -104,23 +141,20 @@ def load_fragments(data, tile: int, *, val_fraction: float = 0.2, split_seed: in
     crack_val = sets["val"].images[sets["val"].labels == 1]
     label_rule = rule.as_dict()
     label_rule["text"] += "; UP-CrackNet trains on the crack-free (0) tiles only"
+    if max_side:
+        label_rule["text"] += f"; images first shrunk to a longer side of at most {max_side}px (work scale)"
     card = D.build_card(data, layout, label_rule, sets, skipped,
                         D.split_rule_dict(layout, items, val_fraction, split_seed))
     card["upcracknet_fragments"] = {"train": int(len(free["train"])), "val": int(len(free["val"])),
                                     "max_tiles": max_tiles}
-    log(f"UP-CrackNet fragments (crack-free {tile}px tiles): train {len(free['train'])} "
+    log(f"UP-CrackNet fragments (crack-free {tile}px tiles) of {Path(data).name}: train {len(free['train'])} "
         f"(of {len(sets['train'])} labelled tiles from {sets['train'].n_images} images), "
         f"val {len(free['val'])} (of {len(sets['val'])} from {sets['val'].n_images} images)")
     if len(free["train"]) == 0:
         raise D.BadInputError(data, f"no crack-free {tile}px tiles in the training images")
-    if len(free["train"]) < MIN_FRAGMENTS:
-        log(f"warning: only {len(free['train'])} crack-free {tile}px training fragments — too few to train the "
-            f"generator (the official run uses about 1,900 crack-free 256² patches of Crack500); use a smaller "
-            f"--tile or add crack-free images")
     return free["train"], free["val"], crack_val, card
 
 
-# -------------------------------------------------------------------------------------------------- saving
 MIN_FRAGMENTS = 200  # below this many crack-free training fragments a warning says the set is too small
 
 
@@ -243,7 +277,7 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
                      max_tiles: int | None = None, max_val: int = 256, max_minutes: float | None = None,
                      threads: int | None = None, style: bool = True, device: str | None = None,
                      progress: bool = True, lr_d: float | None = None, schedule: str | None = None,
-                     log=print) -> dict:
+                     max_side: int | None = None, log=print) -> dict:
     """Train UP-CrackNet; returns the metrics dict (also written to ``out/metrics.json``).
 
     ``preset`` "cpu" (default) or "official" fills whatever of epochs/batch/lr/tile/width is not given.
@@ -271,15 +305,19 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
 
         data = write_synthetic_dataset(out / "_synthetic", n_crack=8, n_free=16, size=(tile, tile), seed=seed)
         log(f"no --data: using a synthetic crack-free set written to {data}")
-    data = Path(data)
+    roots = [Path(d) for d in (data if isinstance(data, (list, tuple)) else [data])]
+    data = roots[0]  # the first set is the run's default evaluation set (config "data")
     torch.manual_seed(seed)
 
-    free_train, free_val, crack_val, card = load_fragments(data, tile, val_fraction=val_fraction,
-                                                           split_seed=split_seed, max_tiles=max_tiles, seed=seed,
+    free_train, free_val, crack_val, card = load_fragments(roots if len(roots) > 1 else data, tile,
+                                                           val_fraction=val_fraction, split_seed=split_seed,
+                                                           max_tiles=max_tiles, seed=seed, max_side=max_side,
                                                            log=log)
     if len(free_val) == 0:  # tiny sets: validate on (a copy of) a few training fragments
         free_val = free_train[: max(1, min(len(free_train), 8))]
         log("no crack-free validation fragments: validating on a few training fragments")
+    if len(roots) > 1 and len(free_val) > max_val:  # mixed sets: every set's share, evenly spaced
+        free_val = free_val[np.linspace(0, len(free_val) - 1, max_val).round().astype(int)]
     free_val = free_val[:max_val]
     card_b = D.card_bytes(card)
     D.atomic_write_bytes(out / "data_card.json", card_b)
@@ -295,6 +333,7 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
         "model": "upcracknet", "kind": "restoration", "preset": preset, "tile": tile, "width": width,
         "levels": levels, "norm": norm, "dropout_blocks": 3, "mean": list(up.MEAN), "std": list(up.STD),
         "target_layers": [], "label_rule": card["label_rule"], "data": str(data.resolve()),
+        "training_sets": [str(r.resolve()) for r in roots], "max_side": max_side,
         "data_card_sha256": card_sha, "epochs": epochs, "batch": batch, "lr": lr, "lr_d": lr_d,
         "lr_schedule": {"official": "G lr·0.99^epoch, D lr_d·0.99^epoch (the released train.py)",
                         "linear": "linear to 0"}[schedule],
