@@ -68,8 +68,8 @@ def train_cmd(
                                    "noncrack* files; folder: crack/ + no_crack/)"),
     scale: float = typer.Option(1.0, "--scale", help="classifiers: work scale, resize images by this before tiling (survey "
                                 "frames: so crack widths match what crack-run sees)"),
-    max_side: Optional[int] = typer.Option(None, "--max-side", help="classifiers: work scale, also shrink images whose longer "
-                                           "side exceeds this (px)"),
+    max_side: Optional[int] = typer.Option(None, "--max-side", help="classifiers and upcracknet: work scale, also shrink "
+                                           "images whose longer side exceeds this (px)"),
     topk: Optional[float] = typer.Option(None, "--topk", help="MIL models (edge_mil, simple_cnn with "
                                          "pool topk): the share of positions whose mean is the tile logit"),
     hard_repeat: int = typer.Option(1, "--hard-repeat", help="classifiers: repeat hard-negative training tiles (sealed cracks, "
