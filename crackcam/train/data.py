@@ -586,6 +586,19 @@ def build_card(root, layout: str, label_rule: dict, sets: dict[str, TileSet], sk
     }
 
 
+def mixed_card(cards: list[dict], skipped: list[str], splits: dict | None = None) -> dict:
+    """The data card of several sets mixed in one run: each set's own card under ``sets`` (each split by its
+    own rule), ``splits`` the pooled counts where the caller has them."""
+    card = {"format": 1, "data": [c["data"] for c in cards], "layout": "mixed",
+            "label_rule": {"name": "mixed", "text": "; ".join(f"{Path(c['data']).name}: {c['label_rule']['name']}"
+                                                             for c in cards)},
+            "split_rule": {"text": "each set split by its own rule (see sets)"}}
+    if splits is not None:
+        card["splits"] = splits
+    card.update({"class_names": ["crack_free", "crack"], "sets": cards, "skipped_files": list(skipped)})
+    return card
+
+
 def card_bytes(card: dict) -> bytes:
     return (json.dumps(card, indent=2, sort_keys=True) + "\n").encode()
 

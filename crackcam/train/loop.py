@@ -297,12 +297,7 @@ def prepare_data(cfg: TrainConfig, out: Path, log=print):
         card = dict(cards[0])
         card["skipped_files"] = list(skipped)
     else:
-        card = {"format": 1, "data": [c["data"] for c in cards], "layout": "mixed",
-                "label_rule": {"name": "mixed", "text": "; ".join(f"{Path(c['data']).name}: {c['label_rule']['name']}"
-                                                                 for c in cards)},
-                "split_rule": {"text": "each set split by its own rule (see sets)"},
-                "splits": {k: v.counts() for k, v in sets.items()}, "class_names": ["crack_free", "crack"],
-                "sets": cards, "skipped_files": list(skipped)}
+        card = D.mixed_card(cards, skipped, splits={k: v.counts() for k, v in sets.items()})
     if cfg.max_tiles:
         card["max_train_tiles"] = cfg.max_tiles
     sha = D.card_sha256(card)

@@ -102,14 +102,10 @@ def load_fragments(data, tile: int, *, val_fraction: float = 0.2, split_seed: in
 
         free_train, free_val, crack_val = cat(0), cat(1), cat(2)
         cards = [p[3] for p in parts]
-        card = {"format": 1, "data": [c["data"] for c in cards], "layout": "mixed",
-                "label_rule": {"name": "mixed", "text": "; ".join(f"{Path(c['data']).name}: {c['label_rule']['text']}"
-                                                                 for c in cards)},
-                "split_rule": {"text": "each set split by its own rule (see sets)"}, "sets": cards,
-                "skipped_files": [f for c in cards for f in c.get("skipped_files", [])],
-                "upcracknet_fragments": {"train": int(len(free_train)), "val": int(len(free_val)),
-                                         "max_tiles": max_tiles,
-                                         "per_set": {Path(c["data"]).name: c["upcracknet_fragments"] for c in cards}}}
+        card = D.mixed_card(cards, [f for c in cards for f in c["skipped_files"]])
+        card["upcracknet_fragments"] = {"train": int(len(free_train)), "val": int(len(free_val)),
+                                        "max_tiles": max_tiles,
+                                        "per_set": {Path(c["data"]).name: c["upcracknet_fragments"] for c in cards}}
         log(f"UP-CrackNet fragments, {len(roots)} sets pooled: train {len(free_train)}, val {len(free_val)}")
     if max_side:
         card["work_scale"] = {"max_side": int(max_side)}
@@ -309,7 +305,7 @@ def train_upcracknet(data, out, epochs: int | None = None, batch: int | None = N
     data = roots[0]  # the first set is the run's default evaluation set (config "data")
     torch.manual_seed(seed)
 
-    free_train, free_val, crack_val, card = load_fragments(roots if len(roots) > 1 else data, tile,
+    free_train, free_val, crack_val, card = load_fragments(roots, tile,
                                                            val_fraction=val_fraction, split_seed=split_seed,
                                                            max_tiles=max_tiles, seed=seed, max_side=max_side,
                                                            log=log)
